@@ -1777,7 +1777,51 @@ mod tests {
         );
     }
 
+    /// Reference: proto.md, `NBD_OPT_EXPORT_NAME`: a name that is not a valid string names no
+    /// export, and the session must be terminated.
+    #[test]
+    fn export_name_that_is_not_utf8_terminates() {
+        let mut client = client_flags(proto::NBD_FLAG_C_FIXED_NEWSTYLE);
+        client.extend(option(proto::NBD_OPT_EXPORT_NAME, b"vol\xff"));
+        let (out, result, _) = run_all_at_once(&client);
+        assert!(matches!(
+            result,
+            Err(HandshakeError::ExportNameUnknown { .. })
+        ));
+        assert!(out.is_empty());
+    }
+
     proptest! {
+        /// Reference: proto.md, "Fixed newstyle negotiation": however the conversation is split
+        /// into reads, the replies, the outcome and the left-over bytes are the same.
+        #[test]
+        fn any_split_gives_the_same_result(
+            split_points in proptest::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let client = full_client_conversation();
+            let (expected_out, expected_result, expected_rest) = run_all_at_once(&client);
+            let mut cuts: Vec<usize> = split_points.iter().map(|p| p % (client.len() + 1)).collect();
+            cuts.push(client.len());
+            cuts.sort_unstable();
+            let mut handshake = Handshake::new(limits());
+            let mut input = BytesMut::new();
+            let mut out = Vec::new();
+            let mut result = Ok(HandshakeStep::NeedMore);
+            let mut start = 0;
+            for cut in cuts {
+                input.extend_from_slice(&client[start..cut]);
+                start = cut;
+                result = handshake.advance(&mut input, &TestCatalog, &mut out);
+                if result != Ok(HandshakeStep::NeedMore) {
+                    break;
+                }
+            }
+            input.extend_from_slice(&client[start..]);
+            prop_assert_eq!(out, expected_out);
+            prop_assert_eq!(result, expected_result);
+            prop_assert_eq!(input, expected_rest);
+        }
+
         /// `advance` never panics, whatever the bytes and however they are split, and the output
         /// stays proportional to the input (no amplification beyond a fixed factor).
         #[test]

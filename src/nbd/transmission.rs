@@ -138,7 +138,8 @@ pub enum TransmissionError {
 pub struct RequestLimits {
     /// Longest `NBD_CMD_READ`, `NBD_CMD_WRITE` or `NBD_CMD_CACHE` accepted. Commands without a
     /// payload (`NBD_CMD_TRIM`, `NBD_CMD_WRITE_ZEROES`, `NBD_CMD_BLOCK_STATUS`) may ask for more,
-    /// up to `u32::MAX` ("Size constraints").
+    /// up to `u32::MAX` ("Size constraints"). Values above [`READ_DATA_CHUNK_DATA_MAX_BYTES`] act
+    /// as that value, so every accepted read fits one data chunk.
     pub request_max_bytes: u32,
 }
 
@@ -374,7 +375,10 @@ pub fn check_request(
     // is still on the wire). NBD_CMD_CACHE carries no payload, and "Error values" documents
     // NBD_EOVERFLOW "when a command without payload requests a length larger than an advertised
     // maximum payload length".
-    if header.length > limits.request_max_bytes {
+    // A read that passes must also fit one NBD_REPLY_TYPE_OFFSET_DATA chunk, whatever the
+    // configured limit.
+    let request_max_bytes = limits.request_max_bytes.min(READ_DATA_CHUNK_DATA_MAX_BYTES);
+    if header.length > request_max_bytes {
         match command {
             Command::Read if structured_replies => return Err(Errno::Overflow),
             Command::Read | Command::Write => return Err(Errno::Inval),
@@ -486,10 +490,13 @@ fn encode_chunk_header(
 /// Appends the header and offset of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk ("Structured reply
 /// types"); the caller appends exactly `data_len` bytes of data after it.
 ///
+/// A content chunk "MUST describe at least one byte", so for `data_len == 0` (a zero-length
+/// read, which [`check_request`] accepts) no data chunk is written: nothing at all if `done` is
+/// false, or the `NBD_REPLY_TYPE_NONE` chunk that ends the reply if `done` is true.
+///
 /// # Panics
-/// If `data_len` is 0 (the chunk "MUST be at least 9" bytes long, i.e. carry data) or larger than
-/// [`READ_DATA_CHUNK_DATA_MAX_BYTES`]. Both are caller bugs: read lengths are bounded by
-/// [`RequestLimits::request_max_bytes`] and zero-length reads get `NBD_REPLY_TYPE_NONE`.
+/// If `data_len` exceeds [`READ_DATA_CHUNK_DATA_MAX_BYTES`]: a caller bug, since
+/// [`check_request`] never lets a longer read through.
 pub fn encode_read_data_chunk_header(
     out: &mut Vec<u8>,
     cookie: u64,
@@ -498,9 +505,15 @@ pub fn encode_read_data_chunk_header(
     done: bool,
 ) {
     assert!(
-        data_len > 0 && data_len <= READ_DATA_CHUNK_DATA_MAX_BYTES,
-        "NBD_REPLY_TYPE_OFFSET_DATA must carry 1..={READ_DATA_CHUNK_DATA_MAX_BYTES} bytes, got {data_len}"
+        data_len <= READ_DATA_CHUNK_DATA_MAX_BYTES,
+        "NBD_REPLY_TYPE_OFFSET_DATA carries at most {READ_DATA_CHUNK_DATA_MAX_BYTES} bytes, got {data_len}"
     );
+    if data_len == 0 {
+        if done {
+            encode_structured_done(out, cookie);
+        }
+        return;
+    }
     encode_chunk_header(
         out,
         cookie,
@@ -513,10 +526,15 @@ pub fn encode_read_data_chunk_header(
 
 /// Appends an `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `hole_len` bytes at `offset` read as zeroes.
 ///
-/// # Panics
-/// If `hole_len` is 0: the spec says the hole size "MUST be nonzero", so this is a caller bug.
+/// The hole size "MUST be nonzero", so for `hole_len == 0` no hole chunk is written: nothing if
+/// `done` is false, or the `NBD_REPLY_TYPE_NONE` chunk that ends the reply if `done` is true.
 pub fn encode_hole_chunk(out: &mut Vec<u8>, cookie: u64, offset: u64, hole_len: u32, done: bool) {
-    assert!(hole_len > 0, "NBD_REPLY_TYPE_OFFSET_HOLE must be nonzero");
+    if hole_len == 0 {
+        if done {
+            encode_structured_done(out, cookie);
+        }
+        return;
+    }
     encode_chunk_header(out, cookie, proto::NBD_REPLY_TYPE_OFFSET_HOLE, done, 12);
     out.put_u64(offset);
     out.put_u32(hole_len);
@@ -1277,6 +1295,48 @@ mod tests {
         assert_eq!(
             chunk(&[&out[..], b"x"].concat()).0,
             proto::NBD_REPLY_FLAG_DONE
+        );
+    }
+
+    /// Reference: proto.md, `NBD_CMD_READ` structured replies: "each chunk MUST describe at
+    /// least one byte"; `NBD_REPLY_TYPE_OFFSET_HOLE`: "hole size (unsigned, MUST be nonzero)".
+    /// Empty content chunks are never written; a final one becomes `NBD_REPLY_TYPE_NONE`.
+    #[test]
+    fn empty_content_chunks_become_nothing_or_done() {
+        let mut out = Vec::new();
+        encode_read_data_chunk_header(&mut out, 9, 0, 0, false);
+        encode_hole_chunk(&mut out, 9, 0, 0, false);
+        assert!(out.is_empty());
+        let mut expected = Vec::new();
+        encode_structured_done(&mut expected, 9);
+        encode_read_data_chunk_header(&mut out, 9, 0, 0, true);
+        assert_eq!(out, expected);
+        out.clear();
+        encode_hole_chunk(&mut out, 9, 0, 0, true);
+        assert_eq!(out, expected);
+    }
+
+    /// Reference: proto.md, `NBD_CMD_READ`: "a request for more than 2^32 - 8 bytes containing
+    /// data ... MUST be split"; a limit above that is clamped so every accepted read fits one
+    /// chunk.
+    #[test]
+    fn read_limit_is_clamped_to_one_data_chunk() {
+        let unlimited = RequestLimits {
+            request_max_bytes: u32::MAX,
+        };
+        let read = |length| {
+            check_request(
+                &request(Command::Read, 0, 0, length),
+                u64::MAX,
+                ALL_FLAGS,
+                true,
+                &unlimited,
+            )
+        };
+        assert_eq!(read(READ_DATA_CHUNK_DATA_MAX_BYTES), Ok(()));
+        assert_eq!(
+            read(READ_DATA_CHUNK_DATA_MAX_BYTES + 1),
+            Err(Errno::Overflow)
         );
     }
 
