@@ -1,0 +1,129 @@
+//! Every message the actors exchange, in one place: read this file to learn the whole
+//! conversation of a server.
+//!
+//! ```text
+//!  NbdListenerActor ──spawns──▶ NbdSessionActor (one per connection)
+//!  NbdSessionActor ──Propose / ReadBarrier──▶ RaftActor
+//!  RaftActor ──ApplyCommitted──▶ StorageActor ──(responder: ProposalResult)──▶ NbdSessionActor
+//!  StorageActor ──AppliedUpTo / DurableApplied / StorageStarted──▶ RaftActor
+//!  control API ──Propose / GetRaftStatus──▶ RaftActor
+//! ```
+//!
+//! Replies to proposals and read barriers travel on one-shot channels carried inside the
+//! messages, so a reply reaches the session that asked even when the actor that produced it has
+//! since restarted. A dropped responder (its actor crashed) means "retry", never "failed".
+
+use actix::prelude::*;
+use raft::prelude::Entry;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::storage::state_machine::ApplyOutcome;
+
+/// Why a proposal or read barrier did not complete. None of these means the data is lost or
+/// corrupt; each is either retried by the caller or turned into an NBD errno.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ProposalError {
+    /// This node is not the Raft leader; `leader_id` is its best guess (0 = unknown).
+    #[error("this node is not the Raft leader (leader hint {leader_id})")]
+    NotLeader { leader_id: u64 },
+    /// The proposal was dropped before it was committed (leader change, actor restart):
+    /// proposing it again is safe because an uncommitted write was never acknowledged.
+    #[error("the proposal was dropped before commit; retry")]
+    Dropped,
+    /// The Raft group has too many proposals waiting; the caller backs off.
+    #[error("too many proposals are waiting for commit")]
+    Overloaded,
+    /// The storage layer failed to apply a committed entry. The storage actor restarts and
+    /// replays from the log, so retrying is correct here too.
+    #[error("storage failed to apply the entry: {0}")]
+    Storage(String),
+}
+
+impl ProposalError {
+    /// Whether the caller should try again after a short wait.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ProposalError::NotLeader { .. })
+    }
+}
+
+pub type ProposalResult = Result<ApplyOutcome, ProposalError>;
+pub type ProposalResponder = oneshot::Sender<ProposalResult>;
+pub type ReadBarrierResponder = oneshot::Sender<Result<(), ProposalError>>;
+
+/// Session or control API → Raft actor: replicate this state-machine command
+/// (`storage::command` encoding). The outcome arrives on `responder` once the entry is committed
+/// and applied on this node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Propose {
+    pub command: Vec<u8>,
+    pub responder: ProposalResponder,
+}
+
+/// Session → Raft actor: answer once this node has applied everything committed before the
+/// barrier was asked for (Raft ReadIndex), so that a read after it is linearizable. Barriers
+/// that arrive together share one ReadIndex round.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReadBarrier {
+    pub responder: ReadBarrierResponder,
+}
+
+/// Raft actor → storage actor: committed entries, in index order, to apply to the images, and
+/// the responders of the proposals among them that this node made.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ApplyCommitted {
+    pub entries: Vec<Entry>,
+    pub responders: Vec<(u64, ProposalResponder)>,
+}
+
+/// Storage actor → Raft actor: every committed entry up to `index` has been applied to the
+/// images (not necessarily fsync'd yet), so reads may see it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AppliedUpTo {
+    pub index: u64,
+}
+
+/// Storage actor → Raft actor: the images are fdatasync'd and the applied index `index` is
+/// recorded, so the log up to it may be compacted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DurableApplied {
+    pub index: u64,
+}
+
+/// Storage actor → Raft actor, on every (re)start: the storage actor has rebuilt its state and
+/// applied up to `applied_index`; the Raft actor re-delivers any committed entries after it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StorageStarted {
+    pub applied_index: u64,
+}
+
+/// Anyone → storage actor: fdatasync the images and record the applied index now (used on
+/// shutdown). Answers with the durable applied index.
+#[derive(Message)]
+#[rtype(result = "Result<u64, String>")]
+pub struct Checkpoint;
+
+/// Anyone → Raft actor: a snapshot of the Raft state for status output.
+#[derive(Message)]
+#[rtype(result = "RaftStatus")]
+pub struct GetRaftStatus;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub group_id: u64,
+    pub node_id: u64,
+    pub role: String,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_log_index: u64,
+    pub last_log_index: u64,
+    pub proposals_pending: usize,
+}

@@ -1,0 +1,17 @@
+//! The actor system of a server. Actors only move bytes and messages; the NBD codec
+//! (`crate::nbd`) and the storage layer (`crate::storage`) do the thinking.
+//!
+//! - [`listener::NbdListenerActor`]: accepts connections, runs the handshake.
+//! - [`session::NbdSessionActor`]: one per connection; dispatches requests.
+//! - [`raft::RaftActor`]: the Raft group; persists the log, orders writes.
+//! - [`storage::StorageActor`]: applies committed entries to the images; checkpoints.
+//! - [`supervisor`]: turns handler panics into restarts, counts them.
+//!
+//! [`messages`] lists every message between them.
+
+pub mod listener;
+pub mod messages;
+pub mod raft;
+pub mod session;
+pub mod storage;
+pub mod supervisor;

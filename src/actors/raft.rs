@@ -1,0 +1,683 @@
+//! `RaftActor`: owns the raft-rs `RawNode` of one Raft group and drives it. It turns proposals
+//! into log entries, persists each `Ready` with one synced RocksDB write (group commit), hands
+//! committed entries to the `StorageActor`, and answers read barriers (ReadIndex) once the
+//! storage actor has applied far enough.
+//!
+//! Ready handling follows raft-rs's required order exactly: send leader messages, apply a
+//! snapshot, hand over committed entries, persist entries and hard state, send persisted
+//! messages, advance, then handle the light ready. Entries are applied asynchronously by the
+//! storage actor; `advance_apply_to` is called when it reports back (`AppliedUpTo`).
+//!
+//! Group commit: a proposal handler only queues the proposal and schedules one `ProcessReady`;
+//! actix runs every message already in the mailbox before that notification, so all proposals
+//! that arrived while the previous fsync ran share the next one.
+//!
+//! Runs on its own arbiter (thread) because persisting a Ready blocks on fsync.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use raft::prelude::*;
+use raft::{RawNode, StateRole, Storage as _};
+
+use super::messages::*;
+use super::storage::StorageActor;
+use super::supervisor::{run_guarded, ActorKind, Supervision};
+use crate::config::RaftConfig;
+use crate::storage::raft_log::RaftLogStore;
+
+/// Everything the Raft actor needs to (re)build itself from durable state.
+pub struct RaftActorParams {
+    pub group_id: u64,
+    pub node_id: u64,
+    pub config: RaftConfig,
+    pub request_timeout: Duration,
+    pub log_store: RaftLogStore,
+    pub storage: Addr<StorageActor>,
+    /// Index the storage actor has applied (in memory), published by it.
+    pub applied_index: Arc<AtomicU64>,
+    pub supervision: Supervision,
+}
+
+struct PendingProposal {
+    responder: ProposalResponder,
+    proposed_at: Instant,
+}
+
+pub struct RaftActor {
+    params: RaftActorParams,
+    node: Option<RawNode<RaftLogStore>>,
+    /// Highest index whose application the storage actor has reported.
+    applied_index: u64,
+    /// Highest committed index handed to the storage actor.
+    delivered_index: u64,
+    pending_proposals: HashMap<u64, PendingProposal>,
+    next_request_id: u64,
+    /// Read barriers not yet sent as a ReadIndex request.
+    read_batch: Vec<ReadBarrierResponder>,
+    /// ReadIndex requests sent, keyed by their request context.
+    reads_in_progress: HashMap<u64, (Instant, Vec<ReadBarrierResponder>)>,
+    /// Read barriers whose read index is known, waiting for `applied_index` to reach it.
+    reads_waiting_for_apply: VecDeque<(u64, Vec<ReadBarrierResponder>)>,
+    ready_scheduled: bool,
+}
+
+impl RaftActor {
+    pub fn new(params: RaftActorParams) -> Self {
+        RaftActor {
+            params,
+            node: None,
+            applied_index: 0,
+            delivered_index: 0,
+            pending_proposals: HashMap::new(),
+            next_request_id: 0,
+            read_batch: Vec::new(),
+            reads_in_progress: HashMap::new(),
+            reads_waiting_for_apply: VecDeque::new(),
+            ready_scheduled: false,
+        }
+    }
+
+    /// Rebuilds the `RawNode` from the log in RocksDB. Called at start and on every restart.
+    fn rebuild(&mut self) {
+        let logger = self.params.supervision.logger.clone();
+        let store = self.params.log_store.clone();
+        let applied_index = self.params.applied_index.load(Ordering::Acquire);
+        // The hard state's commit index is persisted lazily (without fsync), so after a crash
+        // it may lag entries that were already applied. Entries are only applied once
+        // committed, so raising it to the applied index is safe, and raft-rs refuses to start
+        // with applied > commit.
+        let mut hard_state = store.hard_state();
+        if hard_state.commit < applied_index {
+            hard_state.commit = applied_index;
+            if let Err(error) = store.persist_ready(&[], Some(&hard_state), true) {
+                panic!("cannot persist the recovered commit index: {error}");
+            }
+        }
+        let config = raft::Config {
+            id: self.params.node_id,
+            election_tick: self.params.config.election_ticks,
+            heartbeat_tick: self.params.config.heartbeat_ticks,
+            applied: applied_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            // A committed Ready carries at most this many bytes of entries, bounding memory.
+            max_committed_size_per_ready: 64 << 20,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let node = match RawNode::new(&config, store, &logger) {
+            Ok(node) => node,
+            // No way to serve without a Raft node; the supervisor retries and escalates.
+            Err(error) => panic!("cannot start the Raft node: {error}"),
+        };
+        self.applied_index = applied_index;
+        self.delivered_index = applied_index;
+        self.next_request_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos() as u64)
+            .unwrap_or(1);
+        self.node = Some(node);
+        let node = self.node.as_mut().expect("just set");
+        // A group whose only voter is this node elects itself at once instead of waiting for
+        // an election timeout.
+        let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+        if voters == vec![self.params.node_id] {
+            if let Err(error) = node.campaign() {
+                slog::warn!(logger, "campaign failed"; "error" => %error);
+            }
+        }
+        slog::info!(logger, "raft node started";
+            "group" => self.params.group_id, "node" => self.params.node_id,
+            "applied_index" => applied_index, "term" => node.raft.term,
+            "commit_index" => node.raft.raft_log.committed);
+    }
+
+    fn node(&mut self) -> &mut RawNode<RaftLogStore> {
+        // Invariant: `started`/`restarting` build the node before any message is handled.
+        self.node.as_mut().expect("raft node is built in started()")
+    }
+
+    fn schedule_ready(&mut self, ctx: &mut Context<Self>) {
+        if !self.ready_scheduled {
+            self.ready_scheduled = true;
+            ctx.notify(ProcessReady);
+        }
+    }
+
+    fn take_request_id(&mut self) -> u64 {
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        self.next_request_id
+    }
+
+    fn propose(&mut self, msg: Propose) {
+        if self.pending_proposals.len() >= self.params.config.proposals_pending_max {
+            let _ = msg.responder.send(Err(ProposalError::Overloaded));
+            return;
+        }
+        let node = self.node();
+        if node.raft.state != StateRole::Leader {
+            let leader_id = node.raft.leader_id;
+            let _ = msg.responder.send(Err(ProposalError::NotLeader { leader_id }));
+            return;
+        }
+        let proposal_id = self.take_request_id();
+        // Proposing through `step` lets the entry keep the caller's `Bytes` without a copy
+        // (`RawNode::propose` takes a `Vec` and would copy up to 32 MiB).
+        let mut entry = Entry::default();
+        entry.data = msg.command;
+        entry.context = Bytes::copy_from_slice(&proposal_id.to_be_bytes());
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = self.params.node_id;
+        message.set_entries(vec![entry].into());
+        let node = self.node();
+        match node.step(message) {
+            Ok(()) => {
+                self.pending_proposals.insert(
+                    proposal_id,
+                    PendingProposal {
+                        responder: msg.responder,
+                        proposed_at: Instant::now(),
+                    },
+                );
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = msg.responder.send(Err(ProposalError::Dropped));
+            }
+            Err(error) => {
+                slog::warn!(self.params.supervision.logger, "proposal rejected"; "error" => %error);
+                let _ = msg.responder.send(Err(ProposalError::Dropped));
+            }
+        }
+    }
+
+    /// Hands committed entries to the storage actor with the responders of our proposals.
+    fn deliver_committed(&mut self, entries: Vec<Entry>) {
+        let Some(last) = entries.last() else {
+            return;
+        };
+        let last_index = last.index;
+        let mut responders = Vec::new();
+        let mut entries_for_storage = Vec::with_capacity(entries.len());
+        for mut entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if entry.context.len() == 8 {
+                        let mut id = [0u8; 8];
+                        id.copy_from_slice(&entry.context);
+                        if let Some(pending) =
+                            self.pending_proposals.remove(&u64::from_be_bytes(id))
+                        {
+                            responders.push((entry.index, pending.responder));
+                        }
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&entry);
+                    // The state machine sees a no-op at this index.
+                    entry.data = Bytes::new();
+                }
+            }
+            entries_for_storage.push(entry);
+        }
+        self.delivered_index = self.delivered_index.max(last_index);
+        self.params.storage.do_send(ApplyCommitted {
+            entries: entries_for_storage,
+            responders,
+        });
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) {
+        let logger = self.params.supervision.logger.clone();
+        let result = if entry.get_entry_type() == EntryType::EntryConfChange {
+            protobuf::Message::parse_from_bytes(&entry.data)
+                .map_err(|error| error.to_string())
+                .and_then(|change: ConfChange| {
+                    self.node()
+                        .apply_conf_change(&change)
+                        .map_err(|error| error.to_string())
+                })
+        } else {
+            protobuf::Message::parse_from_bytes(&entry.data)
+                .map_err(|error| error.to_string())
+                .and_then(|change: ConfChangeV2| {
+                    self.node()
+                        .apply_conf_change(&change)
+                        .map_err(|error| error.to_string())
+                })
+        };
+        match result {
+            Ok(conf_state) => {
+                if let Err(error) = self.params.log_store.set_conf_state(&conf_state) {
+                    panic!("cannot persist the conf state: {error}");
+                }
+                slog::info!(logger, "membership changed"; "voters" => ?conf_state.voters);
+            }
+            // A committed entry that does not decode means the log is corrupt.
+            Err(error) => panic!("committed conf change at {} is corrupt: {error}", entry.index),
+        }
+    }
+
+    fn handle_read_states(&mut self, read_states: Vec<ReadState>) {
+        for read_state in read_states {
+            if read_state.request_ctx.len() != 8 {
+                continue;
+            }
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&read_state.request_ctx);
+            if let Some((_, responders)) = self.reads_in_progress.remove(&u64::from_be_bytes(id))
+            {
+                self.reads_waiting_for_apply
+                    .push_back((read_state.index, responders));
+            }
+        }
+        self.release_reads();
+    }
+
+    /// Answers every read barrier whose read index has been applied.
+    fn release_reads(&mut self) {
+        let applied_index = self.applied_index;
+        self.reads_waiting_for_apply.retain_mut(|(index, responders)| {
+            if *index <= applied_index {
+                for responder in responders.drain(..) {
+                    let _ = responder.send(Ok(()));
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn send_messages(&mut self, messages: Vec<Message>) {
+        // One voter: there are no peers yet. The peer transport plugs in here.
+        for message in messages {
+            slog::debug!(self.params.supervision.logger, "dropping message to unknown peer";
+                "to" => message.to, "type" => ?message.get_msg_type());
+        }
+    }
+
+    /// Drives one Ready through raft-rs's required order.
+    fn process_ready(&mut self) {
+        self.ready_scheduled = false;
+        if !self.read_batch.is_empty() {
+            let request_id = self.take_request_id();
+            let batch = std::mem::take(&mut self.read_batch);
+            self.reads_in_progress
+                .insert(request_id, (Instant::now(), batch));
+            self.node().read_index(request_id.to_be_bytes().to_vec());
+        }
+        if !self.node().has_ready() {
+            return;
+        }
+        let mut ready = self.node().ready();
+        if !ready.messages().is_empty() {
+            let messages = ready.take_messages();
+            self.send_messages(messages);
+        }
+        if !ready.snapshot().is_empty() {
+            // Snapshots arrive only from a leader once peers exist.
+            panic!("snapshot application is not supported by this version");
+        }
+        let committed = ready.take_committed_entries();
+        self.deliver_committed(committed);
+        let read_states = ready.take_read_states();
+        self.handle_read_states(read_states);
+        // The one synced write of this Ready: every entry and the hard state in one batch.
+        // Nothing is acknowledged before this returns, because entries commit only once
+        // persisted on a majority.
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            if let Err(error) = self.params.log_store.persist_ready(
+                ready.entries(),
+                ready.hs(),
+                ready.must_sync(),
+            ) {
+                // The log is our write-ahead log; without it nothing may be acknowledged.
+                panic!("cannot persist the Raft log: {error}");
+            }
+        }
+        if !ready.persisted_messages().is_empty() {
+            let messages = ready.take_persisted_messages();
+            self.send_messages(messages);
+        }
+        let mut light_ready = self.node().advance_append(ready);
+        if let Some(commit_index) = light_ready.commit_index() {
+            // The commit index may be persisted lazily: `rebuild` recovers it.
+            let mut hard_state = self.params.log_store.hard_state();
+            hard_state.commit = commit_index;
+            if let Err(error) = self
+                .params
+                .log_store
+                .persist_ready(&[], Some(&hard_state), false)
+            {
+                panic!("cannot persist the commit index: {error}");
+            }
+        }
+        let messages = light_ready.take_messages();
+        self.send_messages(messages);
+        let committed = light_ready.take_committed_entries();
+        self.deliver_committed(committed);
+    }
+
+    /// Fails proposals and reads that waited too long so that their callers retry.
+    fn expire_waiters(&mut self) {
+        let timeout = self.params.request_timeout;
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .pending_proposals
+            .iter()
+            .filter(|(_, pending)| now.duration_since(pending.proposed_at) > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(pending) = self.pending_proposals.remove(&id) {
+                let _ = pending.responder.send(Err(ProposalError::Dropped));
+            }
+        }
+        self.reads_in_progress.retain(|_, (asked_at, responders)| {
+            if now.duration_since(*asked_at) > timeout {
+                for responder in responders.drain(..) {
+                    let _ = responder.send(Err(ProposalError::Dropped));
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Fails everything waiting when this node stops being leader: the new leader may
+    /// overwrite our uncommitted entries, and callers retry against the right node.
+    fn on_role_change(&mut self, previous: StateRole) {
+        let node = self.node();
+        let role = node.raft.state;
+        let leader_id = node.raft.leader_id;
+        let term = node.raft.term;
+        if role != previous {
+            slog::info!(self.params.supervision.logger, "raft role changed";
+                "role" => ?role, "term" => term, "leader" => leader_id);
+        }
+        if previous == StateRole::Leader && role != StateRole::Leader {
+            for (_, pending) in self.pending_proposals.drain() {
+                let _ = pending
+                    .responder
+                    .send(Err(ProposalError::NotLeader { leader_id }));
+            }
+            for (_, (_, responders)) in self.reads_in_progress.drain() {
+                for responder in responders {
+                    let _ = responder.send(Err(ProposalError::NotLeader { leader_id }));
+                }
+            }
+        }
+    }
+
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> Option<R> {
+        let supervision = self.params.supervision.clone();
+        let role_before = self.node.as_ref().map(|node| node.raft.state);
+        let result = run_guarded(&supervision, ctx, |ctx| body(self, ctx));
+        if result.is_some() {
+            if let Some(previous) = role_before {
+                self.on_role_change(previous);
+            }
+        }
+        result
+    }
+}
+
+impl Actor for RaftActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.params.config.mailbox_capacity);
+        self.rebuild();
+        let tick = Duration::from_millis(self.params.config.tick_interval_ms);
+        ctx.run_interval(tick, |actor, ctx| {
+            ctx.notify(Tick);
+            let _ = actor;
+        });
+        self.schedule_ready(ctx);
+    }
+}
+
+impl actix::Supervised for RaftActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Callers holding responders see them dropped and retry against the new instance.
+        self.pending_proposals.clear();
+        self.read_batch.clear();
+        self.reads_in_progress.clear();
+        self.reads_waiting_for_apply.clear();
+        self.ready_scheduled = false;
+        self.node = None;
+        // `started` runs again next and rebuilds the node from RocksDB.
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ProcessReady;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick;
+
+impl Handler<ProcessReady> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, _: ProcessReady, ctx: &mut Context<Self>) {
+        fail::fail_point!("raft_actor_ready", |_| {
+            panic!("failpoint raft_actor_ready");
+        });
+        self.guarded(ctx, |actor, _| actor.process_ready());
+    }
+}
+
+impl Handler<Tick> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            actor.node().tick();
+            actor.expire_waiters();
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<Propose> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: Propose, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            actor.propose(msg);
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<ReadBarrier> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReadBarrier, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            let node = actor.node();
+            if node.raft.state != StateRole::Leader {
+                let leader_id = node.raft.leader_id;
+                let _ = msg
+                    .responder
+                    .send(Err(ProposalError::NotLeader { leader_id }));
+                return;
+            }
+            actor.read_batch.push(msg.responder);
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<AppliedUpTo> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: AppliedUpTo, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            if msg.index <= actor.applied_index {
+                return;
+            }
+            actor.applied_index = msg.index;
+            actor.node().advance_apply_to(msg.index);
+            actor.release_reads();
+            // Applying may let raft-rs release more committed entries.
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<DurableApplied> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: DurableApplied, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, _| {
+            // Keep some entries below the durable applied index for lagging followers; never
+            // drop anything above it (the images do not hold it durably yet).
+            let keep = actor.params.config.log_keep_entries;
+            let compact_index = msg.index.saturating_sub(keep);
+            let first_index = actor.params.log_store.first_index().unwrap_or(1);
+            if compact_index > first_index {
+                if let Err(error) = actor.params.log_store.compact(compact_index) {
+                    slog::error!(actor.params.supervision.logger, "log compaction failed";
+                        "error" => %error, "compact_index" => compact_index);
+                }
+            }
+        });
+    }
+}
+
+impl Handler<StorageStarted> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: StorageStarted, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, _| {
+            // A restarted storage actor lost the entries it had been handed but not yet made
+            // durable; hand them over again from the log. Their responders are gone, so the
+            // sessions that waited retry their requests.
+            if msg.applied_index >= actor.delivered_index {
+                return;
+            }
+            let low = msg.applied_index + 1;
+            let high = actor.delivered_index + 1;
+            match actor.params.log_store.entries(
+                low,
+                high,
+                None,
+                raft::GetEntriesContext::empty(false),
+            ) {
+                Ok(entries) => {
+                    actor.params.storage.do_send(ApplyCommitted {
+                        entries,
+                        responders: Vec::new(),
+                    });
+                }
+                Err(error) => panic!("cannot re-read committed entries {low}..{high}: {error}"),
+            }
+        });
+    }
+}
+
+impl Handler<GetRaftStatus> for RaftActor {
+    type Result = MessageResult<GetRaftStatus>;
+    fn handle(&mut self, _: GetRaftStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let proposals_pending = self.pending_proposals.len();
+        let applied_index = self.applied_index;
+        let group_id = self.params.group_id;
+        let node_id = self.params.node_id;
+        let store = self.params.log_store.clone();
+        let status = match self.node.as_ref() {
+            Some(node) => RaftStatus {
+                group_id,
+                node_id,
+                role: format!("{:?}", node.raft.state),
+                term: node.raft.term,
+                leader_id: node.raft.leader_id,
+                commit_index: node.raft.raft_log.committed,
+                applied_index,
+                first_log_index: store.first_index().unwrap_or(0),
+                last_log_index: store.last_index().unwrap_or(0),
+                proposals_pending,
+            },
+            None => RaftStatus {
+                group_id,
+                node_id,
+                role: "Restarting".to_string(),
+                term: 0,
+                leader_id: 0,
+                commit_index: 0,
+                applied_index,
+                first_log_index: 0,
+                last_log_index: 0,
+                proposals_pending,
+            },
+        };
+        MessageResult(status)
+    }
+}
+
+/// Proposes `command` and waits for it to be committed and applied, retrying through leader
+/// elections and actor restarts until `deadline`. Used by NBD sessions and the control API.
+pub async fn propose_until(
+    raft: &Addr<RaftActor>,
+    command: Bytes,
+    deadline: Instant,
+) -> Result<crate::storage::state_machine::ApplyOutcome, ProposalError> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (responder, reply) = tokio::sync::oneshot::channel();
+        let outcome = match raft
+            .send(Propose {
+                command: command.clone(),
+                responder,
+            })
+            .await
+        {
+            Ok(()) => match reply.await {
+                Ok(result) => result,
+                // The responder was dropped: the actor restarted mid-request.
+                Err(_) => Err(ProposalError::Dropped),
+            },
+            // The mailbox is closed while the supervisor restarts the actor.
+            Err(_) => Err(ProposalError::Dropped),
+        };
+        match outcome {
+            Ok(applied) => return Ok(applied),
+            Err(error) if Instant::now() + backoff >= deadline => return Err(error),
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Waits until a read issued now is linearizable on this node (see `ReadBarrier`), retrying
+/// like [`propose_until`].
+pub async fn read_barrier_until(
+    raft: &Addr<RaftActor>,
+    deadline: Instant,
+) -> Result<(), ProposalError> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (responder, reply) = tokio::sync::oneshot::channel();
+        let outcome = match raft.send(ReadBarrier { responder }).await {
+            Ok(()) => reply.await.unwrap_or(Err(ProposalError::Dropped)),
+            Err(_) => Err(ProposalError::Dropped),
+        };
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(error) if Instant::now() + backoff >= deadline => return Err(error),
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! `StorageActor`: the single writer of the image files and of the state machine's RocksDB
+//! keys (applied index, volume table, block checksums). It applies committed entries in index
+//! order, answers the proposals among them, publishes the volume table to readers through the
+//! [`VolumeRegistry`], and checkpoints: fdatasync the images, then record the applied index.
+//!
+//! Runs on its own arbiter (thread): applying and checkpointing block on disk I/O.
+//!
+//! On a restart after a crash it reopens the state machine from RocksDB (its applied index
+//! falls back to the durable one) and tells the Raft actor, which re-delivers the committed
+//! entries after it from the log. Entries it is handed that it already applied are skipped;
+//! a gap before an entry is filled from the log. Either way entries are applied exactly in
+//! index order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use parking_lot::RwLock;
+use raft::prelude::Entry;
+use raft::Storage as _;
+
+use super::messages::*;
+use super::raft::RaftActor;
+use super::supervisor::{run_guarded, Supervision};
+use crate::config::StorageConfig;
+use crate::storage::raft_log::RaftLogStore;
+use crate::storage::state_machine::{ApplyOutcome, StateMachine, VolumeInfo, VolumeReader};
+
+/// The volume table as seen by readers (NBD sessions, the handshake's export list, the control
+/// API): name → reader. Only the storage actor changes it.
+#[derive(Clone, Default)]
+pub struct VolumeRegistry {
+    volumes: Arc<RwLock<BTreeMap<String, VolumeReader>>>,
+}
+
+impl VolumeRegistry {
+    pub fn get(&self, name: &str) -> Option<VolumeReader> {
+        self.volumes.read().get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        self.volumes
+            .read()
+            .values()
+            .map(|reader| reader.info().clone())
+            .collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.volumes.read().keys().cloned().collect()
+    }
+
+    fn replace_all(&self, machine: &StateMachine) {
+        let mut table = BTreeMap::new();
+        for info in machine.volumes() {
+            if let Some(reader) = machine.reader(info.id) {
+                table.insert(info.name.clone(), reader);
+            }
+        }
+        *self.volumes.write() = table;
+    }
+}
+
+pub struct StorageActorParams {
+    pub group_id: u64,
+    pub data_dir: PathBuf,
+    pub db: Arc<rocksdb::DB>,
+    pub config: StorageConfig,
+    pub log_store: RaftLogStore,
+    pub registry: VolumeRegistry,
+    /// Published applied index: read by the Raft actor when it (re)builds its node.
+    pub applied_index: Arc<AtomicU64>,
+    pub supervision: Supervision,
+}
+
+pub struct StorageActor {
+    params: StorageActorParams,
+    machine: Option<StateMachine>,
+    raft: Option<Addr<RaftActor>>,
+    bytes_since_checkpoint: u64,
+}
+
+/// Wires the Raft actor's address in once both actors exist (each needs the other's).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectRaft(pub Addr<RaftActor>);
+
+impl StorageActor {
+    pub fn new(params: StorageActorParams) -> Self {
+        StorageActor {
+            params,
+            machine: None,
+            raft: None,
+            bytes_since_checkpoint: 0,
+        }
+    }
+
+    fn open_machine(&mut self) {
+        let images_dir = self.params.data_dir.join("images");
+        let machine = match StateMachine::open(
+            self.params.db.clone(),
+            &images_dir,
+            self.params.group_id,
+        ) {
+            Ok(machine) => machine,
+            // Nothing can be served without the state machine; the supervisor retries.
+            Err(error) => panic!("cannot open the state machine: {error}"),
+        };
+        self.params
+            .applied_index
+            .store(machine.applied_index(), Ordering::Release);
+        self.params.registry.replace_all(&machine);
+        slog::info!(self.params.supervision.logger, "state machine opened";
+            "applied_index" => machine.applied_index(),
+            "volumes" => machine.volumes().len());
+        self.machine = Some(machine);
+        self.bytes_since_checkpoint = 0;
+    }
+
+    fn machine(&mut self) -> &mut StateMachine {
+        // Invariant: `started` opens the machine before any message is handled.
+        self.machine
+            .as_mut()
+            .expect("state machine is opened in started()")
+    }
+
+    fn announce_started(&mut self) {
+        let applied_index = self.machine().applied_index();
+        if let Some(raft) = &self.raft {
+            raft.do_send(StorageStarted { applied_index });
+        }
+    }
+
+    fn apply_committed(&mut self, msg: ApplyCommitted) {
+        let ApplyCommitted {
+            entries,
+            responders,
+        } = msg;
+        let mut responders: HashMap<u64, ProposalResponder> = responders.into_iter().collect();
+        let Some(first_index) = entries.first().map(|entry| entry.index) else {
+            return;
+        };
+        let applied_index = self.machine().applied_index();
+        // A gap means this actor restarted and lost entries it had been handed: read them
+        // from the log, which keeps everything above the durable applied index.
+        let mut to_apply: Vec<Entry> = Vec::new();
+        if first_index > applied_index + 1 {
+            match self.params.log_store.entries(
+                applied_index + 1,
+                first_index,
+                None,
+                raft::GetEntriesContext::empty(false),
+            ) {
+                Ok(missing) => to_apply.extend(missing),
+                Err(error) => panic!(
+                    "cannot read committed entries {}..{first_index} from the log: {error}",
+                    applied_index + 1
+                ),
+            }
+        }
+        to_apply.extend(entries.into_iter().filter(|entry| entry.index > applied_index));
+        if to_apply.is_empty() {
+            for (_, responder) in responders {
+                // Already applied before a restart; the outcome is unknown, so ask for a retry.
+                let _ = responder.send(Err(ProposalError::Dropped));
+            }
+            return;
+        }
+        let batch: Vec<(u64, &[u8])> = to_apply
+            .iter()
+            .map(|entry| (entry.index, entry.data.as_ref()))
+            .collect();
+        let applied_bytes: u64 = batch.iter().map(|(_, data)| data.len() as u64).sum();
+        let result = self.machine().apply_batch(&batch);
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // An I/O error while applying: fail nothing for good, restart and replay.
+                slog::error!(self.params.supervision.logger, "applying committed entries failed";
+                    "error" => %error, "first_index" => first_index);
+                for (_, responder) in responders {
+                    let _ = responder.send(Err(ProposalError::Storage(error.to_string())));
+                }
+                panic!("apply failed: {error}");
+            }
+        };
+        let mut volumes_changed = false;
+        for ((index, _), outcome) in batch.iter().zip(outcomes) {
+            if matches!(
+                outcome,
+                ApplyOutcome::VolumeCreated(_) | ApplyOutcome::VolumeDeleted(_)
+            ) {
+                volumes_changed = true;
+            }
+            if let Some(responder) = responders.remove(index) {
+                let _ = responder.send(Ok(outcome));
+            }
+        }
+        for (_, responder) in responders {
+            let _ = responder.send(Err(ProposalError::Dropped));
+        }
+        if volumes_changed {
+            let machine = self.machine.as_ref().expect("opened in started()");
+            self.params.registry.replace_all(machine);
+        }
+        let applied_index = self.machine().applied_index();
+        self.params
+            .applied_index
+            .store(applied_index, Ordering::Release);
+        if let Some(raft) = &self.raft {
+            raft.do_send(AppliedUpTo {
+                index: applied_index,
+            });
+        }
+        self.bytes_since_checkpoint += applied_bytes;
+        if self.bytes_since_checkpoint >= self.params.config.checkpoint_bytes {
+            self.checkpoint();
+        }
+    }
+
+    /// fdatasync the images, then record the applied index (the durability rule), and let the
+    /// Raft actor compact the log below it.
+    fn checkpoint(&mut self) -> u64 {
+        let machine = self.machine();
+        if machine.durable_applied_index() == machine.applied_index() {
+            return machine.durable_applied_index();
+        }
+        let durable_index = match machine.make_durable() {
+            Ok(index) => index,
+            Err(error) => panic!("checkpoint failed: {error}"),
+        };
+        self.bytes_since_checkpoint = 0;
+        if let Some(raft) = &self.raft {
+            raft.do_send(DurableApplied {
+                index: durable_index,
+            });
+        }
+        durable_index
+    }
+
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        body: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> Option<R> {
+        let supervision = self.params.supervision.clone();
+        run_guarded(&supervision, ctx, |ctx| body(self, ctx))
+    }
+}
+
+impl Actor for StorageActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.open_machine();
+        self.announce_started();
+        let interval = Duration::from_millis(self.params.config.checkpoint_interval_ms);
+        ctx.run_interval(interval, |_, ctx| ctx.notify(Checkpoint));
+    }
+}
+
+impl actix::Supervised for StorageActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        // Drop everything in memory; `started` reopens from RocksDB and the images.
+        self.machine = None;
+    }
+}
+
+impl Handler<ConnectRaft> for StorageActor {
+    type Result = ();
+    fn handle(&mut self, msg: ConnectRaft, ctx: &mut Context<Self>) {
+        self.raft = Some(msg.0);
+        self.guarded(ctx, |actor, _| actor.announce_started());
+    }
+}
+
+impl Handler<ApplyCommitted> for StorageActor {
+    type Result = ();
+    fn handle(&mut self, msg: ApplyCommitted, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, _| {
+            fail::fail_point!("storage_actor_apply", |_| {
+                panic!("failpoint storage_actor_apply");
+            });
+            actor.apply_committed(msg)
+        });
+    }
+}
+
+impl Handler<Checkpoint> for StorageActor {
+    type Result = Result<u64, String>;
+    fn handle(&mut self, _: Checkpoint, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |actor, _| actor.checkpoint())
+            .ok_or_else(|| "the storage actor crashed during the checkpoint".to_string())
+    }
+}

@@ -1,0 +1,280 @@
+//! Configuration: built-in defaults (`config/default.toml`, compiled in) → an optional TOML file →
+//! `RAFTBLK__SECTION__KEY` environment variables → command-line overrides. Every limit has a
+//! default and is validated once at start-up; the rest of the program trusts a `Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The compiled-in defaults: the embedded default needs no file on disk.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
+
+/// Errors found while loading or validating configuration. They are reported to the operator
+/// verbatim, so each names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be loaded: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {key} {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub nbd: NbdConfig,
+    pub control: ControlConfig,
+    pub raft: RaftConfig,
+    pub storage: StorageConfig,
+    pub default_volume: DefaultVolumeConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NbdConfig {
+    pub listen: SocketAddr,
+    pub connections_max: usize,
+    pub requests_in_flight_per_session_max: usize,
+    pub bytes_in_flight_per_session_max: u64,
+    pub request_max_bytes: u32,
+    pub option_length_max_bytes: u32,
+    pub handshake_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RaftConfig {
+    pub tick_interval_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub proposals_pending_max: usize,
+    pub mailbox_capacity: usize,
+    pub log_keep_entries: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StorageConfig {
+    pub checkpoint_interval_ms: u64,
+    pub checkpoint_bytes: u64,
+    pub rocksdb_block_cache_bytes: usize,
+    pub rocksdb_write_buffer_bytes: usize,
+    pub rocksdb_max_background_jobs: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DefaultVolumeConfig {
+    pub create: bool,
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_size_bytes: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Terminal,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Largest READ/WRITE the NBD layer accepts: the block-size maximum the spec lets a server
+/// advertise and the size qemu and the kernel use.
+pub const REQUEST_MAX_BYTES_LIMIT: u32 = 32 * 1024 * 1024;
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the environment, then `overrides`
+    /// (`("nbd.listen", "127.0.0.1:0")` pairs from command-line flags), and validates the result.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: &[(&str, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_CONFIG_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("RAFTBLK")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, value.clone())?;
+        }
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values that would make the server misbehave rather than fail loudly later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            }
+        }
+        if self.node.id == 0 {
+            return Err(invalid("node.id", "must be non-zero (0 means 'none' in Raft)"));
+        }
+        if self.nbd.connections_max == 0 {
+            return Err(invalid("nbd.connections_max", "must be at least 1"));
+        }
+        if self.nbd.requests_in_flight_per_session_max == 0 {
+            return Err(invalid(
+                "nbd.requests_in_flight_per_session_max",
+                "must be at least 1",
+            ));
+        }
+        if self.nbd.request_max_bytes < 4096 || self.nbd.request_max_bytes > REQUEST_MAX_BYTES_LIMIT
+        {
+            return Err(invalid(
+                "nbd.request_max_bytes",
+                format!("must be between 4096 and {REQUEST_MAX_BYTES_LIMIT}"),
+            ));
+        }
+        if self.nbd.bytes_in_flight_per_session_max < u64::from(self.nbd.request_max_bytes) {
+            return Err(invalid(
+                "nbd.bytes_in_flight_per_session_max",
+                "must be at least nbd.request_max_bytes, or a maximal request could never run",
+            ));
+        }
+        if self.nbd.option_length_max_bytes < 1024 {
+            return Err(invalid(
+                "nbd.option_length_max_bytes",
+                "must be at least 1024 (export names may be 4096 bytes)",
+            ));
+        }
+        if self.nbd.handshake_timeout_ms == 0 || self.nbd.request_timeout_ms == 0 {
+            return Err(invalid(
+                "nbd.handshake_timeout_ms/request_timeout_ms",
+                "must be non-zero",
+            ));
+        }
+        if self.control.workers == 0 || self.control.workers > 64 {
+            return Err(invalid("control.workers", "must be between 1 and 64"));
+        }
+        if self.raft.tick_interval_ms == 0 {
+            return Err(invalid("raft.tick_interval_ms", "must be non-zero"));
+        }
+        if self.raft.heartbeat_ticks == 0 || self.raft.election_ticks <= self.raft.heartbeat_ticks
+        {
+            return Err(invalid(
+                "raft.election_ticks",
+                "must be greater than raft.heartbeat_ticks, which must be non-zero",
+            ));
+        }
+        if self.raft.proposals_pending_max == 0 || self.raft.mailbox_capacity == 0 {
+            return Err(invalid(
+                "raft.proposals_pending_max/mailbox_capacity",
+                "must be at least 1",
+            ));
+        }
+        if self.storage.checkpoint_interval_ms == 0 || self.storage.checkpoint_bytes == 0 {
+            return Err(invalid(
+                "storage.checkpoint_interval_ms/checkpoint_bytes",
+                "must be non-zero",
+            ));
+        }
+        if self.storage.rocksdb_max_background_jobs < 1 {
+            return Err(invalid("storage.rocksdb_max_background_jobs", "must be at least 1"));
+        }
+        validate_volume_geometry(
+            self.default_volume.size_bytes,
+            self.default_volume.block_size_bytes,
+        )
+        .map_err(|problem| invalid("default_volume", problem))?;
+        if self.default_volume.name.is_empty() || self.default_volume.name.len() > 4096 {
+            return Err(invalid("default_volume.name", "must be 1 to 4096 bytes"));
+        }
+        match self.log.level.as_str() {
+            "trace" | "debug" | "info" | "warning" | "error" | "critical" => {}
+            other => {
+                return Err(invalid(
+                    "log.level",
+                    format!("'{other}' is not one of trace, debug, info, warning, error, critical"),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The one rule for a volume's size and block size, shared by configuration, the control API
+/// and the state machine's callers: block size a power of two in 512..=65536, size a non-zero
+/// multiple of it.
+pub fn validate_volume_geometry(size_bytes: u64, block_size_bytes: u32) -> Result<(), String> {
+    if !block_size_bytes.is_power_of_two() || !(512..=65536).contains(&block_size_bytes) {
+        return Err(format!(
+            "block size {block_size_bytes} must be a power of two between 512 and 65536"
+        ));
+    }
+    if size_bytes == 0 || size_bytes % u64::from(block_size_bytes) != 0 {
+        return Err(format!(
+            "size {size_bytes} must be a non-zero multiple of the block size {block_size_bytes}"
+        ));
+    }
+    // The image is a sparse file; 2^62 keeps offset arithmetic far from overflow everywhere.
+    if size_bytes > (1u64 << 62) {
+        return Err(format!("size {size_bytes} is larger than 4 EiB"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid_and_match_the_documented_embedded_default() {
+        let config = Config::load(None, &[]).expect("defaults load");
+        assert_eq!(config.nbd.listen.to_string(), "127.0.0.1:10809");
+        assert_eq!(config.node.data_dir, PathBuf::from("./raftblk-data"));
+        assert_eq!(config.default_volume.name, "disk0");
+        assert_eq!(config.default_volume.size_bytes, 1 << 30);
+        assert_eq!(config.nbd.request_max_bytes, 32 << 20);
+    }
+
+    #[test]
+    fn overrides_win_and_bad_limits_are_rejected_with_the_key_named() {
+        let config = Config::load(None, &[("nbd.listen", "127.0.0.1:0".to_string())])
+            .expect("override loads");
+        assert_eq!(config.nbd.listen.port(), 0);
+        let error = Config::load(None, &[("nbd.request_max_bytes", "100".to_string())])
+            .expect_err("too small a request limit must be rejected");
+        assert!(error.to_string().contains("nbd.request_max_bytes"), "{error}");
+        let error = Config::load(None, &[("raft.election_ticks", "1".to_string())])
+            .expect_err("election <= heartbeat must be rejected");
+        assert!(error.to_string().contains("raft.election_ticks"), "{error}");
+    }
+
+    #[test]
+    fn volume_geometry_rules() {
+        assert!(validate_volume_geometry(1 << 30, 4096).is_ok());
+        assert!(validate_volume_geometry(4096 + 512, 4096).is_err());
+        assert!(validate_volume_geometry(0, 4096).is_err());
+        assert!(validate_volume_geometry(1 << 20, 3000).is_err());
+        assert!(validate_volume_geometry(1 << 20, 256).is_err());
+    }
+}

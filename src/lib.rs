@@ -1,0 +1,22 @@
+//! raftblk: a network block device (NBD) whose writes are replicated by Raft.
+//!
+//! # Layout
+//! - [`nbd`]: the NBD wire protocol as pure functions and a handshake state machine (no I/O).
+//! - [`storage`]: RocksDB (Raft log, state-machine metadata) beside sparse image files.
+//! - [`actors`]: the actix actors that move bytes between sockets, Raft and storage.
+//! - [`control`]: the HTTP control API (volumes, status).
+//! - [`server`]: wires a server process together; [`config`] and [`logging`] set it up.
+//!
+//! See ARCHITECTURE.md for the write path fsync by fsync and the invariants.
+
+pub mod actors;
+pub mod config;
+pub mod control;
+pub mod logging;
+pub mod nbd;
+pub mod server;
+pub mod storage;
+
+/// The Raft group every volume belongs to today. Keys, messages and metrics carry a group id
+/// already so that volumes can later be sharded across many groups per node.
+pub const DEFAULT_GROUP_ID: u64 = 1;
