@@ -165,13 +165,7 @@ impl NbdSessionActor {
         let request_limits = RequestLimits {
             request_max_bytes: self.limits.request_max_bytes,
         };
-        if let Err(errno) = check_request(
-            &header,
-            self.volume.info().size_bytes,
-            self.negotiated.export.transmission_flags,
-            self.negotiated.structured_replies,
-            &request_limits,
-        ) {
+        if let Err(errno) = check_request_negotiated(&header, &self.negotiated, &request_limits) {
             slog::debug!(self.supervision.logger, "request rejected";
                 "peer" => %self.peer, "command" => ?header.command, "errno" => ?errno);
             let header_bytes = self.error_reply(cookie, errno, "request rejected");

@@ -1,0 +1,292 @@
+//! The HTTP control API of a server (actix-web), and the client the `raftblk volume …`
+//! commands use to call it.
+//!
+//! - `GET /health`: 200 while this node leads its Raft group (one voter today), 503 otherwise.
+//! - `GET /v1/status`: Raft state, volumes and actor restart counts as JSON.
+//! - `GET /v1/volumes`, `POST /v1/volumes` (`{"name", "size_bytes", "block_size_bytes"}`),
+//!   `DELETE /v1/volumes/{name}`: the volume table, changed through Raft like any write.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use actix_web::{web, HttpResponse};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::actors::messages::{GetRaftStatus, RaftStatus};
+use crate::actors::raft::{propose_until, RaftActor};
+use crate::actors::storage::VolumeRegistry;
+use crate::actors::supervisor::{RestartCounters, RestartCounts};
+use crate::config::validate_volume_geometry;
+use crate::storage::command::{encode_command, Command};
+use crate::storage::state_machine::{ApplyOutcome, ApplyRejection, VolumeInfo};
+
+/// Shared state of the control API handlers.
+pub struct ControlState {
+    pub raft: Addr<RaftActor>,
+    pub registry: VolumeRegistry,
+    pub restarts: Arc<RestartCounters>,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVolumeRequest {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default = "default_block_size_bytes")]
+    pub block_size_bytes: u32,
+}
+
+fn default_block_size_bytes() -> u32 {
+    4096
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusBody {
+    pub raft: RaftStatus,
+    pub volumes: Vec<VolumeInfo>,
+    pub actor_restarts: RestartCounts,
+}
+
+fn error_response(status: actix_web::http::StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(ErrorBody {
+        error: message.into(),
+    })
+}
+
+/// Names become NBD export names and file-free RocksDB values: printable, bounded.
+fn validate_volume_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("a volume name must be 1 to 255 bytes".to_string());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err("a volume name may hold only ASCII letters, digits, '-', '_' and '.'".into());
+    }
+    Ok(())
+}
+
+async fn raft_status(state: &ControlState) -> Option<RaftStatus> {
+    state.raft.send(GetRaftStatus).await.ok()
+}
+
+async fn health(state: web::Data<ControlState>) -> HttpResponse {
+    match raft_status(&state).await {
+        Some(status) if status.role == "Leader" => HttpResponse::Ok().json(status),
+        Some(status) => HttpResponse::ServiceUnavailable().json(status),
+        None => error_response(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the Raft actor is restarting",
+        ),
+    }
+}
+
+async fn status(state: web::Data<ControlState>) -> HttpResponse {
+    match raft_status(&state).await {
+        Some(raft) => HttpResponse::Ok().json(StatusBody {
+            raft,
+            volumes: state.registry.list(),
+            actor_restarts: state.restarts.snapshot(),
+        }),
+        None => error_response(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the Raft actor is restarting",
+        ),
+    }
+}
+
+async fn list_volumes(state: web::Data<ControlState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.registry.list())
+}
+
+async fn propose(state: &ControlState, command: Vec<u8>) -> Result<ApplyOutcome, HttpResponse> {
+    let deadline = Instant::now() + state.request_timeout;
+    propose_until(&state.raft, Bytes::from(command), deadline)
+        .await
+        .map_err(|error| {
+            error_response(
+                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("the cluster did not commit the change: {error}"),
+            )
+        })
+}
+
+async fn create_volume(
+    state: web::Data<ControlState>,
+    body: web::Json<CreateVolumeRequest>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    if let Err(problem) = validate_volume_name(&body.name)
+        .and_then(|()| validate_volume_geometry(body.size_bytes, body.block_size_bytes))
+    {
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
+    if state.registry.get(&body.name).is_some() {
+        return error_response(
+            StatusCode::CONFLICT,
+            format!("volume '{}' already exists", body.name),
+        );
+    }
+    let command = encode_command(&Command::CreateVolume {
+        name: &body.name,
+        size_bytes: body.size_bytes,
+        block_size_bytes: body.block_size_bytes,
+    });
+    match propose(&state, command).await {
+        Ok(ApplyOutcome::VolumeCreated(info)) => HttpResponse::Created().json(info),
+        Ok(ApplyOutcome::Rejected(ApplyRejection::VolumeExists)) => error_response(
+            StatusCode::CONFLICT,
+            format!("volume '{}' already exists", body.name),
+        ),
+        Ok(other) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected outcome {other:?}"),
+        ),
+        Err(response) => response,
+    }
+}
+
+async fn delete_volume(state: web::Data<ControlState>, name: web::Path<String>) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    if state.registry.get(&name).is_none() {
+        return error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"));
+    }
+    let command = encode_command(&Command::DeleteVolume { name: &name });
+    match propose(&state, command).await {
+        Ok(ApplyOutcome::VolumeDeleted(_)) => HttpResponse::NoContent().finish(),
+        Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)) => {
+            error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"))
+        }
+        Ok(other) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected outcome {other:?}"),
+        ),
+        Err(response) => response,
+    }
+}
+
+/// Registers the routes; used by the server and by tests.
+pub fn configure(config: &mut web::ServiceConfig) {
+    config
+        .route("/health", web::get().to(health))
+        .route("/v1/status", web::get().to(status))
+        .route("/v1/volumes", web::get().to(list_volumes))
+        .route("/v1/volumes", web::post().to(create_volume))
+        .route("/v1/volumes/{name}", web::delete().to(delete_volume));
+}
+
+/// Errors of the control API client, phrased for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlClientError {
+    #[error("cannot reach the raftblk control API at {address}: {detail} (is `raftblk server` running?)")]
+    Unreachable { address: String, detail: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected reply from {address}: {detail}")]
+    BadReply { address: String, detail: String },
+}
+
+/// A blocking client for the `raftblk volume` commands.
+pub struct ControlClient {
+    address: String,
+    agent: ureq::Agent,
+}
+
+impl ControlClient {
+    pub fn new(address: &str) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        ControlClient {
+            address: address.to_string(),
+            agent,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    fn map_error(&self, error: ureq::Error) -> ControlClientError {
+        match error {
+            ureq::Error::Status(_, response) => {
+                let body = response.into_string().unwrap_or_default();
+                match serde_json::from_str::<ErrorBody>(&body) {
+                    Ok(parsed) => ControlClientError::Refused(parsed.error),
+                    Err(_) => ControlClientError::Refused(body),
+                }
+            }
+            ureq::Error::Transport(transport) => ControlClientError::Unreachable {
+                address: self.address.clone(),
+                detail: transport.to_string(),
+            },
+        }
+    }
+
+    fn bad_reply(&self, detail: impl ToString) -> ControlClientError {
+        ControlClientError::BadReply {
+            address: self.address.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>, ControlClientError> {
+        let response = self
+            .agent
+            .get(&self.url("/v1/volumes"))
+            .call()
+            .map_err(|error| self.map_error(error))?;
+        response.into_json().map_err(|error| self.bad_reply(error))
+    }
+
+    pub fn create_volume(
+        &self,
+        request: &CreateVolumeRequest,
+    ) -> Result<VolumeInfo, ControlClientError> {
+        let response = self
+            .agent
+            .post(&self.url("/v1/volumes"))
+            .send_json(request)
+            .map_err(|error| self.map_error(error))?;
+        response.into_json().map_err(|error| self.bad_reply(error))
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), ControlClientError> {
+        self.agent
+            .delete(&self.url(&format!("/v1/volumes/{name}")))
+            .call()
+            .map_err(|error| self.map_error(error))?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value, ControlClientError> {
+        let response = self
+            .agent
+            .get(&self.url("/v1/status"))
+            .call()
+            .map_err(|error| self.map_error(error))?;
+        response.into_json().map_err(|error| self.bad_reply(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names_are_bounded_and_printable() {
+        assert!(validate_volume_name("disk0").is_ok());
+        assert!(validate_volume_name("vm-1.root_disk").is_ok());
+        assert!(validate_volume_name("").is_err());
+        assert!(validate_volume_name("a/b").is_err());
+        assert!(validate_volume_name(&"x".repeat(256)).is_err());
+    }
+}
