@@ -100,6 +100,17 @@ fn decode_block(bytes: &[u8], block_index: u64) -> BlockContent {
     BlockContent::Write(sequence)
 }
 
+/// The rule: a block holds its last acknowledged write (zeroes if it never had one), or the
+/// single write that was in flight on it when the server died.
+fn is_acceptable(content: &BlockContent, history: &BlockHistory) -> bool {
+    match (content, history.settled, history.in_flight) {
+        (BlockContent::Zero, None, _) => true,
+        (BlockContent::Write(found), Some(settled), _) if *found == settled => true,
+        (BlockContent::Write(found), _, Some(in_flight)) if *found == in_flight => true,
+        _ => false,
+    }
+}
+
 struct RoundStatistics {
     acknowledged_writes: u64,
     in_flight_at_kill: usize,
@@ -202,13 +213,7 @@ fn verify_region(server: &ServerProcess, histories: &mut [BlockHistory], context
             let block = chunk_start + index_in_chunk as u64;
             let history = &mut histories[block as usize];
             let content = decode_block(bytes, block);
-            let acceptable = match (&content, history.settled, history.in_flight) {
-                (BlockContent::Zero, None, _) => true,
-                (BlockContent::Write(found), Some(settled), _) if *found == settled => true,
-                (BlockContent::Write(found), _, Some(in_flight)) if *found == in_flight => true,
-                _ => false,
-            };
-            if !acceptable {
+            if !is_acceptable(&content, history) {
                 violations.push(format!(
                     "block {block} (byte offset {}): read {content:?}, expected the last \
                      acknowledged write {:?} or the in-flight write {:?}",
@@ -239,6 +244,70 @@ fn verify_region(server: &ServerProcess, histories: &mut [BlockHistory], context
             .join("\n")
     );
     blocks_holding_writes
+}
+
+/// The checker itself, without a server: it must reject every way a block can be wrong, or the
+/// crash test could pass without proving anything.
+#[test]
+fn checker_rejects_lost_stale_torn_and_misplaced_blocks() {
+    let history = BlockHistory {
+        settled: Some(7),
+        in_flight: Some(9),
+    };
+    let block = 42;
+    assert_eq!(
+        decode_block(&block_bytes(7, block), block),
+        BlockContent::Write(7)
+    );
+    assert!(
+        is_acceptable(&BlockContent::Write(7), &history),
+        "last acknowledged"
+    );
+    assert!(
+        is_acceptable(&BlockContent::Write(9), &history),
+        "the in-flight write"
+    );
+    assert!(
+        !is_acceptable(&BlockContent::Zero, &history),
+        "a lost write"
+    );
+    assert!(
+        !is_acceptable(&BlockContent::Write(5), &history),
+        "a stale write"
+    );
+    assert!(
+        !is_acceptable(&BlockContent::Write(11), &history),
+        "a write never sent"
+    );
+    let never_written = BlockHistory::default();
+    assert!(is_acceptable(&BlockContent::Zero, &never_written));
+    assert!(!is_acceptable(&BlockContent::Write(1), &never_written));
+
+    let mut torn = block_bytes(9, block);
+    torn[2048..].copy_from_slice(&block_bytes(7, block)[2048..]);
+    assert!(
+        matches!(decode_block(&torn, block), BlockContent::Garbage(_)),
+        "torn"
+    );
+    assert!(
+        matches!(
+            decode_block(&block_bytes(7, block + 1), block),
+            BlockContent::Garbage(_)
+        ),
+        "a write that landed on the wrong block"
+    );
+    let mut flipped = block_bytes(7, block);
+    flipped[4000] ^= 1;
+    assert!(
+        matches!(decode_block(&flipped, block), BlockContent::Garbage(_)),
+        "a flipped bit"
+    );
+    let mut zero_header = block_bytes(7, block);
+    zero_header[..24].fill(0);
+    assert!(matches!(
+        decode_block(&zero_header, block),
+        BlockContent::Garbage(_)
+    ));
 }
 
 /// `kill -9` mid-load, restart, verify; several rounds on the same data directory, then a
