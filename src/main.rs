@@ -171,6 +171,10 @@ fn run_volume_command(command: VolumeCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Test builds read named fault-injection points from the FAILPOINTS environment variable
+    // (e.g. `FAILPOINTS=storage_actor_apply=20*off->1*panic->off`); release builds have none.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let result = match cli.command {
         CliCommand::Server(args) => run_server(args),

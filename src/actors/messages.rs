@@ -57,7 +57,7 @@ pub type ReadBarrierResponder = oneshot::Sender<Result<(), ProposalError>>;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Propose {
-    pub command: Vec<u8>,
+    pub command: bytes::Bytes,
     pub responder: ProposalResponder,
 }
 

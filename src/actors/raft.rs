@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
-use raft::prelude::*;
+use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message as RaftMessage, MessageType, ReadState};
 use raft::{RawNode, StateRole, Storage as _};
 
 use super::messages::*;
 use super::storage::StorageActor;
-use super::supervisor::{run_guarded, ActorKind, Supervision};
+use super::supervisor::{run_guarded, Supervision};
 use crate::config::RaftConfig;
 use crate::storage::raft_log::RaftLogStore;
 
@@ -172,7 +172,7 @@ impl RaftActor {
         let mut entry = Entry::default();
         entry.data = msg.command;
         entry.context = Bytes::copy_from_slice(&proposal_id.to_be_bytes());
-        let mut message = Message::default();
+        let mut message = RaftMessage::default();
         message.set_msg_type(MessageType::MsgPropose);
         message.from = self.params.node_id;
         message.set_entries(vec![entry].into());
@@ -295,7 +295,7 @@ impl RaftActor {
         });
     }
 
-    fn send_messages(&mut self, messages: Vec<Message>) {
+    fn send_messages(&mut self, messages: Vec<RaftMessage>) {
         // One voter: there are no peers yet. The peer transport plugs in here.
         for message in messages {
             slog::debug!(self.params.supervision.logger, "dropping message to unknown peer";
@@ -473,10 +473,12 @@ struct Tick;
 impl Handler<ProcessReady> for RaftActor {
     type Result = ();
     fn handle(&mut self, _: ProcessReady, ctx: &mut Context<Self>) {
-        fail::fail_point!("raft_actor_ready", |_| {
-            panic!("failpoint raft_actor_ready");
+        self.guarded(ctx, |actor, _| {
+            fail::fail_point!("raft_actor_ready", |_| {
+                panic!("failpoint raft_actor_ready");
+            });
+            actor.process_ready()
         });
-        self.guarded(ctx, |actor, _| actor.process_ready());
     }
 }
 

@@ -31,7 +31,7 @@ use super::raft::{propose_until, read_barrier_until, RaftActor};
 use super::supervisor::{run_guarded, Supervision};
 use crate::nbd::proto;
 use crate::nbd::transmission::{
-    self, check_request, encode_block_status, encode_read_data_chunk_header, encode_simple_reply,
+    self, check_request_negotiated, encode_block_status, encode_read_data_chunk_header, encode_simple_reply,
     encode_structured_done, encode_structured_error, BlockStatusExtent, Command, Errno,
     RequestHeader, RequestLimits, REQUEST_HEADER_BYTES,
 };
