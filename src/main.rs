@@ -136,7 +136,10 @@ fn run_volume_command(command: VolumeCommand) -> anyhow::Result<()> {
             block_size,
             control,
         } => {
-            let size_bytes = parse_size::parse_size(&size)
+            // Storage sizes are binary: 64M means 64 MiB, as in qemu-img and truncate.
+            let size_bytes = parse_size::Config::new()
+                .with_binary()
+                .parse_size(&size)
                 .map_err(|error| anyhow::anyhow!("invalid --size '{size}': {error}"))?;
             let info = ControlClient::new(&control).create_volume(&CreateVolumeRequest {
                 name,
