@@ -16,7 +16,7 @@ use raft::prelude::ConfState;
 
 use crate::actors::listener::NbdListenerActor;
 use crate::actors::messages::{Checkpoint, GetRaftStatus};
-use crate::actors::raft::{propose_until, RaftActor, RaftActorParams};
+use crate::actors::raft::{propose_until, RaftActor, RaftActorParams, ReadGate};
 use crate::actors::storage::{ConnectRaft, StorageActor, StorageActorParams, VolumeRegistry};
 use crate::actors::supervisor::{ActorKind, RestartCounters, Supervision};
 use crate::config::Config;
@@ -135,6 +135,7 @@ pub async fn run_server(
         .context("the storage actor did not start")?
         .map_err(|error| anyhow::anyhow!(error))?;
 
+    let read_gate = ReadGate::default();
     let raft_arbiter = Arbiter::new();
     let raft_params = RaftActorParams {
         group_id: DEFAULT_GROUP_ID,
@@ -144,6 +145,7 @@ pub async fn run_server(
         log_store: log_store.clone(),
         storage: storage.clone(),
         applied_index: applied_index.clone(),
+        read_gate: read_gate.clone(),
         supervision: supervision(ActorKind::Raft),
     };
     let raft = actix::Supervisor::start_in_arbiter(&raft_arbiter.handle(), move |_| {
@@ -183,6 +185,7 @@ pub async fn run_server(
         registry.clone(),
         config.default_volume.name.clone(),
         raft.clone(),
+        read_gate.clone(),
         listener_supervision,
     )
     .start();

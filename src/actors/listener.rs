@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::raft::RaftActor;
+use super::raft::{RaftActor, ReadGate};
 use super::session::{NbdSessionActor, SessionLimits};
 use super::storage::VolumeRegistry;
 use super::supervisor::{ActorKind, Supervision};
@@ -74,6 +74,7 @@ pub struct NbdListenerActor {
     registry: VolumeRegistry,
     default_export_name: String,
     raft: Addr<RaftActor>,
+    read_gate: ReadGate,
     connections: Arc<AtomicUsize>,
     logger: slog::Logger,
     session_supervision: Supervision,
@@ -86,6 +87,7 @@ impl NbdListenerActor {
         registry: VolumeRegistry,
         default_export_name: String,
         raft: Addr<RaftActor>,
+        read_gate: ReadGate,
         supervision: Supervision,
     ) -> Self {
         NbdListenerActor {
@@ -94,6 +96,7 @@ impl NbdListenerActor {
             registry,
             default_export_name,
             raft,
+            read_gate,
             connections: Arc::new(AtomicUsize::new(0)),
             logger: supervision.logger.clone(),
             session_supervision: Supervision {
@@ -162,6 +165,7 @@ impl Handler<Accepted> for NbdListenerActor {
         };
         let config = self.config.clone();
         let raft = self.raft.clone();
+        let read_gate = self.read_gate.clone();
         let connections = self.connections.clone();
         let supervision = self.session_supervision.clone();
         actix_rt::spawn(async move {
@@ -210,6 +214,7 @@ impl Handler<Accepted> for NbdListenerActor {
                 negotiated,
                 volume,
                 raft,
+                read_gate,
                 limits,
                 supervision,
                 connections,

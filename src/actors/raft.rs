@@ -40,7 +40,32 @@ pub struct RaftActorParams {
     pub storage: Addr<StorageActor>,
     /// Index the storage actor has applied (in memory), published by it.
     pub applied_index: Arc<AtomicU64>,
+    /// Published by this actor: whether reads may skip the ReadIndex round (see `ReadGate`).
+    pub read_gate: ReadGate,
     pub supervision: Supervision,
+}
+
+/// Whether a read on this node needs a ReadIndex round first.
+///
+/// A node that leads a group in which it is the only voter cannot be deposed without a
+/// membership change that it would itself commit, and it acknowledges writes only after they
+/// are applied to the image; so a read issued after an acknowledgement already sees that
+/// write, and the read barrier would only add a round trip to the Raft thread. The gate is open
+/// exactly while that holds; it closes on any role or membership change and while the Raft
+/// actor restarts.
+#[derive(Clone, Default)]
+pub struct ReadGate {
+    sole_voter_leader: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReadGate {
+    pub fn reads_need_barrier(&self) -> bool {
+        !self.sole_voter_leader.load(Ordering::Acquire)
+    }
+
+    fn set_sole_voter_leader(&self, open: bool) {
+        self.sole_voter_leader.store(open, Ordering::Release);
+    }
 }
 
 struct PendingProposal {
@@ -395,8 +420,16 @@ impl RaftActor {
     /// Fails everything waiting when this node stops being leader: the new leader may
     /// overwrite our uncommitted entries, and callers retry against the right node.
     fn on_role_change(&mut self, previous: StateRole) {
+        let node_id = self.params.node_id;
         let node = self.node();
         let role = node.raft.state;
+        let conf = node.raft.prs().conf();
+        let sole_voter = conf.voters().ids().iter().eq(std::iter::once(node_id))
+            && conf.learners().is_empty();
+        self.params
+            .read_gate
+            .set_sole_voter_leader(role == StateRole::Leader && sole_voter);
+        let node = self.node();
         let leader_id = node.raft.leader_id;
         let term = node.raft.term;
         if role != previous {
@@ -458,6 +491,7 @@ impl actix::Supervised for RaftActor {
         self.reads_waiting_for_apply.clear();
         self.ready_scheduled = false;
         self.node = None;
+        self.params.read_gate.set_sole_voter_leader(false);
         // `started` runs again next and rebuilds the node from RocksDB.
     }
 }

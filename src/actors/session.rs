@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::raft::{propose_until, read_barrier_until, RaftActor};
+use super::raft::{propose_until, read_barrier_until, RaftActor, ReadGate};
 use super::supervisor::{run_guarded, Supervision};
 use crate::nbd::proto;
 use crate::nbd::transmission::{
@@ -87,6 +87,7 @@ pub struct NbdSessionActor {
     negotiated: Negotiated,
     volume: VolumeReader,
     raft: Addr<RaftActor>,
+    read_gate: ReadGate,
     limits: SessionLimits,
     replies: Option<mpsc::UnboundedSender<OutgoingReply>>,
     requests_in_flight: usize,
@@ -108,6 +109,7 @@ impl NbdSessionActor {
         negotiated: Negotiated,
         volume: VolumeReader,
         raft: Addr<RaftActor>,
+        read_gate: ReadGate,
         limits: SessionLimits,
         supervision: Supervision,
         connections: Arc<AtomicUsize>,
@@ -134,6 +136,7 @@ impl NbdSessionActor {
                 negotiated,
                 volume,
                 raft,
+                read_gate,
                 limits,
                 replies: Some(reply_sender),
                 requests_in_flight: 0,
@@ -181,6 +184,7 @@ impl NbdSessionActor {
         let structured = self.negotiated.structured_replies;
         let context_id = self.negotiated.base_allocation_context_id;
         let raft = self.raft.clone();
+        let needs_barrier = self.read_gate.reads_need_barrier();
         let volume = self.volume.clone();
         let replies = self.replies.clone();
         let session = ctx.address();
@@ -234,7 +238,8 @@ impl NbdSessionActor {
                 Command::Flush | Command::Cache => success_reply(structured, cookie),
                 Command::Read => {
                     let (header_bytes, data) =
-                        read_reply(&raft, volume, header, structured, deadline, &logger).await;
+                        read_reply(&raft, needs_barrier, volume, header, structured, deadline, &logger)
+                            .await;
                     if let Some(replies) = replies {
                         let _ = replies.send(OutgoingReply {
                             header: header_bytes,
@@ -246,7 +251,16 @@ impl NbdSessionActor {
                     return;
                 }
                 Command::BlockStatus => {
-                    block_status_reply(&raft, volume, header, context_id, deadline, &logger).await
+                    block_status_reply(
+                        &raft,
+                        needs_barrier,
+                        volume,
+                        header,
+                        context_id,
+                        deadline,
+                        &logger,
+                    )
+                    .await
                 }
                 // `check_request` rejects everything else before dispatch.
                 Command::Disc | Command::Unknown(_) => {
@@ -297,6 +311,7 @@ fn error_reply_bytes(structured: bool, cookie: u64, errno: Errno, message: &str)
 
 async fn read_reply(
     raft: &Addr<RaftActor>,
+    needs_barrier: bool,
     volume: VolumeReader,
     header: RequestHeader,
     structured: bool,
@@ -307,7 +322,9 @@ async fn read_reply(
     if header.length == 0 {
         return (success_reply(structured, cookie), None);
     }
-    if let Err(error) = read_barrier_until(raft, deadline).await {
+    if !needs_barrier {
+        // The read gate says no barrier is needed (sole-voter leader).
+    } else if let Err(error) = read_barrier_until(raft, deadline).await {
         slog::warn!(logger, "read barrier failed after retries"; "error" => %error);
         return (
             error_reply_bytes(structured, cookie, Errno::Io, "read failed"),
@@ -351,6 +368,7 @@ async fn read_reply(
 
 async fn block_status_reply(
     raft: &Addr<RaftActor>,
+    needs_barrier: bool,
     volume: VolumeReader,
     header: RequestHeader,
     context_id: Option<u32>,
@@ -361,7 +379,9 @@ async fn block_status_reply(
     let Some(context_id) = context_id else {
         return error_reply_bytes(true, cookie, Errno::Inval, "no metadata context selected");
     };
-    if let Err(error) = read_barrier_until(raft, deadline).await {
+    if !needs_barrier {
+        // The read gate says no barrier is needed (sole-voter leader).
+    } else if let Err(error) = read_barrier_until(raft, deadline).await {
         slog::warn!(logger, "read barrier failed after retries"; "error" => %error);
         return error_reply_bytes(true, cookie, Errno::Io, "block status failed");
     }
