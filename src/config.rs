@@ -43,6 +43,7 @@ pub struct NbdConfig {
     pub connections_max: usize,
     pub requests_in_flight_per_session_max: usize,
     pub bytes_in_flight_per_session_max: u64,
+    pub bytes_in_flight_max: u64,
     pub request_max_bytes: u32,
     pub option_length_max_bytes: u32,
     pub handshake_timeout_ms: u64,
@@ -158,6 +159,20 @@ impl Config {
             return Err(invalid(
                 "nbd.bytes_in_flight_per_session_max",
                 "must be at least nbd.request_max_bytes, or a maximal request could never run",
+            ));
+        }
+        if self.nbd.bytes_in_flight_max < self.nbd.bytes_in_flight_per_session_max
+            || self.nbd.bytes_in_flight_max > u64::from(u32::MAX)
+        {
+            return Err(invalid(
+                "nbd.bytes_in_flight_max",
+                "must be at least nbd.bytes_in_flight_per_session_max and at most 4 GiB - 1",
+            ));
+        }
+        if self.nbd.bytes_in_flight_per_session_max > u64::from(u32::MAX) {
+            return Err(invalid(
+                "nbd.bytes_in_flight_per_session_max",
+                "must be at most 4 GiB - 1",
             ));
         }
         if self.nbd.option_length_max_bytes < 1024 {

@@ -76,6 +76,7 @@ pub struct NbdListenerActor {
     raft: Addr<RaftActor>,
     read_gate: ReadGate,
     connections: Arc<AtomicUsize>,
+    server_bytes_permits: Arc<tokio::sync::Semaphore>,
     logger: slog::Logger,
     session_supervision: Supervision,
 }
@@ -90,6 +91,10 @@ impl NbdListenerActor {
         read_gate: ReadGate,
         supervision: Supervision,
     ) -> Self {
+        // Validated to fit in u32 (the semaphore counts bytes).
+        let server_bytes_permits = Arc::new(tokio::sync::Semaphore::new(
+            config.bytes_in_flight_max as usize,
+        ));
         NbdListenerActor {
             listener: Some(listener),
             config,
@@ -98,6 +103,7 @@ impl NbdListenerActor {
             raft,
             read_gate,
             connections: Arc::new(AtomicUsize::new(0)),
+            server_bytes_permits,
             logger: supervision.logger.clone(),
             session_supervision: Supervision {
                 kind: ActorKind::NbdSession,
@@ -167,6 +173,7 @@ impl Handler<Accepted> for NbdListenerActor {
         let raft = self.raft.clone();
         let read_gate = self.read_gate.clone();
         let connections = self.connections.clone();
+        let server_bytes_permits = self.server_bytes_permits.clone();
         let supervision = self.session_supervision.clone();
         actix_rt::spawn(async move {
             let timeout = Duration::from_millis(config.handshake_timeout_ms);
@@ -205,6 +212,7 @@ impl Handler<Accepted> for NbdListenerActor {
                 bytes_in_flight_max: config.bytes_in_flight_per_session_max,
                 request_max_bytes: config.request_max_bytes,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
+                server_bytes_permits,
             };
             NbdSessionActor::start(
                 peer,

@@ -46,6 +46,9 @@ pub struct SessionLimits {
     pub bytes_in_flight_max: u64,
     pub request_max_bytes: u32,
     pub request_timeout: Duration,
+    /// Shared by every session of the server: bytes of payloads and read replies held in
+    /// memory across all connections.
+    pub server_bytes_permits: Arc<Semaphore>,
 }
 
 /// One reply on its way to the socket. The permits it carries are released once it is written,
@@ -58,7 +61,37 @@ struct OutgoingReply {
 
 struct RequestPermits {
     _count: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _session_bytes: Option<OwnedSemaphorePermit>,
+    _server_bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// The semaphores a request must pass before the reader takes in its payload: requests in
+/// flight on this connection, bytes on this connection, bytes on the whole server.
+#[derive(Clone)]
+struct FlowControl {
+    requests: Arc<Semaphore>,
+    session_bytes: Arc<Semaphore>,
+    server_bytes: Arc<Semaphore>,
+}
+
+impl FlowControl {
+    /// Waits for room for one request holding `bytes` bytes; `None` once closed.
+    async fn take(&self, bytes: u32) -> Option<RequestPermits> {
+        let count = self.requests.clone().acquire_owned().await.ok()?;
+        let (session_bytes, server_bytes) = if bytes > 0 {
+            (
+                Some(self.session_bytes.clone().acquire_many_owned(bytes).await.ok()?),
+                Some(self.server_bytes.clone().acquire_many_owned(bytes).await.ok()?),
+            )
+        } else {
+            (None, None)
+        };
+        Some(RequestPermits {
+            _count: count,
+            _session_bytes: session_bytes,
+            _server_bytes: server_bytes,
+        })
+    }
 }
 
 /// Reader task → session: one complete request.
@@ -117,18 +150,20 @@ impl NbdSessionActor {
         let (reply_sender, reply_receiver) = mpsc::unbounded_channel();
         let logger = supervision.logger.clone();
         actix_rt::spawn(write_replies(write_half, reply_receiver, logger));
-        let count_permits = Arc::new(Semaphore::new(limits.requests_in_flight_max));
-        let bytes_permits = Arc::new(Semaphore::new(
-            limits.bytes_in_flight_max.min(u64::from(u32::MAX)) as usize,
-        ));
+        let flow_control = FlowControl {
+            requests: Arc::new(Semaphore::new(limits.requests_in_flight_max)),
+            session_bytes: Arc::new(Semaphore::new(
+                limits.bytes_in_flight_max.min(u64::from(u32::MAX)) as usize,
+            )),
+            server_bytes: limits.server_bytes_permits.clone(),
+        };
         let request_max_bytes = limits.request_max_bytes;
         NbdSessionActor::create(move |ctx| {
             let reader = std::io::Cursor::new(leftover).chain(read_half);
             actix_rt::spawn(read_requests(
                 reader,
                 ctx.address(),
-                count_permits,
-                bytes_permits,
+                flow_control,
                 request_max_bytes,
             ));
             NbdSessionActor {
@@ -491,8 +526,7 @@ impl Handler<ReaderFinished> for NbdSessionActor {
 async fn read_requests<R: AsyncRead + Unpin>(
     reader: R,
     session: Addr<NbdSessionActor>,
-    count_permits: Arc<Semaphore>,
-    bytes_permits: Arc<Semaphore>,
+    flow_control: FlowControl,
     request_max_bytes: u32,
 ) {
     let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
@@ -511,7 +545,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             // resynchronised: answer EINVAL (spec: a server MAY close the connection) and end.
             let mut out = Vec::new();
             encode_simple_reply(&mut out, header.cookie, Some(Errno::Inval));
-            let permits = match take_permits(&count_permits, &bytes_permits, 0).await {
+            let permits = match flow_control.take(0).await {
                 Some(permits) => permits,
                 None => break "shutting down".to_string(),
             };
@@ -529,7 +563,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Command::Read if header.length <= request_max_bytes => header.length,
             _ => payload_bytes,
         };
-        let Some(permits) = take_permits(&count_permits, &bytes_permits, memory_bytes).await
+        let Some(permits) = flow_control.take(memory_bytes).await
         else {
             break "shutting down".to_string();
         };
@@ -556,23 +590,6 @@ async fn read_requests<R: AsyncRead + Unpin>(
         }
     };
     session.do_send(ReaderFinished { reason });
-}
-
-async fn take_permits(
-    count_permits: &Arc<Semaphore>,
-    bytes_permits: &Arc<Semaphore>,
-    bytes: u32,
-) -> Option<RequestPermits> {
-    let count = count_permits.clone().acquire_owned().await.ok()?;
-    let bytes = if bytes > 0 {
-        Some(bytes_permits.clone().acquire_many_owned(bytes).await.ok()?)
-    } else {
-        None
-    };
-    Some(RequestPermits {
-        _count: count,
-        _bytes: bytes,
-    })
 }
 
 /// Reader task → session: a reply the reader produced itself (fatal request errors).
