@@ -1,0 +1,411 @@
+//! One sparse image file: the block data of one volume.
+//!
+//! Created with `ftruncate` (sparse: no block is allocated until written), written and read
+//! with positional I/O (`pwrite`/`pread`, safe to share between threads), holes punched with
+//! `fallocate(FALLOC_FL_PUNCH_HOLE)`, ranges zeroed with `FALLOC_FL_ZERO_RANGE`, durable with
+//! `fdatasync`, and its allocation map read with `lseek(SEEK_DATA/SEEK_HOLE)`.
+//!
+//! This module knows nothing of checksums, locks or Raft: the state machine decides what to
+//! write and when to sync.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::StorageError;
+
+/// Bytes written per `pwrite` when zeroes have to be written by hand (file systems without
+/// `fallocate` hole punching): bounds the memory of the zero buffer.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Most extents [`ImageFile::allocation_map`] returns in one call (a limit on the reply size
+/// of an NBD `BLOCK_STATUS`; the spec lets the server describe a prefix of the range).
+pub const EXTENTS_MAX: usize = 1024;
+
+/// One run of bytes of the same allocation state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocationExtent {
+    pub length_bytes: u64,
+    /// A hole: no storage is allocated and the bytes read as zeroes.
+    pub hole: bool,
+}
+
+/// An open image file.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl ImageFile {
+    /// Creates the image at `path` as a sparse file of `size_bytes`, replacing whatever file
+    /// was there, and makes the file and its directory entry durable: a volume-table row that
+    /// names this image is only written after this returns.
+    pub fn create(path: &Path, size_bytes: u64) -> Result<Self, StorageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|error| StorageError::io(path, error))?;
+        // ftruncate: the file gets its size without allocating a single block.
+        file.set_len(size_bytes)
+            .map_err(|error| StorageError::io(path, error))?;
+        // fsync (not fdatasync): the new size is metadata that must survive a crash.
+        file.sync_all()
+            .map_err(|error| StorageError::io(path, error))?;
+        if let Some(directory) = path.parent() {
+            sync_directory(directory)?;
+        }
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Opens an existing image for reading and writing.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|error| StorageError::io(path, error))?;
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file size (the volume size).
+    pub fn size_bytes(&self) -> Result<u64, StorageError> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|error| self.io_error(error))?
+            .len())
+    }
+
+    fn io_error(&self, source: std::io::Error) -> StorageError {
+        StorageError::io(&self.path, source)
+    }
+
+    /// pwrite of all of `data` at `offset`.
+    pub fn write_all_at(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|error| self.io_error(error))
+    }
+
+    /// pread of exactly `buf.len()` bytes at `offset` (holes read as zeroes).
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|error| self.io_error(error))
+    }
+
+    /// Deallocates `[offset, offset + length)` so it reads as zeroes; partial file-system
+    /// blocks at the edges are zeroed by the file system. Falls back to writing zeroes where
+    /// hole punching is not supported.
+    pub fn punch_hole(&self, offset: u64, length: u64) -> Result<(), StorageError> {
+        self.fallocate_or_write_zeroes(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        )
+    }
+
+    /// Makes `[offset, offset + length)` read as zeroes while keeping it allocated (NBD
+    /// `WRITE_ZEROES` with `NO_HOLE`), as qemu's file driver does; falls back to writing zeroes.
+    pub fn zero_range(&self, offset: u64, length: u64) -> Result<(), StorageError> {
+        self.fallocate_or_write_zeroes(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        )
+    }
+
+    fn fallocate_or_write_zeroes(
+        &self,
+        mode: libc::c_int,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), StorageError> {
+        if length == 0 {
+            return Ok(());
+        }
+        let (Ok(offset_signed), Ok(length_signed)) =
+            (libc::off_t::try_from(offset), libc::off_t::try_from(length))
+        else {
+            return Err(self.io_error(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        };
+        // SAFETY: `fallocate` only reads its integer arguments; the descriptor is owned by
+        // `self.file`, which outlives the call.
+        let result =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset_signed, length_signed) };
+        if result == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => self.write_zeroes(offset, length),
+            _ => Err(self.io_error(error)),
+        }
+    }
+
+    /// Writes zero bytes over the range, in bounded chunks.
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), StorageError> {
+        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(usize::try_from(length).unwrap_or(usize::MAX))];
+        let mut position = offset;
+        let end = offset + length;
+        while position < end {
+            let chunk = usize::try_from(end - position)
+                .unwrap_or(usize::MAX)
+                .min(zeroes.len());
+            self.write_all_at(position, &zeroes[..chunk])?;
+            position += chunk as u64;
+        }
+        Ok(())
+    }
+
+    /// fdatasync: the written data (and the size, if it changed) reach the disk.
+    pub fn sync_data(&self) -> Result<(), StorageError> {
+        self.file.sync_data().map_err(|error| self.io_error(error))
+    }
+
+    /// The allocation state of `[offset, offset + length)`, as extents in order. Covers the
+    /// whole range unless it would take more than [`EXTENTS_MAX`] extents, in which case it
+    /// covers a prefix. Granularity is the file system's block size.
+    pub fn allocation_map(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<AllocationExtent>, StorageError> {
+        let end = offset.saturating_add(length);
+        let mut extents: Vec<AllocationExtent> = Vec::new();
+        let mut position = offset;
+        while position < end && extents.len() < EXTENTS_MAX {
+            let data_start = match self.seek(position, libc::SEEK_DATA)? {
+                Some(data_start) => data_start.min(end),
+                // ENXIO: no data at or after `position`; the rest is one hole.
+                None => end,
+            };
+            if data_start > position {
+                push_extent(&mut extents, data_start - position, true);
+                position = data_start;
+                continue;
+            }
+            // `position` is in data: it runs to the next hole (there is always a virtual hole
+            // at the end of the file).
+            let hole_start = self
+                .seek(position, libc::SEEK_HOLE)?
+                .unwrap_or(end)
+                .min(end);
+            let data_end = hole_start.max(position + 1).min(end);
+            push_extent(&mut extents, data_end - position, false);
+            position = data_end;
+        }
+        Ok(extents)
+    }
+
+    /// `lseek(fd, position, whence)`; `None` on ENXIO (no data/hole at or after `position`).
+    fn seek(&self, position: u64, whence: libc::c_int) -> Result<Option<u64>, StorageError> {
+        let Ok(position_signed) = libc::off_t::try_from(position) else {
+            return Ok(None);
+        };
+        // SAFETY: `lseek` only reads its integer arguments and the descriptor, which `self.file`
+        // keeps open. Concurrent lseeks only race on the file offset, which nothing here uses
+        // (all I/O is positional), and each call returns its own result.
+        let result = unsafe { libc::lseek(self.file.as_raw_fd(), position_signed, whence) };
+        if result >= 0 {
+            return Ok(Some(result as u64));
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(self.io_error(error))
+        }
+    }
+}
+
+fn push_extent(extents: &mut Vec<AllocationExtent>, length_bytes: u64, hole: bool) {
+    match extents.last_mut() {
+        Some(last) if last.hole == hole => last.length_bytes += length_bytes,
+        _ => extents.push(AllocationExtent { length_bytes, hole }),
+    }
+}
+
+/// fsync of a directory: makes the creation or removal of an entry in it durable.
+pub fn sync_directory(directory: &Path) -> Result<(), StorageError> {
+    File::open(directory)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|error| StorageError::io(directory, error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn allocated_bytes(image: &ImageFile) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        image.file.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_new_image_is_sparse_and_reads_zeroes() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 64 * MIB).unwrap();
+        assert_eq!(image.size_bytes().unwrap(), 64 * MIB);
+        assert_eq!(allocated_bytes(&image), 0);
+        let mut buf = vec![1u8; 8192];
+        image.read_exact_at(10 * MIB, &mut buf).unwrap();
+        assert!(buf.iter().all(|&byte| byte == 0));
+        assert_eq!(
+            image.allocation_map(0, 64 * MIB).unwrap(),
+            vec![AllocationExtent {
+                length_bytes: 64 * MIB,
+                hole: true
+            }]
+        );
+    }
+
+    #[test]
+    fn write_then_read_at_unaligned_offsets() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), MIB).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|value| value as u8).collect();
+        image.write_all_at(12_345, &data).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        image.read_exact_at(12_345, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        // Reading past the end of the file is an error, not a short read.
+        let mut past_end = vec![0u8; 10];
+        assert!(image.read_exact_at(MIB - 5, &mut past_end).is_err());
+    }
+
+    #[test]
+    fn a_punched_hole_reads_zeroes_and_shows_in_the_allocation_map() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 4 * MIB).unwrap();
+        image
+            .write_all_at(0, &vec![0xabu8; 4 * MIB as usize])
+            .unwrap();
+        image.sync_data().unwrap();
+        assert_eq!(
+            image.allocation_map(0, 4 * MIB).unwrap(),
+            vec![AllocationExtent {
+                length_bytes: 4 * MIB,
+                hole: false
+            }]
+        );
+        image.punch_hole(MIB, MIB).unwrap();
+        let mut buf = vec![1u8; MIB as usize];
+        image.read_exact_at(MIB, &mut buf).unwrap();
+        assert!(buf.iter().all(|&byte| byte == 0));
+        let map = image.allocation_map(0, 4 * MIB).unwrap();
+        assert_eq!(
+            map,
+            vec![
+                AllocationExtent {
+                    length_bytes: MIB,
+                    hole: false
+                },
+                AllocationExtent {
+                    length_bytes: MIB,
+                    hole: true
+                },
+                AllocationExtent {
+                    length_bytes: 2 * MIB,
+                    hole: false
+                },
+            ]
+        );
+        // A sub-range starting inside the hole.
+        let map = image.allocation_map(MIB + 4096, MIB).unwrap();
+        assert_eq!(
+            map,
+            vec![
+                AllocationExtent {
+                    length_bytes: MIB - 4096,
+                    hole: true
+                },
+                AllocationExtent {
+                    length_bytes: 4096,
+                    hole: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unaligned_punch_zeroes_exactly_its_range() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 64 * 1024).unwrap();
+        image.write_all_at(0, &[0x55u8; 64 * 1024]).unwrap();
+        image.punch_hole(1000, 10_000).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        image.read_exact_at(0, &mut buf).unwrap();
+        for (position, &byte) in buf.iter().enumerate() {
+            let expected = if (1000..11_000).contains(&position) {
+                0
+            } else {
+                0x55
+            };
+            assert_eq!(byte, expected, "byte {position}");
+        }
+    }
+
+    #[test]
+    fn zero_range_reads_zeroes() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 64 * 1024).unwrap();
+        image.write_all_at(0, &[0x77u8; 64 * 1024]).unwrap();
+        image.zero_range(4096, 3 * 4096 + 7).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        image.read_exact_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&byte| byte == 0x77));
+        assert!(buf[4096..4 * 4096 + 7].iter().all(|&byte| byte == 0));
+        assert!(buf[4 * 4096 + 7..].iter().all(|&byte| byte == 0x77));
+    }
+
+    #[test]
+    fn the_manual_zero_fallback_writes_zeroes() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 3 * MIB).unwrap();
+        image.write_all_at(0, &vec![9u8; 3 * MIB as usize]).unwrap();
+        image.write_zeroes(100, 2 * MIB + 50).unwrap();
+        let mut buf = vec![0u8; 3 * MIB as usize];
+        image.read_exact_at(0, &mut buf).unwrap();
+        assert!(buf[..100].iter().all(|&byte| byte == 9));
+        assert!(buf[100..100 + 2 * MIB as usize + 50]
+            .iter()
+            .all(|&byte| byte == 0));
+        assert!(buf[100 + 2 * MIB as usize + 50..]
+            .iter()
+            .all(|&byte| byte == 9));
+    }
+
+    #[test]
+    fn create_replaces_an_existing_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("a.img");
+        let image = ImageFile::create(&path, 8192).unwrap();
+        image.write_all_at(0, &[1u8; 8192]).unwrap();
+        drop(image);
+        let image = ImageFile::create(&path, 4096).unwrap();
+        assert_eq!(image.size_bytes().unwrap(), 4096);
+        let mut buf = [1u8; 4096];
+        image.read_exact_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&byte| byte == 0));
+        let reopened = ImageFile::open(&path).unwrap();
+        assert_eq!(reopened.size_bytes().unwrap(), 4096);
+    }
+}

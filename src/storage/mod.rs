@@ -1,0 +1,107 @@
+//! Durable state of one node: RocksDB (Raft log, hard/conf state, applied index, volume table,
+//! block checksums) beside one sparse image file per volume.
+//!
+//! Layout of this module:
+//! - [`command`]: pure encode/decode of the state-machine commands carried in Raft entries.
+//! - [`raft_log`]: the Raft log and Raft state of one group in RocksDB ([`raft::Storage`]).
+//! - [`image`]: one sparse image file (pwrite/pread, hole punching, allocation map).
+//! - [`state_machine`]: applies committed commands to the images and RocksDB, serves reads.
+//! - `keys`: the RocksDB column families and key encodings, all prefixed by the Raft group id.
+//!
+//! Whom it talks to: the Raft actor owns a [`raft_log::RaftLogStore`], the storage actor owns the
+//! [`state_machine::StateMachine`]; NBD sessions read through cloned
+//! [`state_machine::VolumeReader`]s. Nothing here spawns threads or knows about actors.
+//!
+//! Durability rule (see DESIGN.md "Storage on each node"): the Raft log is the write-ahead log,
+//! the images are a checkpoint. The applied index recorded in RocksDB never runs ahead of what is
+//! durable in the images: [`state_machine::StateMachine::make_durable`] fdatasyncs every image
+//! written since the last checkpoint *before* it records the applied index (synced). Entries
+//! after the recorded index are applied again on restart, so applying is idempotent as a
+//! sequence. Log compaction must never drop entries above the durable applied index.
+
+pub mod command;
+mod error;
+pub mod image;
+mod keys;
+pub mod raft_log;
+pub mod state_machine;
+
+#[cfg(test)]
+mod model_tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use error::StorageError;
+
+/// RocksDB tuning that matters on a small node (a Raspberry Pi has little memory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageOptions {
+    /// One LRU block cache shared by every column family.
+    pub block_cache_bytes: usize,
+    /// Memtable size of each column family (RocksDB `write_buffer_size`).
+    pub write_buffer_bytes: usize,
+    /// Flush and compaction threads (RocksDB `max_background_jobs`).
+    pub max_background_jobs: i32,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 32 << 20,
+            max_background_jobs: 2,
+        }
+    }
+}
+
+/// Name of the RocksDB directory inside the data directory.
+pub const ROCKSDB_DIRECTORY_NAME: &str = "rocksdb";
+/// Name of the image directory inside the data directory.
+pub const IMAGES_DIRECTORY_NAME: &str = "images";
+
+/// Opens (creating) RocksDB at `data_dir/rocksdb` with the column families this layer needs;
+/// images live in `data_dir/images/` (see [`state_machine::StateMachine::open`]).
+pub fn open_db(
+    data_dir: &Path,
+    options: &StorageOptions,
+) -> Result<Arc<rocksdb::DB>, StorageError> {
+    let path = data_dir.join(ROCKSDB_DIRECTORY_NAME);
+    std::fs::create_dir_all(&path).map_err(|source| StorageError::Io {
+        path: path.clone(),
+        source,
+    })?;
+
+    let block_cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
+    let column_family_options = || {
+        let mut table_options = rocksdb::BlockBasedOptions::default();
+        table_options.set_block_cache(&block_cache);
+        let mut cf_options = rocksdb::Options::default();
+        cf_options.set_block_based_table_factory(&table_options);
+        cf_options.set_write_buffer_size(options.write_buffer_bytes);
+        cf_options
+    };
+
+    let mut db_options = rocksdb::Options::default();
+    db_options.create_if_missing(true);
+    db_options.create_missing_column_families(true);
+    db_options.set_max_background_jobs(options.max_background_jobs);
+    // RocksDB's own info log would otherwise grow without limit on a small SD card.
+    db_options.set_keep_log_file_num(4);
+    db_options.set_max_log_file_size(8 << 20);
+
+    let descriptors = keys::COLUMN_FAMILIES
+        .iter()
+        .map(|name| rocksdb::ColumnFamilyDescriptor::new(*name, column_family_options()));
+    let db = rocksdb::DB::open_cf_descriptors(&db_options, &path, descriptors)?;
+    Ok(Arc::new(db))
+}
+
+/// The column family `name`, which [`open_db`] always creates.
+pub(crate) fn column_family<'db>(
+    db: &'db rocksdb::DB,
+    name: &'static str,
+) -> Result<&'db rocksdb::ColumnFamily, StorageError> {
+    db.cf_handle(name)
+        .ok_or(StorageError::MissingColumnFamily { name })
+}

@@ -1,0 +1,844 @@
+//! The Raft log and Raft state (hard state, conf state, truncated index/term) of one Raft group
+//! in RocksDB, behind raft-rs's [`raft::Storage`] trait.
+//!
+//! Owned by the Raft actor: it calls [`RaftLogStore::persist_ready`] once per `Ready` (the one
+//! synced write that makes entries and votes durable: group commit), and raft-rs reads entries
+//! back through the trait. A bounded cache of the most recent entries spares RocksDB reads when
+//! raft-rs hands just-persisted entries back as committed entries or sends them to followers.
+//!
+//! Invariants:
+//! - the entries in RocksDB are exactly `first_index ..= last_index` with
+//!   `first_index = truncated_index + 1`; `term(truncated_index)` is remembered separately.
+//! - the in-memory view (indexes, cache) changes only after the RocksDB write that it reflects
+//!   has succeeded, under the same lock, so readers never see a state RocksDB does not hold.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use protobuf::Message;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState};
+use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
+
+use super::keys;
+use super::{column_family, StorageError};
+
+/// Default bound of the recent-entry cache.
+pub const ENTRY_CACHE_BYTES_MAX_DEFAULT: usize = 64 << 20;
+
+/// Bytes an entry is charged in the cache: its payload plus a fixed overhead for the struct.
+fn cached_entry_bytes(entry: &Entry) -> usize {
+    entry.data.len() + entry.context.len() + 64
+}
+
+/// The Raft log of one group. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct RaftLogStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Arc<DB>,
+    group_id: u64,
+    entry_cache_bytes_max: usize,
+    state: RwLock<LogState>,
+}
+
+struct LogState {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index of the last entry dropped by compaction (0 when nothing was ever dropped).
+    truncated_index: u64,
+    /// Term of the entry at `truncated_index`, kept for raft-rs's log-matching check.
+    truncated_term: u64,
+    last_index: u64,
+    /// The most recent entries, contiguous and ending at `last_index` when not empty.
+    entry_cache: VecDeque<Entry>,
+    entry_cache_bytes: usize,
+}
+
+impl LogState {
+    fn first_index(&self) -> u64 {
+        self.truncated_index + 1
+    }
+
+    fn cached_entry(&self, index: u64) -> Option<&Entry> {
+        let front_index = self.entry_cache.front()?.index;
+        let position = usize::try_from(index.checked_sub(front_index)?).ok()?;
+        self.entry_cache.get(position)
+    }
+}
+
+fn corruption(what: &'static str, detail: impl Into<String>) -> StorageError {
+    StorageError::Corruption {
+        what,
+        detail: detail.into(),
+    }
+}
+
+fn parse_protobuf<M: Message>(what: &'static str, bytes: &[u8]) -> Result<M, StorageError> {
+    M::parse_from_bytes(bytes).map_err(|error| corruption(what, error.to_string()))
+}
+
+fn encode_protobuf<M: Message>(what: &'static str, message: &M) -> Result<Vec<u8>, StorageError> {
+    message
+        .write_to_bytes()
+        .map_err(|error| corruption(what, format!("cannot encode: {error}")))
+}
+
+fn write_options(sync: bool) -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(sync);
+    options
+}
+
+impl RaftLogStore {
+    /// Opens the log of `group_id` with the default entry cache bound.
+    pub fn open(db: Arc<DB>, group_id: u64) -> Result<Self, StorageError> {
+        Self::open_with_entry_cache_bytes(db, group_id, ENTRY_CACHE_BYTES_MAX_DEFAULT)
+    }
+
+    /// Opens the log of `group_id`: loads hard state, conf state, truncated index/term, and
+    /// finds the first and last index. `entry_cache_bytes_max` bounds the recent-entry cache
+    /// (0 disables it).
+    pub fn open_with_entry_cache_bytes(
+        db: Arc<DB>,
+        group_id: u64,
+        entry_cache_bytes_max: usize,
+    ) -> Result<Self, StorageError> {
+        let meta = column_family(&db, keys::CF_META)?;
+        let hard_state = match db.get_pinned_cf(meta, keys::hard_state_key(group_id))? {
+            Some(bytes) => parse_protobuf("raft hard state", &bytes)?,
+            None => HardState::default(),
+        };
+        let conf_state = match db.get_pinned_cf(meta, keys::conf_state_key(group_id))? {
+            Some(bytes) => parse_protobuf("raft conf state", &bytes)?,
+            None => ConfState::default(),
+        };
+        let (truncated_index, truncated_term) =
+            match db.get_pinned_cf(meta, keys::truncated_state_key(group_id))? {
+                Some(bytes) => keys::split_u64_pair(&bytes).ok_or_else(|| {
+                    corruption("raft truncated state", format!("{} bytes", bytes.len()))
+                })?,
+                None => (0, 0),
+            };
+
+        let (first_stored_index, last_stored_index) = Self::stored_index_range(&db, group_id)?;
+        let last_index = match (first_stored_index, last_stored_index) {
+            (Some(first), Some(last)) => {
+                // Compaction deletes entries and records the truncated index in one batch, so
+                // the first stored entry is right after the truncated one.
+                if first != truncated_index + 1 {
+                    return Err(corruption(
+                        "raft log",
+                        format!(
+                            "group {group_id}: first stored entry {first}, truncated index {truncated_index}"
+                        ),
+                    ));
+                }
+                last
+            }
+            _ => truncated_index,
+        };
+
+        Ok(RaftLogStore {
+            shared: Arc::new(Shared {
+                db,
+                group_id,
+                entry_cache_bytes_max,
+                state: RwLock::new(LogState {
+                    hard_state,
+                    conf_state,
+                    truncated_index,
+                    truncated_term,
+                    last_index,
+                    entry_cache: VecDeque::new(),
+                    entry_cache_bytes: 0,
+                }),
+            }),
+        })
+    }
+
+    /// The first and last entry index stored for `group_id`, if any.
+    fn stored_index_range(
+        db: &DB,
+        group_id: u64,
+    ) -> Result<(Option<u64>, Option<u64>), StorageError> {
+        let raft_log = column_family(db, keys::CF_RAFT_LOG)?;
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_lower_bound(keys::raft_log_key(group_id, 0));
+        read_options.set_iterate_upper_bound(keys::raft_log_key(group_id, u64::MAX));
+        let mut iterator = db.raw_iterator_cf_opt(raft_log, read_options);
+        let index_of = |key: Option<&[u8]>| -> Result<Option<u64>, StorageError> {
+            match key {
+                None => Ok(None),
+                Some(key) => keys::raft_log_key_index(group_id, key)
+                    .map(Some)
+                    .ok_or_else(|| corruption("raft log key", format!("{key:02x?}"))),
+            }
+        };
+        iterator.seek_to_first();
+        iterator.status()?;
+        let first = index_of(iterator.key())?;
+        iterator.seek_to_last();
+        iterator.status()?;
+        let last = index_of(iterator.key())?;
+        Ok((first, last))
+    }
+
+    /// The Raft group this log belongs to.
+    pub fn group_id(&self) -> u64 {
+        self.shared.group_id
+    }
+
+    /// Whether a conf state has been written: the group was bootstrapped on this node, or a
+    /// configuration was applied here.
+    pub fn is_bootstrapped(&self) -> bool {
+        self.shared.state.read().conf_state != ConfState::default()
+    }
+
+    /// First start of a new group: writes the initial configuration, synced, so a crash right
+    /// after cannot make the node forget it is a member. Bootstrapping again with the same
+    /// configuration is a no-op; with another one it is an error.
+    pub fn bootstrap(&self, conf_state: ConfState) -> Result<(), StorageError> {
+        {
+            let state = self.shared.state.read();
+            if state.conf_state != ConfState::default() {
+                return if state.conf_state == conf_state {
+                    Ok(())
+                } else {
+                    Err(StorageError::AlreadyBootstrapped {
+                        group_id: self.shared.group_id,
+                    })
+                };
+            }
+        }
+        self.set_conf_state(&conf_state)
+    }
+
+    /// The one synced write per Raft `Ready`: appends `entries` (overwriting any conflicting
+    /// suffix and deleting whatever of the old log lies beyond them, as raft-rs requires) and
+    /// the hard state in ONE RocksDB `WriteBatch`, fsync'd when `sync` (always true in
+    /// production: raft-rs may send messages that promise these entries only after this
+    /// returns).
+    pub fn persist_ready(
+        &self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        if entries.is_empty() && hard_state.is_none() {
+            return Ok(());
+        }
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let mut state = self.shared.state.write();
+        let mut batch = WriteBatch::default();
+
+        if let Some(first) = entries.first() {
+            if first.index <= state.truncated_index {
+                return Err(StorageError::LogEntryCompacted {
+                    group_id,
+                    index: first.index,
+                    truncated_index: state.truncated_index,
+                });
+            }
+            if first.index > state.last_index + 1 {
+                return Err(StorageError::LogGap {
+                    group_id,
+                    previous_index: state.last_index,
+                    index: first.index,
+                });
+            }
+            for pair in entries.windows(2) {
+                if pair[1].index != pair[0].index + 1 {
+                    return Err(StorageError::LogGap {
+                        group_id,
+                        previous_index: pair[0].index,
+                        index: pair[1].index,
+                    });
+                }
+            }
+            let raft_log = column_family(db, keys::CF_RAFT_LOG)?;
+            for entry in entries {
+                let value = encode_protobuf("raft entry", entry)?;
+                batch.put_cf(raft_log, keys::raft_log_key(group_id, entry.index), value);
+            }
+            let new_last_index = first.index + entries.len() as u64 - 1;
+            if new_last_index < state.last_index {
+                // The new entries conflict with a longer old suffix: that suffix belonged to
+                // a leader whose entries lost, and must not survive past the new last index.
+                batch.delete_range_cf(
+                    raft_log,
+                    keys::raft_log_key(group_id, new_last_index + 1),
+                    keys::raft_log_key(group_id, state.last_index + 1),
+                );
+            }
+        }
+        if let Some(hard_state) = hard_state {
+            let meta = column_family(db, keys::CF_META)?;
+            batch.put_cf(
+                meta,
+                keys::hard_state_key(group_id),
+                encode_protobuf("raft hard state", hard_state)?,
+            );
+        }
+
+        // fsync (when `sync`): raft-rs may acknowledge these entries and this vote to peers as
+        // soon as we return, so they must survive a power loss.
+        db.write_opt(batch, &write_options(sync))?;
+
+        if let Some(hard_state) = hard_state {
+            state.hard_state = hard_state.clone();
+        }
+        if let Some(first) = entries.first() {
+            state.last_index = first.index + entries.len() as u64 - 1;
+            self.cache_appended_entries(&mut state, entries);
+        }
+        Ok(())
+    }
+
+    fn cache_appended_entries(&self, state: &mut LogState, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        while state
+            .entry_cache
+            .back()
+            .is_some_and(|cached| cached.index >= first.index)
+        {
+            if let Some(dropped) = state.entry_cache.pop_back() {
+                state.entry_cache_bytes -= cached_entry_bytes(&dropped);
+            }
+        }
+        if state
+            .entry_cache
+            .back()
+            .is_some_and(|cached| cached.index + 1 != first.index)
+        {
+            // Cannot happen given the checks in `persist_ready`; keep the cache contiguous anyway.
+            state.entry_cache.clear();
+            state.entry_cache_bytes = 0;
+        }
+        for entry in entries {
+            // `Entry::data` is a `Bytes`: cloning shares the payload, it does not copy it.
+            state.entry_cache_bytes += cached_entry_bytes(entry);
+            state.entry_cache.push_back(entry.clone());
+        }
+        while state.entry_cache_bytes > self.shared.entry_cache_bytes_max {
+            match state.entry_cache.pop_front() {
+                Some(dropped) => state.entry_cache_bytes -= cached_entry_bytes(&dropped),
+                None => break,
+            }
+        }
+    }
+
+    /// Records the configuration (synced: it decides who may vote).
+    pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), StorageError> {
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let mut state = self.shared.state.write();
+        let meta = column_family(db, keys::CF_META)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            meta,
+            keys::conf_state_key(group_id),
+            encode_protobuf("raft conf state", conf_state)?,
+        );
+        db.write_opt(batch, &write_options(true))?;
+        state.conf_state = conf_state.clone();
+        Ok(())
+    }
+
+    /// Drops the entries below `compact_index` and remembers the index and term of the last
+    /// dropped one. The caller guarantees `compact_index <= durable applied index + 1`, so no
+    /// entry that a restart would have to replay is dropped. Compacting to or below the
+    /// current first index is a no-op.
+    pub fn compact(&self, compact_index: u64) -> Result<(), StorageError> {
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let mut state = self.shared.state.write();
+        if compact_index <= state.first_index() {
+            return Ok(());
+        }
+        if compact_index > state.last_index + 1 {
+            return Err(StorageError::CompactBeyondLastIndex {
+                group_id,
+                compact_index,
+                last_index: state.last_index,
+            });
+        }
+        let new_truncated_index = compact_index - 1;
+        let new_truncated_term = self.term_locked(&state, new_truncated_index)?;
+
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            column_family(db, keys::CF_RAFT_LOG)?,
+            keys::raft_log_key(group_id, state.first_index()),
+            keys::raft_log_key(group_id, compact_index),
+        );
+        batch.put_cf(
+            column_family(db, keys::CF_META)?,
+            keys::truncated_state_key(group_id),
+            keys::join_u64_pair(new_truncated_index, new_truncated_term),
+        );
+        // Not synced: the deletion and the new truncated state are one atomic batch, so after
+        // a crash either both are there or the old log (still valid) is.
+        db.write_opt(batch, &write_options(false))?;
+
+        state.truncated_index = new_truncated_index;
+        state.truncated_term = new_truncated_term;
+        while state
+            .entry_cache
+            .front()
+            .is_some_and(|cached| cached.index < compact_index)
+        {
+            if let Some(dropped) = state.entry_cache.pop_front() {
+                state.entry_cache_bytes -= cached_entry_bytes(&dropped);
+            }
+        }
+        Ok(())
+    }
+
+    /// The last persisted hard state.
+    pub fn hard_state(&self) -> HardState {
+        self.shared.state.read().hard_state.clone()
+    }
+
+    /// The last persisted conf state.
+    pub fn conf_state(&self) -> ConfState {
+        self.shared.state.read().conf_state.clone()
+    }
+
+    /// Index of the last entry dropped by compaction (0 if none).
+    pub fn truncated_index(&self) -> u64 {
+        self.shared.state.read().truncated_index
+    }
+
+    /// Index of the last entry in the log (the truncated index when the log is empty).
+    pub fn last_log_index(&self) -> u64 {
+        self.shared.state.read().last_index
+    }
+
+    /// Bytes currently held by the recent-entry cache.
+    pub fn entry_cache_bytes(&self) -> usize {
+        self.shared.state.read().entry_cache_bytes
+    }
+
+    fn term_locked(&self, state: &LogState, index: u64) -> Result<u64, StorageError> {
+        if index == state.truncated_index {
+            return Ok(state.truncated_term);
+        }
+        if let Some(entry) = state.cached_entry(index) {
+            return Ok(entry.term);
+        }
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let raft_log = column_family(db, keys::CF_RAFT_LOG)?;
+        match db.get_pinned_cf(raft_log, keys::raft_log_key(group_id, index))? {
+            Some(bytes) => Ok(parse_protobuf::<Entry>("raft entry", &bytes)?.term),
+            None => Err(StorageError::LogEntryMissing { group_id, index }),
+        }
+    }
+
+    /// Reads `[low, high)` from RocksDB, stopping once `max_size` bytes are exceeded (the first
+    /// entry is always returned).
+    fn read_entries_from_db(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let raft_log = column_family(db, keys::CF_RAFT_LOG)?;
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_lower_bound(keys::raft_log_key(group_id, low));
+        read_options.set_iterate_upper_bound(keys::raft_log_key(group_id, high));
+        let mut iterator = db.raw_iterator_cf_opt(raft_log, read_options);
+        iterator.seek_to_first();
+
+        let mut entries = Vec::new();
+        let mut total_size = 0u64;
+        let mut expected_index = low;
+        while expected_index < high {
+            iterator.status()?;
+            let Some((key, value)) = iterator.item() else {
+                return Err(StorageError::LogEntryMissing {
+                    group_id,
+                    index: expected_index,
+                });
+            };
+            if keys::raft_log_key_index(group_id, key) != Some(expected_index) {
+                return Err(StorageError::LogEntryMissing {
+                    group_id,
+                    index: expected_index,
+                });
+            }
+            let entry: Entry = parse_protobuf("raft entry", value)?;
+            if entry.index != expected_index {
+                return Err(corruption(
+                    "raft entry",
+                    format!(
+                        "key says index {expected_index}, entry says {}",
+                        entry.index
+                    ),
+                ));
+            }
+            total_size += u64::from(entry.compute_size());
+            if !entries.is_empty() && total_size > max_size {
+                break;
+            }
+            entries.push(entry);
+            expected_index += 1;
+            iterator.next();
+        }
+        Ok(entries)
+    }
+}
+
+impl raft::Storage for RaftLogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let state = self.shared.state.read();
+        Ok(RaftState::new(
+            state.hard_state.clone(),
+            state.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let state = self.shared.state.read();
+        if low < state.first_index() {
+            return Err(raft::Error::Store(raft::StorageError::Compacted));
+        }
+        if high > state.last_index + 1 || low > high {
+            // raft-rs's own MemStorage panics here; an error stops this group instead of the
+            // whole process.
+            return Err(raft::Error::Store(raft::StorageError::Unavailable));
+        }
+        if low == high {
+            return Ok(Vec::new());
+        }
+        if state.cached_entry(low).is_some() {
+            // The cache is contiguous up to `last_index`, so it holds the whole range.
+            let mut entries = Vec::new();
+            let mut total_size = 0u64;
+            for index in low..high {
+                let Some(entry) = state.cached_entry(index) else {
+                    break;
+                };
+                total_size += u64::from(entry.compute_size());
+                if !entries.is_empty() && total_size > max_size {
+                    break;
+                }
+                entries.push(entry.clone());
+            }
+            return Ok(entries);
+        }
+        Ok(self.read_entries_from_db(low, high, max_size)?)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        let state = self.shared.state.read();
+        if index < state.truncated_index {
+            return Err(raft::Error::Store(raft::StorageError::Compacted));
+        }
+        if index > state.last_index {
+            return Err(raft::Error::Store(raft::StorageError::Unavailable));
+        }
+        Ok(self.term_locked(&state, index)?)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.shared.state.read().first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.shared.state.read().last_index)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Snapshot streaming (RocksDB key ranges of the group + image files) comes later; until
+        // then a follower that fell behind the compacted log waits, and raft-rs retries.
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{open_db, StorageOptions};
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
+    }
+
+    fn small_options() -> StorageOptions {
+        StorageOptions {
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            max_background_jobs: 1,
+        }
+    }
+
+    fn terms(store: &RaftLogStore, low: u64, high: u64) -> Vec<u64> {
+        store
+            .entries(low, high, None, GetEntriesContext::empty(false))
+            .unwrap()
+            .iter()
+            .map(|entry| entry.term)
+            .collect()
+    }
+
+    /// Runs `check` against a store with the cache enabled and one with it disabled, so both
+    /// the cache and the RocksDB read path are covered.
+    fn with_both_cache_settings(check: impl Fn(&dyn Fn() -> (tempfile::TempDir, RaftLogStore))) {
+        for cache_bytes in [ENTRY_CACHE_BYTES_MAX_DEFAULT, 0] {
+            let open = move || {
+                let directory = tempfile::tempdir().unwrap();
+                let db = open_db(directory.path(), &small_options()).unwrap();
+                let store = RaftLogStore::open_with_entry_cache_bytes(db, 1, cache_bytes).unwrap();
+                (directory, store)
+            };
+            check(&open);
+        }
+    }
+
+    #[test]
+    fn a_new_log_is_empty_and_truncated_at_zero() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            assert_eq!(store.first_index().unwrap(), 1);
+            assert_eq!(store.last_index().unwrap(), 0);
+            assert_eq!(store.term(0).unwrap(), 0);
+            assert!(!store.is_bootstrapped());
+            assert!(!store.initial_state().unwrap().initialized());
+        });
+    }
+
+    #[test]
+    fn append_then_read_back() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            let entries: Vec<Entry> = (1..=5).map(|index| entry(index, 1, b"x")).collect();
+            store.persist_ready(&entries, None, true).unwrap();
+            assert_eq!(store.last_index().unwrap(), 5);
+            assert_eq!(terms(&store, 1, 6), vec![1; 5]);
+            assert_eq!(store.term(3).unwrap(), 1);
+            assert_eq!(
+                store.term(6),
+                Err(raft::Error::Store(raft::StorageError::Unavailable))
+            );
+        });
+    }
+
+    /// Raft paper section 5.3: "If an existing entry conflicts with a new one (same index but
+    /// different terms), delete the existing entry and all that follow it".
+    #[test]
+    fn a_conflicting_append_replaces_the_whole_old_suffix() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            let old: Vec<Entry> = (1..=6).map(|index| entry(index, 1, b"old")).collect();
+            store.persist_ready(&old, None, true).unwrap();
+            let new = vec![entry(3, 2, b"new"), entry(4, 2, b"new")];
+            store.persist_ready(&new, None, true).unwrap();
+            assert_eq!(store.last_index().unwrap(), 4);
+            assert_eq!(terms(&store, 1, 5), vec![1, 1, 2, 2]);
+            assert_eq!(
+                store.term(5),
+                Err(raft::Error::Store(raft::StorageError::Unavailable))
+            );
+        });
+    }
+
+    #[test]
+    fn a_gap_or_compacted_append_is_refused() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            store
+                .persist_ready(&[entry(1, 1, b""), entry(2, 1, b"")], None, true)
+                .unwrap();
+            assert!(matches!(
+                store.persist_ready(&[entry(4, 1, b"")], None, true),
+                Err(StorageError::LogGap {
+                    previous_index: 2,
+                    index: 4,
+                    ..
+                })
+            ));
+            assert!(matches!(
+                store.persist_ready(&[entry(3, 1, b""), entry(5, 1, b"")], None, true),
+                Err(StorageError::LogGap {
+                    previous_index: 3,
+                    index: 5,
+                    ..
+                })
+            ));
+            store.compact(2).unwrap();
+            assert!(matches!(
+                store.persist_ready(&[entry(1, 2, b"")], None, true),
+                Err(StorageError::LogEntryCompacted { index: 1, .. })
+            ));
+            assert_eq!(store.last_index().unwrap(), 2);
+        });
+    }
+
+    #[test]
+    fn compaction_keeps_the_term_of_the_last_dropped_entry() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            let entries: Vec<Entry> = (1..=6).map(|index| entry(index, index, b"x")).collect();
+            store.persist_ready(&entries, None, true).unwrap();
+            store.compact(4).unwrap();
+            assert_eq!(store.first_index().unwrap(), 4);
+            assert_eq!(store.term(3).unwrap(), 3);
+            assert_eq!(
+                store.term(2),
+                Err(raft::Error::Store(raft::StorageError::Compacted))
+            );
+            assert_eq!(
+                store.entries(3, 5, None, GetEntriesContext::empty(false)),
+                Err(raft::Error::Store(raft::StorageError::Compacted))
+            );
+            assert_eq!(terms(&store, 4, 7), vec![4, 5, 6]);
+            // Compacting backwards is a no-op; beyond the last index is an error.
+            store.compact(2).unwrap();
+            assert_eq!(store.first_index().unwrap(), 4);
+            assert!(matches!(
+                store.compact(8),
+                Err(StorageError::CompactBeyondLastIndex { .. })
+            ));
+            // Compacting everything leaves an empty log that still knows the last term.
+            store.compact(7).unwrap();
+            assert_eq!(store.first_index().unwrap(), 7);
+            assert_eq!(store.last_index().unwrap(), 6);
+            assert_eq!(store.term(6).unwrap(), 6);
+            store
+                .persist_ready(&[entry(7, 7, b"")], None, true)
+                .unwrap();
+            assert_eq!(terms(&store, 7, 8), vec![7]);
+        });
+    }
+
+    #[test]
+    fn entries_honour_max_size_but_return_at_least_one() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            let entries: Vec<Entry> = (1..=10).map(|index| entry(index, 1, &[7u8; 100])).collect();
+            store.persist_ready(&entries, None, true).unwrap();
+            let one_size = u64::from(entries[0].compute_size());
+            let read = |max_size: u64| {
+                store
+                    .entries(1, 11, max_size, GetEntriesContext::empty(false))
+                    .unwrap()
+                    .len()
+            };
+            assert_eq!(read(0), 1);
+            assert_eq!(read(one_size), 1);
+            assert_eq!(read(one_size * 3), 3);
+            assert_eq!(read(one_size * 3 + 1), 3);
+            assert_eq!(read(u64::MAX), 10);
+            assert_eq!(
+                store.entries(1, 12, None, GetEntriesContext::empty(false)),
+                Err(raft::Error::Store(raft::StorageError::Unavailable))
+            );
+        });
+    }
+
+    #[test]
+    fn everything_survives_a_reopen() {
+        let directory = tempfile::tempdir().unwrap();
+        let hard_state = HardState {
+            term: 3,
+            vote: 2,
+            commit: 4,
+            ..Default::default()
+        };
+        let conf_state = ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        {
+            let db = open_db(directory.path(), &small_options()).unwrap();
+            let store = RaftLogStore::open(db, 9).unwrap();
+            store.bootstrap(conf_state.clone()).unwrap();
+            let entries: Vec<Entry> = (1..=6).map(|index| entry(index, 3, b"abc")).collect();
+            store
+                .persist_ready(&entries, Some(&hard_state), true)
+                .unwrap();
+            store.compact(3).unwrap();
+            // Another group in the same database must not interfere.
+            let other = RaftLogStore::open(store.shared.db.clone(), 10).unwrap();
+            other
+                .persist_ready(&[entry(1, 1, b"other")], None, true)
+                .unwrap();
+        }
+        let db = open_db(directory.path(), &small_options()).unwrap();
+        let store = RaftLogStore::open(db.clone(), 9).unwrap();
+        assert!(store.is_bootstrapped());
+        let initial_state = store.initial_state().unwrap();
+        assert_eq!(initial_state.hard_state, hard_state);
+        assert_eq!(initial_state.conf_state, conf_state);
+        assert_eq!(store.first_index().unwrap(), 3);
+        assert_eq!(store.last_index().unwrap(), 6);
+        assert_eq!(store.term(2).unwrap(), 3);
+        let entries = store
+            .entries(3, 7, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(entries.len(), 4);
+        assert!(entries.iter().all(|entry| &entry.data[..] == b"abc"));
+        assert!(matches!(
+            store.bootstrap(ConfState::default()),
+            Err(StorageError::AlreadyBootstrapped { group_id: 9 })
+        ));
+        store.bootstrap(conf_state).unwrap();
+        let other = RaftLogStore::open(db, 10).unwrap();
+        assert_eq!(other.last_index().unwrap(), 1);
+        assert_eq!(other.first_index().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_entry_cache_stays_within_its_bound() {
+        let directory = tempfile::tempdir().unwrap();
+        let db = open_db(directory.path(), &small_options()).unwrap();
+        let store = RaftLogStore::open_with_entry_cache_bytes(db, 1, 10_000).unwrap();
+        for index in 1..=100 {
+            store
+                .persist_ready(&[entry(index, 1, &[1u8; 1000])], None, true)
+                .unwrap();
+            assert!(store.entry_cache_bytes() <= 10_000);
+        }
+        assert!(store.entry_cache_bytes() > 0);
+        // Old entries come from RocksDB, recent ones from the cache; both read the same.
+        assert_eq!(terms(&store, 1, 101), vec![1; 100]);
+    }
+
+    #[test]
+    fn snapshot_is_not_available_yet() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            assert_eq!(
+                store.snapshot(0, 2),
+                Err(raft::Error::Store(
+                    raft::StorageError::SnapshotTemporarilyUnavailable
+                ))
+            );
+        });
+    }
+}
