@@ -452,12 +452,21 @@ pub struct ServerProcess {
     child: Option<Child>,
     addresses: Option<ServerAddresses>,
     start_count: u32,
+    /// Extra environment for every start (e.g. `FAILPOINTS` for the supervision tests).
+    environment: Vec<(String, String)>,
 }
 
 impl ServerProcess {
     /// Starts a server on a fresh, empty data directory and waits until it is ready.
     #[track_caller]
     pub fn start() -> Self {
+        Self::start_with_environment(&[])
+    }
+
+    /// Like [`ServerProcess::start`], with extra environment variables that also apply to
+    /// every restart.
+    #[track_caller]
+    pub fn start_with_environment(environment: &[(&str, &str)]) -> Self {
         let workspace = tempfile::Builder::new()
             .prefix("raftblk-test-")
             .tempdir()
@@ -471,6 +480,10 @@ impl ServerProcess {
             child: None,
             addresses: None,
             start_count: 0,
+            environment: environment
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
         };
         server.spawn_and_wait_ready();
         server
@@ -657,6 +670,7 @@ impl ServerProcess {
             .arg(&self.data_directory)
             .arg("--ready-file")
             .arg(&ready_path)
+            .envs(self.environment.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_for_stderr);
