@@ -7,10 +7,11 @@
 //! - every 4 KiB block written carries a header (sequence number, block index) and a body
 //!   derived from both, so a block read back names exactly one write, and a torn or misplaced
 //!   block is recognised as garbage;
-//! - the load never has two writes in flight on the same block, so each block's history is a
-//!   total order: after the crash a block must hold its last acknowledged write, or the one
-//!   write that was in flight on it (which may or may not have been applied); anything else,
-//!   including zeroes where an acknowledged write was, is a failure;
+//! - the load (writes, and one request in eight a WRITE_ZEROES) never has two requests in
+//!   flight on the same block, so each block's history is a total order: after the crash a
+//!   block must hold its last acknowledged write or zeroing, or the one request that was in
+//!   flight on it (which may or may not have been applied); anything else, including zeroes
+//!   where an acknowledged write was or old data where an acknowledged zeroing was, fails;
 //! - the kill only comes after a minimum number of acknowledged writes, and the test asserts
 //!   that number and that many blocks were verified to hold acknowledged (non-zero) data;
 //! - rounds continue on the same data directory, so later rounds check data that survived
@@ -34,7 +35,7 @@ const REGION_BLOCKS: u64 = 2048;
 const WRITE_BLOCKS_MAX: u64 = 4;
 const QUEUE_DEPTH: usize = 32;
 const ROUNDS: u32 = 4;
-/// Acknowledged writes required before the kill may happen in a round.
+/// Acknowledged requests (writes and zeroings) required before the kill may happen in a round.
 const ACKNOWLEDGED_WRITES_MIN_PER_ROUND: u64 = 300;
 /// Extra random delay after that minimum, so the kill lands at an arbitrary point.
 const KILL_DELAY_MS_MAX: u64 = 700;
@@ -42,14 +43,31 @@ const KILL_DELAY_MS_MAX: u64 = 700;
 const ROUND_DEADLINE: Duration = Duration::from_secs(20);
 const BLOCK_MAGIC: u64 = 0x5242_4c4b_4352_5348; // "RBLKCRSH"
 
+/// What a block may legitimately hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expected {
+    /// Zeroes: never written, or overwritten by an NBD_CMD_WRITE_ZEROES.
+    Zero,
+    /// The data of the write with this sequence number.
+    Write(u64),
+}
+
 /// What the test knows about one block of the region.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct BlockHistory {
-    /// Sequence number of the last write acknowledged (or observed after a crash); `None`
-    /// while the block has only ever been zero.
-    settled: Option<u64>,
-    /// The write sent to this block and not acknowledged when the server died, if any.
-    in_flight: Option<u64>,
+    /// The last acknowledged write or zeroing (or what was observed after a crash).
+    settled: Expected,
+    /// The write or zeroing sent to this block and not acknowledged when the server died.
+    in_flight: Option<Expected>,
+}
+
+impl Default for BlockHistory {
+    fn default() -> Self {
+        BlockHistory {
+            settled: Expected::Zero,
+            in_flight: None,
+        }
+    }
 }
 
 /// What a block read back turned out to be.
@@ -100,19 +118,20 @@ fn decode_block(bytes: &[u8], block_index: u64) -> BlockContent {
     BlockContent::Write(sequence)
 }
 
-/// The rule: a block holds its last acknowledged write (zeroes if it never had one), or the
-/// single write that was in flight on it when the server died.
+/// The rule: a block holds its last acknowledged write or zeroing (zeroes if it never had
+/// one), or the single write or zeroing that was in flight on it when the server died.
 fn is_acceptable(content: &BlockContent, history: &BlockHistory) -> bool {
-    match (content, history.settled, history.in_flight) {
-        (BlockContent::Zero, None, _) => true,
-        (BlockContent::Write(found), Some(settled), _) if *found == settled => true,
-        (BlockContent::Write(found), _, Some(in_flight)) if *found == in_flight => true,
-        _ => false,
-    }
+    let found = match content {
+        BlockContent::Zero => Expected::Zero,
+        BlockContent::Write(sequence) => Expected::Write(*sequence),
+        BlockContent::Garbage(_) => return false,
+    };
+    found == history.settled || Some(found) == history.in_flight
 }
 
 struct RoundStatistics {
     acknowledged_writes: u64,
+    acknowledged_zeroings: u64,
     in_flight_at_kill: usize,
     load_duration: Duration,
 }
@@ -127,9 +146,10 @@ fn run_load_until_killed(
     acknowledged_counter: &AtomicU64,
 ) -> RoundStatistics {
     let started = Instant::now();
-    // handle -> (sequence, first block, block count)
-    let mut outstanding: std::collections::HashMap<u64, (u64, u64, u64)> = Default::default();
+    // handle -> (what the request writes, first block, block count)
+    let mut outstanding: std::collections::HashMap<u64, (Expected, u64, u64)> = Default::default();
     let mut acknowledged_writes = 0u64;
+    let mut acknowledged_zeroings = 0u64;
     'load: loop {
         while outstanding.len() < QUEUE_DEPTH {
             // Pick a run of blocks with no write in flight, so each block's writes are ordered.
@@ -142,23 +162,44 @@ fn run_load_until_killed(
                     break (first_block, block_count);
                 }
             };
-            let sequence = *next_sequence;
-            *next_sequence += 1;
-            let mut payload = Vec::with_capacity(block_count as usize * BLOCK_SIZE_BYTES);
-            for block in first_block..first_block + block_count {
-                payload.extend_from_slice(&block_bytes(sequence, block));
-                histories[block as usize].in_flight = Some(sequence);
-            }
-            // One write in eight asks for FUA; the durability promise is the same either way.
-            let flags = if random.below(8) == 0 {
+            let offset = REGION_OFFSET_BYTES + first_block * BLOCK_SIZE_BYTES as u64;
+            // One request in eight asks for FUA; the durability promise is the same either way.
+            let mut flags = if random.below(8) == 0 {
                 nbd::CMD_FLAG_FUA
             } else {
                 0
             };
-            let offset = REGION_OFFSET_BYTES + first_block * BLOCK_SIZE_BYTES as u64;
-            match client.submit_write(offset, &payload, flags) {
+            // One request in eight is a WRITE_ZEROES (half of them with NO_HOLE): after its
+            // reply the blocks must read as zeroes, exactly as after a write of zeroes
+            // (doc/proto.md "NBD_CMD_WRITE_ZEROES").
+            let (operation, submitted) = if random.below(8) == 0 {
+                if random.below(2) == 0 {
+                    flags |= nbd::CMD_FLAG_NO_HOLE;
+                }
+                for block in first_block..first_block + block_count {
+                    histories[block as usize].in_flight = Some(Expected::Zero);
+                }
+                let length = (block_count as usize * BLOCK_SIZE_BYTES) as u32;
+                (
+                    Expected::Zero,
+                    client.submit_command(nbd::CMD_WRITE_ZEROES, flags, offset, length),
+                )
+            } else {
+                let sequence = *next_sequence;
+                *next_sequence += 1;
+                let mut payload = Vec::with_capacity(block_count as usize * BLOCK_SIZE_BYTES);
+                for block in first_block..first_block + block_count {
+                    payload.extend_from_slice(&block_bytes(sequence, block));
+                    histories[block as usize].in_flight = Some(Expected::Write(sequence));
+                }
+                (
+                    Expected::Write(sequence),
+                    client.submit_write(offset, &payload, flags),
+                )
+            };
+            match submitted {
                 Ok(handle) => {
-                    outstanding.insert(handle, (sequence, first_block, block_count));
+                    outstanding.insert(handle, (operation, first_block, block_count));
                 }
                 // The blocks stay marked in flight: part of the request may have arrived.
                 Err(_) => break 'load,
@@ -168,28 +209,37 @@ fn run_load_until_killed(
             Ok(reply) => reply,
             Err(_) => break 'load,
         };
-        let (sequence, first_block, block_count) = outstanding
+        let (operation, first_block, block_count) = outstanding
             .remove(&reply.handle)
             .unwrap_or_else(|| panic!("reply to a handle never sent: {reply:?}"));
         assert_eq!(
             reply.error,
             0,
-            "a valid WRITE of blocks {first_block}..+{block_count} failed with {} ({}) {:?}",
+            "a valid {operation:?} of blocks {first_block}..+{block_count} failed with {} ({}) \
+             {:?}",
             reply.error,
             nbd_error_name(reply.error),
             reply.error_message
         );
         for block in first_block..first_block + block_count {
             let history = &mut histories[block as usize];
-            assert_eq!(history.in_flight, Some(sequence), "bookkeeping");
-            history.settled = Some(sequence);
+            assert_eq!(history.in_flight, Some(operation), "bookkeeping");
+            history.settled = operation;
             history.in_flight = None;
         }
-        acknowledged_writes += 1;
-        acknowledged_counter.store(acknowledged_writes, Ordering::SeqCst);
+        match operation {
+            Expected::Write(_) => acknowledged_writes += 1,
+            Expected::Zero => acknowledged_zeroings += 1,
+        }
+        // Zeroings count too: the minimum is about acknowledged requests of either kind.
+        acknowledged_counter.store(
+            acknowledged_writes + acknowledged_zeroings,
+            Ordering::SeqCst,
+        );
     }
     RoundStatistics {
         acknowledged_writes,
+        acknowledged_zeroings,
         in_flight_at_kill: outstanding.len(),
         load_duration: started.elapsed(),
     }
@@ -216,17 +266,20 @@ fn verify_region(server: &ServerProcess, histories: &mut [BlockHistory], context
             if !is_acceptable(&content, history) {
                 violations.push(format!(
                     "block {block} (byte offset {}): read {content:?}, expected the last \
-                     acknowledged write {:?} or the in-flight write {:?}",
+                     acknowledged {:?} or the in-flight {:?}",
                     REGION_OFFSET_BYTES + block * BLOCK_SIZE_BYTES as u64,
                     history.settled,
                     history.in_flight
                 ));
                 continue;
             }
-            if let BlockContent::Write(found) = content {
-                history.settled = Some(found);
-                blocks_holding_writes += 1;
-            }
+            history.settled = match content {
+                BlockContent::Write(found) => {
+                    blocks_holding_writes += 1;
+                    Expected::Write(found)
+                }
+                _ => Expected::Zero,
+            };
             history.in_flight = None;
         }
     }
@@ -251,8 +304,8 @@ fn verify_region(server: &ServerProcess, histories: &mut [BlockHistory], context
 #[test]
 fn checker_rejects_lost_stale_torn_and_misplaced_blocks() {
     let history = BlockHistory {
-        settled: Some(7),
-        in_flight: Some(9),
+        settled: Expected::Write(7),
+        in_flight: Some(Expected::Write(9)),
     };
     let block = 42;
     assert_eq!(
@@ -282,6 +335,20 @@ fn checker_rejects_lost_stale_torn_and_misplaced_blocks() {
     let never_written = BlockHistory::default();
     assert!(is_acceptable(&BlockContent::Zero, &never_written));
     assert!(!is_acceptable(&BlockContent::Write(1), &never_written));
+    let zeroing_in_flight = BlockHistory {
+        settled: Expected::Write(7),
+        in_flight: Some(Expected::Zero),
+    };
+    assert!(is_acceptable(&BlockContent::Zero, &zeroing_in_flight));
+    assert!(is_acceptable(&BlockContent::Write(7), &zeroing_in_flight));
+    let zeroed = BlockHistory {
+        settled: Expected::Zero,
+        in_flight: None,
+    };
+    assert!(
+        !is_acceptable(&BlockContent::Write(7), &zeroed),
+        "data that an acknowledged WRITE_ZEROES replaced"
+    );
 
     let mut torn = block_bytes(9, block);
     torn[2048..].copy_from_slice(&block_bytes(7, block)[2048..]);
@@ -372,15 +439,23 @@ fn kill_9_during_write_load_loses_no_acknowledged_write() {
             "round {round}: the server must have died of the kill -9, not before it: {status}"
         );
         eprintln!(
-            "round {round}: {} writes acknowledged in {:.2?}, {} in flight at the kill \
-             (kill delay {kill_delay:?})",
-            statistics.acknowledged_writes, statistics.load_duration, statistics.in_flight_at_kill
+            "round {round}: {} writes and {} zeroings acknowledged in {:.2?}, {} in flight at \
+             the kill (kill delay {kill_delay:?})",
+            statistics.acknowledged_writes,
+            statistics.acknowledged_zeroings,
+            statistics.load_duration,
+            statistics.in_flight_at_kill
+        );
+        let acknowledged = statistics.acknowledged_writes + statistics.acknowledged_zeroings;
+        assert!(
+            acknowledged >= ACKNOWLEDGED_WRITES_MIN_PER_ROUND,
+            "round {round}: only {acknowledged} requests were acknowledged in \
+             {ROUND_DEADLINE:?} before the kill; the check needs at least \
+             {ACKNOWLEDGED_WRITES_MIN_PER_ROUND}"
         );
         assert!(
-            statistics.acknowledged_writes >= ACKNOWLEDGED_WRITES_MIN_PER_ROUND,
-            "round {round}: only {} writes were acknowledged in {ROUND_DEADLINE:?} before the \
-             kill; the check needs at least {ACKNOWLEDGED_WRITES_MIN_PER_ROUND}",
-            statistics.acknowledged_writes
+            statistics.acknowledged_writes > 0 && statistics.acknowledged_zeroings > 0,
+            "round {round}: the load must include both writes and zeroings"
         );
 
         server.restart();
