@@ -614,6 +614,13 @@ fn ext4_on_nbdfuse_loop_device_survives_server_restart() {
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: nbdfuse needs FUSE"
     );
+    // SAFETY: geteuid(2) only reads the process's credentials.
+    let effective_user_id = unsafe { libc::geteuid() };
+    assert_eq!(
+        effective_user_id, 0,
+        "this test attaches a loop device and mounts ext4, which needs root (run the suite as \
+         root, as CI does)"
+    );
     let mut server = ServerProcess::start();
     let mut random = SplitMix64::from_environment_or_clock("ext4_on_nbdfuse");
     let workspace = server.workspace().to_owned();
