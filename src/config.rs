@@ -137,7 +137,10 @@ impl Config {
             }
         }
         if self.node.id == 0 {
-            return Err(invalid("node.id", "must be non-zero (0 means 'none' in Raft)"));
+            return Err(invalid(
+                "node.id",
+                "must be non-zero (0 means 'none' in Raft)",
+            ));
         }
         if self.nbd.connections_max == 0 {
             return Err(invalid("nbd.connections_max", "must be at least 1"));
@@ -193,8 +196,7 @@ impl Config {
         if self.raft.tick_interval_ms == 0 {
             return Err(invalid("raft.tick_interval_ms", "must be non-zero"));
         }
-        if self.raft.heartbeat_ticks == 0 || self.raft.election_ticks <= self.raft.heartbeat_ticks
-        {
+        if self.raft.heartbeat_ticks == 0 || self.raft.election_ticks <= self.raft.heartbeat_ticks {
             return Err(invalid(
                 "raft.election_ticks",
                 "must be greater than raft.heartbeat_ticks, which must be non-zero",
@@ -213,7 +215,10 @@ impl Config {
             ));
         }
         if self.storage.rocksdb_max_background_jobs < 1 {
-            return Err(invalid("storage.rocksdb_max_background_jobs", "must be at least 1"));
+            return Err(invalid(
+                "storage.rocksdb_max_background_jobs",
+                "must be at least 1",
+            ));
         }
         validate_volume_geometry(
             self.default_volume.size_bytes,
@@ -278,7 +283,10 @@ mod tests {
         assert_eq!(config.nbd.listen.port(), 0);
         let error = Config::load(None, &[("nbd.request_max_bytes", "100".to_string())])
             .expect_err("too small a request limit must be rejected");
-        assert!(error.to_string().contains("nbd.request_max_bytes"), "{error}");
+        assert!(
+            error.to_string().contains("nbd.request_max_bytes"),
+            "{error}"
+        );
         let error = Config::load(None, &[("raft.election_ticks", "1".to_string())])
             .expect_err("election <= heartbeat must be rejected");
         assert!(error.to_string().contains("raft.election_ticks"), "{error}");

@@ -10,7 +10,11 @@ use raftblk::config::{Config, LogFormat};
 use raftblk::control::{ControlClient, CreateVolumeRequest};
 
 #[derive(Parser)]
-#[command(name = "raftblk", version, about = "A network block device replicated by Raft")]
+#[command(
+    name = "raftblk",
+    version,
+    about = "A network block device replicated by Raft"
+)]
 struct Cli {
     #[command(subcommand)]
     command: CliCommand,

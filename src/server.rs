@@ -60,10 +60,7 @@ async fn wait_for_leadership(raft: &Addr<RaftActor>, timeout: Duration) -> anyho
 
 async fn shutdown_signal() {
     let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => Some(signal),
-            Err(_) => None,
-        };
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = async {
@@ -97,8 +94,10 @@ pub async fn run_server(
     let new_cluster = !log_store.is_bootstrapped();
     if new_cluster {
         // A new one-voter group: this node is the whole cluster.
-        let mut conf_state = ConfState::default();
-        conf_state.voters = vec![config.node.id];
+        let conf_state = ConfState {
+            voters: vec![config.node.id],
+            ..Default::default()
+        };
         log_store.bootstrap(conf_state)?;
         slog::info!(logger, "new Raft group bootstrapped"; "group" => DEFAULT_GROUP_ID,
             "node" => config.node.id);
@@ -167,9 +166,13 @@ pub async fn run_server(
             size_bytes: config.default_volume.size_bytes,
             block_size_bytes: config.default_volume.block_size_bytes,
         });
-        propose_until(&raft, Bytes::from(command), Instant::now() + request_timeout)
-            .await
-            .map_err(|error| anyhow::anyhow!("creating the default volume failed: {error}"))?;
+        propose_until(
+            &raft,
+            Bytes::from(command),
+            Instant::now() + request_timeout,
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("creating the default volume failed: {error}"))?;
         slog::info!(logger, "default volume created"; "name" => &config.default_volume.name,
             "size_bytes" => config.default_volume.size_bytes);
     }

@@ -50,7 +50,7 @@ fn actor_restarts(server: &ServerProcess) -> serde_json::Value {
     status["actor_restarts"].clone()
 }
 
-fn assert_one_crash_of(server: &ServerProcess, kind: &str) {
+fn assert_one_crash_of(server: &ServerProcess, kind: &str, failpoint: &str) {
     let restarts = actor_restarts(server);
     assert_eq!(
         restarts[kind], 1,
@@ -58,7 +58,8 @@ fn assert_one_crash_of(server: &ServerProcess, kind: &str) {
     );
     let log = server.log_text();
     assert!(
-        log.contains("actor crashed; restarting it") && log.contains(&format!("failpoint")),
+        log.contains("actor crashed; restarting it")
+            && log.contains(&format!("failpoint {failpoint}")),
         "the server log does not report the injected crash:\n{log}"
     );
 }
@@ -71,11 +72,14 @@ fn storage_actor_panic_is_invisible_to_the_client() {
     )]);
     let mut client = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
     verified_workload(&mut client, 3, 32);
-    assert_one_crash_of(&server, "storage");
+    assert_one_crash_of(&server, "storage", "storage_actor_apply");
     // A new connection sees everything the old one wrote.
     let mut second = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
     for block in 0..32 {
-        assert!(second.read_ok(block * BLOCK_BYTES as u64, BLOCK_BYTES as u32) == block_pattern(2, block));
+        assert!(
+            second.read_ok(block * BLOCK_BYTES as u64, BLOCK_BYTES as u32)
+                == block_pattern(2, block)
+        );
     }
     server.assert_running("after the storage actor crash");
 }
@@ -88,7 +92,7 @@ fn raft_actor_panic_is_invisible_to_the_client() {
     )]);
     let mut client = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
     verified_workload(&mut client, 3, 32);
-    assert_one_crash_of(&server, "raft");
+    assert_one_crash_of(&server, "raft", "raft_actor_ready");
     server.assert_running("after the Raft actor crash");
 }
 
@@ -106,7 +110,7 @@ fn session_actor_panic_closes_only_its_own_connection() {
     victim.write_ok(100 * BLOCK_BYTES as u64, &block_pattern(9, 100)); // 17
     victim.write_ok(101 * BLOCK_BYTES as u64, &block_pattern(9, 101)); // 18
     victim.write_ok(102 * BLOCK_BYTES as u64, &block_pattern(9, 102)); // 19
-    // Request 20 crashes the victim's session: the connection must end, not hang.
+                                                                       // Request 20 crashes the victim's session: the connection must end, not hang.
     victim.set_timeout(Duration::from_secs(10));
     let outcome = victim.write(103 * BLOCK_BYTES as u64, &block_pattern(9, 103));
     assert!(
@@ -116,8 +120,11 @@ fn session_actor_panic_closes_only_its_own_connection() {
     // The bystander's connection still works, and sees the victim's acknowledged writes.
     verified_workload(&mut bystander, 1, 8);
     for block in 100..103 {
-        assert!(bystander.read_ok(block * BLOCK_BYTES as u64, BLOCK_BYTES as u32) == block_pattern(9, block));
+        assert!(
+            bystander.read_ok(block * BLOCK_BYTES as u64, BLOCK_BYTES as u32)
+                == block_pattern(9, block)
+        );
     }
-    assert_one_crash_of(&server, "nbd_session");
+    assert_one_crash_of(&server, "nbd_session", "nbd_session_request");
     server.assert_running("after a session crash");
 }

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
-use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, Message as RaftMessage, MessageType, ReadState};
+use raft::prelude::{
+    ConfChange, ConfChangeV2, Entry, EntryType, Message as RaftMessage, MessageType, ReadState,
+};
 use raft::{RawNode, StateRole, Storage as _};
 
 use super::messages::*;
@@ -151,7 +153,14 @@ impl RaftActor {
         let node = self.node.as_mut().expect("just set");
         // A group whose only voter is this node elects itself at once instead of waiting for
         // an election timeout.
-        let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+        let voters = node
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .collect::<Vec<_>>();
         if voters == vec![self.params.node_id] {
             if let Err(error) = node.campaign() {
                 slog::warn!(logger, "campaign failed"; "error" => %error);
@@ -188,15 +197,19 @@ impl RaftActor {
         let node = self.node();
         if node.raft.state != StateRole::Leader {
             let leader_id = node.raft.leader_id;
-            let _ = msg.responder.send(Err(ProposalError::NotLeader { leader_id }));
+            let _ = msg
+                .responder
+                .send(Err(ProposalError::NotLeader { leader_id }));
             return;
         }
         let proposal_id = self.take_request_id();
         // Proposing through `step` lets the entry keep the caller's `Bytes` without a copy
         // (`RawNode::propose` takes a `Vec` and would copy up to 32 MiB).
-        let mut entry = Entry::default();
-        entry.data = msg.command;
-        entry.context = Bytes::copy_from_slice(&proposal_id.to_be_bytes());
+        let entry = Entry {
+            data: msg.command,
+            context: Bytes::copy_from_slice(&proposal_id.to_be_bytes()),
+            ..Default::default()
+        };
         let mut message = RaftMessage::default();
         message.set_msg_type(MessageType::MsgPropose);
         message.from = self.params.node_id;
@@ -285,7 +298,10 @@ impl RaftActor {
                 slog::info!(logger, "membership changed"; "voters" => ?conf_state.voters);
             }
             // A committed entry that does not decode means the log is corrupt.
-            Err(error) => panic!("committed conf change at {} is corrupt: {error}", entry.index),
+            Err(error) => panic!(
+                "committed conf change at {} is corrupt: {error}",
+                entry.index
+            ),
         }
     }
 
@@ -296,8 +312,7 @@ impl RaftActor {
             }
             let mut id = [0u8; 8];
             id.copy_from_slice(&read_state.request_ctx);
-            if let Some((_, responders)) = self.reads_in_progress.remove(&u64::from_be_bytes(id))
-            {
+            if let Some((_, responders)) = self.reads_in_progress.remove(&u64::from_be_bytes(id)) {
                 self.reads_waiting_for_apply
                     .push_back((read_state.index, responders));
             }
@@ -308,16 +323,17 @@ impl RaftActor {
     /// Answers every read barrier whose read index has been applied.
     fn release_reads(&mut self) {
         let applied_index = self.applied_index;
-        self.reads_waiting_for_apply.retain_mut(|(index, responders)| {
-            if *index <= applied_index {
-                for responder in responders.drain(..) {
-                    let _ = responder.send(Ok(()));
+        self.reads_waiting_for_apply
+            .retain_mut(|(index, responders)| {
+                if *index <= applied_index {
+                    for responder in responders.drain(..) {
+                        let _ = responder.send(Ok(()));
+                    }
+                    false
+                } else {
+                    true
                 }
-                false
-            } else {
-                true
-            }
-        });
+            });
     }
 
     fn send_messages(&mut self, messages: Vec<RaftMessage>) {
@@ -358,11 +374,11 @@ impl RaftActor {
         // Nothing is acknowledged before this returns, because entries commit only once
         // persisted on a majority.
         if !ready.entries().is_empty() || ready.hs().is_some() {
-            if let Err(error) = self.params.log_store.persist_ready(
-                ready.entries(),
-                ready.hs(),
-                ready.must_sync(),
-            ) {
+            if let Err(error) =
+                self.params
+                    .log_store
+                    .persist_ready(ready.entries(), ready.hs(), ready.must_sync())
+            {
                 // The log is our write-ahead log; without it nothing may be acknowledged.
                 panic!("cannot persist the Raft log: {error}");
             }
@@ -424,8 +440,8 @@ impl RaftActor {
         let node = self.node();
         let role = node.raft.state;
         let conf = node.raft.prs().conf();
-        let sole_voter = conf.voters().ids().iter().eq(std::iter::once(node_id))
-            && conf.learners().is_empty();
+        let sole_voter =
+            conf.voters().ids().iter().eq(std::iter::once(node_id)) && conf.learners().is_empty();
         self.params
             .read_gate
             .set_sole_voter_leader(role == StateRole::Leader && sole_voter);

@@ -31,9 +31,9 @@ use super::raft::{propose_until, read_barrier_until, RaftActor, ReadGate};
 use super::supervisor::{run_guarded, Supervision};
 use crate::nbd::proto;
 use crate::nbd::transmission::{
-    self, check_request_negotiated, encode_block_status, encode_read_data_chunk_header, encode_simple_reply,
-    encode_structured_done, encode_structured_error, BlockStatusExtent, Command, Errno,
-    RequestHeader, RequestLimits, REQUEST_HEADER_BYTES,
+    self, check_request_negotiated, encode_block_status, encode_read_data_chunk_header,
+    encode_simple_reply, encode_structured_done, encode_structured_error, BlockStatusExtent,
+    Command, Errno, RequestHeader, RequestLimits, REQUEST_HEADER_BYTES,
 };
 use crate::nbd::Negotiated;
 use crate::storage::command::{encode_command, encode_write_command, Command as StateCommand};
@@ -80,8 +80,20 @@ impl FlowControl {
         let count = self.requests.clone().acquire_owned().await.ok()?;
         let (session_bytes, server_bytes) = if bytes > 0 {
             (
-                Some(self.session_bytes.clone().acquire_many_owned(bytes).await.ok()?),
-                Some(self.server_bytes.clone().acquire_many_owned(bytes).await.ok()?),
+                Some(
+                    self.session_bytes
+                        .clone()
+                        .acquire_many_owned(bytes)
+                        .await
+                        .ok()?,
+                ),
+                Some(
+                    self.server_bytes
+                        .clone()
+                        .acquire_many_owned(bytes)
+                        .await
+                        .ok()?,
+                ),
             )
         } else {
             (None, None)
@@ -272,9 +284,16 @@ impl NbdSessionActor {
                 // majority, so FLUSH covers all of them (on every connection) at once.
                 Command::Flush | Command::Cache => success_reply(structured, cookie),
                 Command::Read => {
-                    let (header_bytes, data) =
-                        read_reply(&raft, needs_barrier, volume, header, structured, deadline, &logger)
-                            .await;
+                    let (header_bytes, data) = read_reply(
+                        &raft,
+                        needs_barrier,
+                        volume,
+                        header,
+                        structured,
+                        deadline,
+                        &logger,
+                    )
+                    .await;
                     if let Some(replies) = replies {
                         let _ = replies.send(OutgoingReply {
                             header: header_bytes,
@@ -422,8 +441,7 @@ async fn block_status_reply(
     }
     let offset = header.offset;
     let length = u64::from(header.length);
-    let result =
-        tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
+    let result = tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
     match result {
         Ok(Ok(extents)) => {
             let request_one = header.flags & proto::NBD_CMD_FLAG_REQ_ONE != 0;
@@ -563,8 +581,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Command::Read if header.length <= request_max_bytes => header.length,
             _ => payload_bytes,
         };
-        let Some(permits) = flow_control.take(memory_bytes).await
-        else {
+        let Some(permits) = flow_control.take(memory_bytes).await else {
             break "shutting down".to_string();
         };
         let mut payload = BytesMut::zeroed(payload_bytes as usize);

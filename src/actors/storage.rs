@@ -100,15 +100,12 @@ impl StorageActor {
 
     fn open_machine(&mut self) {
         let images_dir = self.params.data_dir.join("images");
-        let machine = match StateMachine::open(
-            self.params.db.clone(),
-            &images_dir,
-            self.params.group_id,
-        ) {
-            Ok(machine) => machine,
-            // Nothing can be served without the state machine; the supervisor retries.
-            Err(error) => panic!("cannot open the state machine: {error}"),
-        };
+        let machine =
+            match StateMachine::open(self.params.db.clone(), &images_dir, self.params.group_id) {
+                Ok(machine) => machine,
+                // Nothing can be served without the state machine; the supervisor retries.
+                Err(error) => panic!("cannot open the state machine: {error}"),
+            };
         self.params
             .applied_index
             .store(machine.applied_index(), Ordering::Release);
@@ -161,7 +158,11 @@ impl StorageActor {
                 ),
             }
         }
-        to_apply.extend(entries.into_iter().filter(|entry| entry.index > applied_index));
+        to_apply.extend(
+            entries
+                .into_iter()
+                .filter(|entry| entry.index > applied_index),
+        );
         if to_apply.is_empty() {
             for (_, responder) in responders {
                 // Already applied before a restart; the outcome is unknown, so ask for a retry.
