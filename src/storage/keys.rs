@@ -11,6 +11,7 @@
 //! | `meta`            | group, 0x01                           | `HardState` (protobuf)         |
 //! | `meta`            | group, 0x02                           | `ConfState` (protobuf)         |
 //! | `meta`            | group, 0x03                           | truncated index, term (2×u64)  |
+//! | `meta`            | group, 0x04                           | index of the conf state (u64)  |
 //! | `meta`            | group, 0x10                           | durable applied index (u64)    |
 //! | `meta`            | group, 0x11, volume id                | `VolumeInfo` (JSON)            |
 //! | `block_checksums` | group, volume id, block index         | crc32c of the block (u32)      |
@@ -28,6 +29,7 @@ pub(crate) const COLUMN_FAMILIES: [&str; 3] = [CF_RAFT_LOG, CF_META, CF_BLOCK_CH
 const META_HARD_STATE: u8 = 0x01;
 const META_CONF_STATE: u8 = 0x02;
 const META_TRUNCATED_STATE: u8 = 0x03;
+const META_CONF_STATE_INDEX: u8 = 0x04;
 const META_APPLIED_INDEX: u8 = 0x10;
 const META_VOLUME: u8 = 0x11;
 
@@ -66,6 +68,10 @@ pub(crate) fn conf_state_key(group_id: u64) -> [u8; 9] {
 
 pub(crate) fn truncated_state_key(group_id: u64) -> [u8; 9] {
     meta_key(group_id, META_TRUNCATED_STATE)
+}
+
+pub(crate) fn conf_state_index_key(group_id: u64) -> [u8; 9] {
+    meta_key(group_id, META_CONF_STATE_INDEX)
 }
 
 pub(crate) fn applied_index_key(group_id: u64) -> [u8; 9] {

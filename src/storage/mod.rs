@@ -27,6 +27,8 @@ pub mod raft_log;
 pub mod state_machine;
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod model_tests;
 
 use std::path::Path;

@@ -1,13 +1,16 @@
 //! Model-based property test of the whole storage layer (in the style of sled's): random
 //! sequences of Write / Read / Trim / WriteZeroes / Checkpoint / Compact / Restart /
-//! delete-and-recreate run against the real `RaftLogStore` + `StateMachine` and against an
-//! in-memory model (one `Vec<u8>` per volume); every read must match the model.
+//! PowerLoss / delete-and-recreate run against the real `RaftLogStore` + `StateMachine` and
+//! against an in-memory model (one `Vec<u8>` per volume); every read must match the model.
 //!
 //! Each command goes through the path production uses: encoded, appended to the Raft log as an
 //! entry with a synced `persist_ready`, then applied (several at once with `apply_batch`).
 //! Restart drops the state machine, the log and the database, reopens them, and replays the
 //! log from the durable applied index + 1, which is what checks the durability rule and the
-//! idempotence of replay (DESIGN.md "Storage on each node").
+//! idempotence of replay (DESIGN.md "Storage on each node"). PowerLoss is a restart that
+//! first rolls every 512-byte sector of the images written since the last checkpoint back to
+//! its checkpointed content or not, at random, as a power cut may (what is not fdatasync'd may
+//! or may not have reached the disk; the Raft log is synced at every step, so it survives).
 
 use std::sync::Arc;
 
@@ -59,6 +62,10 @@ enum Op {
     Checkpoint,
     Compact,
     Restart,
+    /// A restart after a simulated power cut (see the module doc); the seed picks the sectors.
+    PowerLoss {
+        seed: u64,
+    },
     /// Delete the volume and create one of the same name (a new, zeroed volume).
     Recreate {
         volume: usize,
@@ -101,6 +108,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => Just(Op::Checkpoint),
         1 => Just(Op::Compact),
         2 => Just(Op::Restart),
+        2 => any::<u64>().prop_map(|seed| Op::PowerLoss { seed }),
         1 => (0usize..2).prop_map(|volume| Op::Recreate { volume }),
     ]
 }
@@ -117,6 +125,10 @@ struct Harness {
     state_machine: Option<StateMachine>,
     /// Volume id of model volume `i`.
     volume_ids: [u64; 2],
+    /// Image contents as of the durable applied index `checkpoint_index`: what a power cut
+    /// cannot take away.
+    checkpoint_images: [Vec<u8>; 2],
+    checkpoint_index: u64,
     model: [Vec<u8>; 2],
 }
 
@@ -136,6 +148,8 @@ impl Harness {
             log: None,
             state_machine: None,
             volume_ids: [0; 2],
+            checkpoint_images: [Vec::new(), Vec::new()],
+            checkpoint_index: 0,
             model: [
                 vec![0; VOLUME_SIZE_BYTES as usize],
                 vec![0; VOLUME_SIZE_BYTES as usize],
@@ -150,7 +164,55 @@ impl Harness {
         for volume in 0..2 {
             harness.create(volume);
         }
+        harness.note_checkpoint();
         harness
+    }
+
+    fn image_path(&self, volume: usize) -> std::path::PathBuf {
+        self.directory.path().join("images").join(format!(
+            "group-{GROUP_ID}-volume-{}.img",
+            self.volume_ids[volume]
+        ))
+    }
+
+    /// Remembers the images whenever the durable applied index moves (a checkpoint, or a
+    /// create/delete, which are checkpoints): everything applied is durable at that moment.
+    fn note_checkpoint(&mut self) {
+        let durable = self.state_machine().durable_applied_index();
+        if durable == self.checkpoint_index {
+            return;
+        }
+        assert_eq!(self.state_machine().applied_index(), durable);
+        for volume in 0..2 {
+            self.checkpoint_images[volume] = std::fs::read(self.image_path(volume)).unwrap();
+        }
+        self.checkpoint_index = durable;
+    }
+
+    /// Closes everything, rolls back a random subset of the sectors written since the last
+    /// checkpoint, and restarts.
+    fn power_loss(&mut self, seed: u64) {
+        self.state_machine = None;
+        self.log = None;
+        let mut random = seed | 1;
+        for volume in 0..2 {
+            let path = self.image_path(volume);
+            let mut image = std::fs::read(&path).unwrap();
+            for (sector, old) in image
+                .chunks_exact_mut(512)
+                .zip(self.checkpoint_images[volume].chunks_exact(512))
+            {
+                // xorshift64: a cheap, seeded coin per sector.
+                random ^= random << 13;
+                random ^= random >> 7;
+                random ^= random << 17;
+                if random % 2 == 0 {
+                    sector.copy_from_slice(old);
+                }
+            }
+            std::fs::write(&path, &image).unwrap();
+        }
+        self.restart();
     }
 
     fn log(&self) -> &RaftLogStore {
@@ -172,6 +234,7 @@ impl Harness {
     }
 
     fn restart(&mut self) {
+        // No-ops when already closed (power_loss closes first).
         self.state_machine = None;
         self.log = None;
         // Every `Arc<DB>` is gone now: the database is closed, as after a crash of the process.
@@ -360,6 +423,7 @@ impl Harness {
                 self.log().compact(durable + 1).unwrap();
             }
             Op::Restart => self.restart(),
+            Op::PowerLoss { seed } => self.power_loss(*seed),
             Op::Recreate { volume } => {
                 let command = encode_command(&Command::DeleteVolume {
                     name: VOLUME_NAMES[*volume],
@@ -372,6 +436,7 @@ impl Harness {
                 self.create(*volume);
             }
         }
+        self.note_checkpoint();
     }
 }
 

@@ -48,6 +48,8 @@ struct Shared {
 struct LogState {
     hard_state: HardState,
     conf_state: ConfState,
+    /// Index of the configuration-change entry that produced `conf_state` (0: bootstrap).
+    conf_state_index: u64,
     /// Index of the last entry dropped by compaction (0 when nothing was ever dropped).
     truncated_index: u64,
     /// Term of the entry at `truncated_index`, kept for raft-rs's log-matching check.
@@ -116,6 +118,12 @@ impl RaftLogStore {
             Some(bytes) => parse_protobuf("raft conf state", &bytes)?,
             None => ConfState::default(),
         };
+        let conf_state_index = match db.get_pinned_cf(meta, keys::conf_state_index_key(group_id))? {
+            Some(bytes) => keys::decode_u64(&bytes).ok_or_else(|| {
+                corruption("raft conf state index", format!("{} bytes", bytes.len()))
+            })?,
+            None => 0,
+        };
         let (truncated_index, truncated_term) =
             match db.get_pinned_cf(meta, keys::truncated_state_key(group_id))? {
                 Some(bytes) => keys::split_u64_pair(&bytes).ok_or_else(|| {
@@ -150,6 +158,7 @@ impl RaftLogStore {
                 state: RwLock::new(LogState {
                     hard_state,
                     conf_state,
+                    conf_state_index,
                     truncated_index,
                     truncated_term,
                     last_index,
@@ -214,7 +223,7 @@ impl RaftLogStore {
                 };
             }
         }
-        self.set_conf_state(&conf_state)
+        self.set_conf_state_at(&conf_state, 0)
     }
 
     /// The one synced write per Raft `Ready`: appends `entries` (overwriting any conflicting
@@ -334,8 +343,27 @@ impl RaftLogStore {
         }
     }
 
-    /// Records the configuration (synced: it decides who may vote).
+    /// Records the configuration (synced: it decides who may vote), keeping the recorded
+    /// [`Self::conf_state_index`]. Prefer [`Self::set_conf_state_at`].
     pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), StorageError> {
+        let index = self.shared.state.read().conf_state_index;
+        self.set_conf_state_at(conf_state, index)
+    }
+
+    /// Records the configuration produced by applying the configuration-change entry at
+    /// `index`, both in one synced batch.
+    ///
+    /// Why the index: after a restart raft-rs starts from `Config::applied` (the durable
+    /// applied index of the state machine), which may be below `index`, and hands the
+    /// configuration-change entries after it back as committed entries. The conf state loaded
+    /// by `RawNode::new` already contains their effect, and applying a joint change twice fails
+    /// ("already joint"), so the caller skips `apply_conf_change` for every entry at or below
+    /// [`Self::conf_state_index`].
+    pub fn set_conf_state_at(
+        &self,
+        conf_state: &ConfState,
+        index: u64,
+    ) -> Result<(), StorageError> {
         let group_id = self.shared.group_id;
         let db = &self.shared.db;
         let mut state = self.shared.state.write();
@@ -346,9 +374,22 @@ impl RaftLogStore {
             keys::conf_state_key(group_id),
             encode_protobuf("raft conf state", conf_state)?,
         );
+        batch.put_cf(
+            meta,
+            keys::conf_state_index_key(group_id),
+            index.to_be_bytes(),
+        );
+        // fsync: a node must not forget a membership it has acted on.
         db.write_opt(batch, &write_options(true))?;
         state.conf_state = conf_state.clone();
+        state.conf_state_index = index;
         Ok(())
+    }
+
+    /// Index of the configuration-change entry whose application produced the recorded conf
+    /// state (0 for the bootstrap configuration); see [`Self::set_conf_state_at`].
+    pub fn conf_state_index(&self) -> u64 {
+        self.shared.state.read().conf_state_index
     }
 
     /// Drops the entries below `compact_index` and remembers the index and term of the last
@@ -808,6 +849,7 @@ mod tests {
             Err(StorageError::AlreadyBootstrapped { group_id: 9 })
         ));
         store.bootstrap(conf_state).unwrap();
+        assert_eq!(store.conf_state_index(), 0);
         let other = RaftLogStore::open(db, 10).unwrap();
         assert_eq!(other.last_index().unwrap(), 1);
         assert_eq!(other.first_index().unwrap(), 1);
@@ -827,6 +869,35 @@ mod tests {
         assert!(store.entry_cache_bytes() > 0);
         // Old entries come from RocksDB, recent ones from the cache; both read the same.
         assert_eq!(terms(&store, 1, 101), vec![1; 100]);
+    }
+
+    #[test]
+    fn the_conf_state_remembers_the_index_that_produced_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let joint = ConfState {
+            voters: vec![1, 2],
+            voters_outgoing: vec![1],
+            ..Default::default()
+        };
+        {
+            let db = open_db(directory.path(), &small_options()).unwrap();
+            let store = RaftLogStore::open(db, 1).unwrap();
+            store
+                .bootstrap(ConfState {
+                    voters: vec![1],
+                    ..Default::default()
+                })
+                .unwrap();
+            store.set_conf_state_at(&joint, 7).unwrap();
+            assert_eq!(store.conf_state_index(), 7);
+        }
+        let db = open_db(directory.path(), &small_options()).unwrap();
+        let store = RaftLogStore::open(db, 1).unwrap();
+        assert_eq!(store.conf_state(), joint);
+        assert_eq!(store.conf_state_index(), 7);
+        // The index-less setter keeps the recorded index.
+        store.set_conf_state(&joint).unwrap();
+        assert_eq!(store.conf_state_index(), 7);
     }
 
     #[test]
