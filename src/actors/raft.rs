@@ -272,6 +272,11 @@ impl RaftActor {
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) {
+        // The recorded conf state already includes every change up to its index, and
+        // `RawNode::new` loaded it; applying a (joint) change twice would fail.
+        if entry.index <= self.params.log_store.conf_state_index() {
+            return;
+        }
         let logger = self.params.supervision.logger.clone();
         let result = if entry.get_entry_type() == EntryType::EntryConfChange {
             protobuf::Message::parse_from_bytes(&entry.data)
@@ -292,7 +297,11 @@ impl RaftActor {
         };
         match result {
             Ok(conf_state) => {
-                if let Err(error) = self.params.log_store.set_conf_state(&conf_state) {
+                if let Err(error) = self
+                    .params
+                    .log_store
+                    .set_conf_state_at(&conf_state, entry.index)
+                {
                     panic!("cannot persist the conf state: {error}");
                 }
                 slog::info!(logger, "membership changed"; "voters" => ?conf_state.voters);

@@ -27,7 +27,9 @@ use super::raft::RaftActor;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::StorageConfig;
 use crate::storage::raft_log::RaftLogStore;
-use crate::storage::state_machine::{ApplyOutcome, StateMachine, VolumeInfo, VolumeReader};
+use crate::storage::state_machine::{
+    ApplyOutcome, CheckpointTicket, StateMachine, VolumeInfo, VolumeReader,
+};
 
 /// The volume table as seen by readers (NBD sessions, the handshake's export list, the control
 /// API): name → reader. Only the storage actor changes it.
@@ -81,6 +83,10 @@ pub struct StorageActor {
     machine: Option<StateMachine>,
     raft: Option<Addr<RaftActor>>,
     bytes_since_checkpoint: u64,
+    /// The id of the background checkpoint whose fdatasync is running (at most one at a time).
+    checkpoint_in_flight: Option<u64>,
+    /// Ids tell a checkpoint of this instance from one started before a restart.
+    checkpoint_ids: u64,
 }
 
 /// Wires the Raft actor's address in once both actors exist (each needs the other's).
@@ -95,6 +101,8 @@ impl StorageActor {
             machine: None,
             raft: None,
             bytes_since_checkpoint: 0,
+            checkpoint_in_flight: None,
+            checkpoint_ids: 0,
         }
     }
 
@@ -131,7 +139,7 @@ impl StorageActor {
         }
     }
 
-    fn apply_committed(&mut self, msg: ApplyCommitted) {
+    fn apply_committed(&mut self, msg: ApplyCommitted, ctx: &mut Context<Self>) {
         let ApplyCommitted {
             entries,
             responders,
@@ -218,18 +226,63 @@ impl StorageActor {
         }
         self.bytes_since_checkpoint += applied_bytes;
         if self.bytes_since_checkpoint >= self.params.config.checkpoint_bytes {
-            self.checkpoint();
+            self.start_background_checkpoint(ctx);
+        }
+    }
+
+    /// Starts a checkpoint whose fdatasync runs on the blocking pool, so applying (and thus
+    /// every write's acknowledgement) never waits for the images to reach the disk.
+    fn start_background_checkpoint(&mut self, ctx: &mut Context<Self>) {
+        if self.checkpoint_in_flight.is_some() {
+            return;
+        }
+        let Some(ticket) = self.machine().begin_checkpoint() else {
+            return;
+        };
+        self.checkpoint_ids += 1;
+        let checkpoint_id = self.checkpoint_ids;
+        self.checkpoint_in_flight = Some(checkpoint_id);
+        self.bytes_since_checkpoint = 0;
+        let address = ctx.address();
+        actix_rt::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let result = ticket.sync_images();
+                (ticket, result)
+            })
+            .await;
+            if let Ok((ticket, result)) = result {
+                address.do_send(CheckpointSynced {
+                    checkpoint_id,
+                    ticket,
+                    result: result.map_err(|error| error.to_string()),
+                });
+            }
+        });
+    }
+
+    fn finish_background_checkpoint(&mut self, msg: CheckpointSynced) {
+        self.checkpoint_in_flight = None;
+        if let Err(error) = msg.result {
+            self.machine().abort_checkpoint(msg.ticket);
+            // The image data is not known to be on disk: nothing may be recorded, and the
+            // state in memory cannot be trusted to match the disk. Restart and replay.
+            panic!("fdatasync of the images failed: {error}");
+        }
+        let durable_index = match self.machine().finish_checkpoint(msg.ticket) {
+            Ok(index) => index,
+            Err(error) => panic!("recording the applied index failed: {error}"),
+        };
+        if let Some(raft) = &self.raft {
+            raft.do_send(DurableApplied {
+                index: durable_index,
+            });
         }
     }
 
     /// fdatasync the images, then record the applied index (the durability rule), and let the
     /// Raft actor compact the log below it.
     fn checkpoint(&mut self) -> u64 {
-        let machine = self.machine();
-        if machine.durable_applied_index() == machine.applied_index() {
-            return machine.durable_applied_index();
-        }
-        let durable_index = match machine.make_durable() {
+        let durable_index = match self.machine().make_durable() {
             Ok(index) => index,
             Err(error) => panic!("checkpoint failed: {error}"),
         };
@@ -259,14 +312,17 @@ impl Actor for StorageActor {
         self.open_machine();
         self.announce_started();
         let interval = Duration::from_millis(self.params.config.checkpoint_interval_ms);
-        ctx.run_interval(interval, |_, ctx| ctx.notify(Checkpoint));
+        ctx.run_interval(interval, |_, ctx| ctx.notify(CheckpointTick));
     }
 }
 
 impl actix::Supervised for StorageActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        // Drop everything in memory; `started` reopens from RocksDB and the images.
+        // Drop everything in memory; `started` reopens from RocksDB and the images. A
+        // background checkpoint still running reports to the new instance, which ignores it by
+        // its id (its ticket belongs to the old state machine).
         self.machine = None;
+        self.checkpoint_in_flight = None;
     }
 }
 
@@ -281,11 +337,11 @@ impl Handler<ConnectRaft> for StorageActor {
 impl Handler<ApplyCommitted> for StorageActor {
     type Result = ();
     fn handle(&mut self, msg: ApplyCommitted, ctx: &mut Context<Self>) {
-        self.guarded(ctx, |actor, _| {
+        self.guarded(ctx, |actor, ctx| {
             fail::fail_point!("storage_actor_apply", |_| {
                 panic!("failpoint storage_actor_apply");
             });
-            actor.apply_committed(msg)
+            actor.apply_committed(msg, ctx)
         });
     }
 }
@@ -295,5 +351,38 @@ impl Handler<Checkpoint> for StorageActor {
     fn handle(&mut self, _: Checkpoint, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor, _| actor.checkpoint())
             .ok_or_else(|| "the storage actor crashed during the checkpoint".to_string())
+    }
+}
+
+/// Timer → storage actor: time for a background checkpoint.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CheckpointTick;
+
+/// Blocking pool → storage actor: a background checkpoint's images are synced (or not).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CheckpointSynced {
+    checkpoint_id: u64,
+    ticket: CheckpointTicket,
+    result: Result<(), String>,
+}
+
+impl Handler<CheckpointTick> for StorageActor {
+    type Result = ();
+    fn handle(&mut self, _: CheckpointTick, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| actor.start_background_checkpoint(ctx));
+    }
+}
+
+impl Handler<CheckpointSynced> for StorageActor {
+    type Result = ();
+    fn handle(&mut self, msg: CheckpointSynced, ctx: &mut Context<Self>) {
+        if self.checkpoint_in_flight != Some(msg.checkpoint_id) {
+            // Started by an instance that has since restarted: its state machine is gone, and
+            // the new one knows nothing of the ticket.
+            return;
+        }
+        self.guarded(ctx, |actor, _| actor.finish_background_checkpoint(msg));
     }
 }

@@ -436,6 +436,32 @@ struct PlannedDataCommand<'a> {
     command: Command<'a>,
 }
 
+/// A checkpoint in progress (see [`StateMachine::begin_checkpoint`]): the applied index it
+/// will record and the images that must be fdatasync'd first. `Send`, so the syncing can run
+/// on any thread.
+pub struct CheckpointTicket {
+    applied_index: u64,
+    volume_ids: BTreeSet<u64>,
+    images: Vec<Arc<VolumeShared>>,
+}
+
+impl CheckpointTicket {
+    /// The applied index this checkpoint records once its images are synced.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// fdatasync every image written up to the captured applied index: their data must be on
+    /// disk before an applied index covering it is recorded (the durability rule). An image
+    /// deleted meanwhile is still open here, and syncing it is harmless.
+    pub fn sync_images(&self) -> Result<(), StorageError> {
+        for volume in &self.images {
+            volume.image.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
 /// The state machine of one Raft group.
 pub struct StateMachine {
     db: Arc<DB>,
@@ -446,6 +472,10 @@ pub struct StateMachine {
     durable_applied_index: u64,
     /// Volumes with image writes not yet fdatasync'd by a checkpoint.
     volumes_written_since_checkpoint: BTreeSet<u64>,
+    /// Volumes whose fdatasync a background checkpoint (`begin_checkpoint`) is running. Any
+    /// checkpoint recorded inline meanwhile (`make_durable`, volume create/delete) syncs them
+    /// too, because the index it records covers their writes.
+    volumes_in_background_checkpoint: BTreeSet<u64>,
 }
 
 fn write_options(sync: bool) -> WriteOptions {
@@ -569,6 +599,7 @@ impl StateMachine {
             applied_index: durable_applied_index,
             durable_applied_index,
             volumes_written_since_checkpoint: BTreeSet::new(),
+            volumes_in_background_checkpoint: BTreeSet::new(),
         })
     }
 
@@ -815,6 +846,21 @@ impl StateMachine {
 
     /// fdatasync every image written since the last checkpoint, except `skip_volume_id`.
     fn sync_written_images(&mut self, skip_volume_id: Option<u64>) -> Result<(), StorageError> {
+        // Images a background checkpoint is syncing are synced here too (and stay listed for
+        // it): the index recorded after this covers their writes.
+        let in_background: Vec<u64> = self
+            .volumes_in_background_checkpoint
+            .iter()
+            .copied()
+            .collect();
+        for volume_id in in_background {
+            if Some(volume_id) == skip_volume_id {
+                continue;
+            }
+            if let Some(volume) = self.volumes.get(&volume_id) {
+                volume.image.sync_data()?;
+            }
+        }
         for volume_id in std::mem::take(&mut self.volumes_written_since_checkpoint) {
             if Some(volume_id) == skip_volume_id {
                 continue;
@@ -838,21 +884,77 @@ impl StateMachine {
     pub fn make_durable(&mut self) -> Result<u64, StorageError> {
         if self.applied_index == self.durable_applied_index
             && self.volumes_written_since_checkpoint.is_empty()
+            && self.volumes_in_background_checkpoint.is_empty()
         {
             return Ok(self.durable_applied_index);
         }
         self.sync_written_images(None)?;
+        self.record_durable_applied_index(self.applied_index)?;
+        Ok(self.durable_applied_index)
+    }
+
+    /// Records `index` as the durable applied index (synced). Callers have synced the images.
+    fn record_durable_applied_index(&mut self, index: u64) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(
             column_family(&self.db, keys::CF_META)?,
             keys::applied_index_key(self.group_id),
-            self.applied_index.to_be_bytes(),
+            index.to_be_bytes(),
         );
         // Synced: it also makes every checksum batch written before it durable, and the log
         // may be compacted against this index right after.
         self.db.write_opt(batch, &write_options(true))?;
-        self.durable_applied_index = self.applied_index;
+        self.durable_applied_index = index;
+        Ok(())
+    }
+
+    /// First half of a checkpoint that lets the fdatasync run on another thread while applying
+    /// goes on: captures the applied index now and the images written up to now. Every write
+    /// applied up to the captured index is in the page cache of one of those images, so once
+    /// [`CheckpointTicket::sync_images`] returns, the captured index may be recorded (later
+    /// writes may or may not be synced too; they are above the recorded index and replayed).
+    /// `None` when there is nothing to make durable.
+    pub fn begin_checkpoint(&mut self) -> Option<CheckpointTicket> {
+        if !self.volumes_in_background_checkpoint.is_empty()
+            || (self.applied_index == self.durable_applied_index
+                && self.volumes_written_since_checkpoint.is_empty())
+        {
+            return None;
+        }
+        let volume_ids = std::mem::take(&mut self.volumes_written_since_checkpoint);
+        let images = volume_ids
+            .iter()
+            .filter_map(|volume_id| self.volumes.get(volume_id).cloned())
+            .collect();
+        self.volumes_in_background_checkpoint = volume_ids.clone();
+        Some(CheckpointTicket {
+            applied_index: self.applied_index,
+            volume_ids,
+            images,
+        })
+    }
+
+    /// Second half: records the ticket's applied index (synced) once its images are synced.
+    /// A ticket overtaken by a later checkpoint (volume create/delete checkpoint inline)
+    /// records nothing: the durable applied index never goes backwards.
+    pub fn finish_checkpoint(&mut self, ticket: CheckpointTicket) -> Result<u64, StorageError> {
+        if ticket.applied_index <= self.durable_applied_index {
+            self.volumes_in_background_checkpoint.clear();
+            return Ok(self.durable_applied_index);
+        }
+        if let Err(error) = self.record_durable_applied_index(ticket.applied_index) {
+            self.abort_checkpoint(ticket);
+            return Err(error);
+        }
+        self.volumes_in_background_checkpoint.clear();
         Ok(self.durable_applied_index)
+    }
+
+    /// Gives a failed ticket's images back to the next checkpoint.
+    pub fn abort_checkpoint(&mut self, ticket: CheckpointTicket) {
+        self.volumes_in_background_checkpoint.clear();
+        self.volumes_written_since_checkpoint
+            .extend(ticket.volume_ids.iter().copied());
     }
 
     fn create_volume(
@@ -1106,6 +1208,48 @@ mod tests {
             reader.read(256 * KIB - 1, &mut [0u8; 2]),
             Err(StorageError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn background_checkpoint_never_moves_the_durable_index_backwards() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 256 * KIB, 4096);
+        fixture.apply(&encode_write_command(info.id, 0, &[7u8; 4096]));
+        let ticket = fixture
+            .state_machine
+            .begin_checkpoint()
+            .expect("a write since the last checkpoint needs one");
+        let captured = ticket.applied_index();
+        assert!(
+            fixture.state_machine.begin_checkpoint().is_none(),
+            "one background checkpoint at a time"
+        );
+        // More writes while the ticket's images sync, then an inline checkpoint: it covers the
+        // ticket's images too and records the later index.
+        fixture.apply(&encode_write_command(info.id, 8192, &[9u8; 4096]));
+        let inline = fixture.state_machine.make_durable().unwrap();
+        assert!(inline > captured);
+        ticket.sync_images().unwrap();
+        assert_eq!(
+            fixture.state_machine.finish_checkpoint(ticket).unwrap(),
+            inline
+        );
+        assert_eq!(fixture.state_machine.durable_applied_index(), inline);
+        // A normal cycle records exactly the captured index.
+        fixture.apply(&encode_write_command(info.id, 0, &[1u8; 4096]));
+        let ticket = fixture.state_machine.begin_checkpoint().unwrap();
+        let captured = ticket.applied_index();
+        fixture.apply(&encode_write_command(info.id, 4096, &[2u8; 4096]));
+        ticket.sync_images().unwrap();
+        assert_eq!(
+            fixture.state_machine.finish_checkpoint(ticket).unwrap(),
+            captured
+        );
+        assert!(fixture.state_machine.applied_index() > captured);
+        // An aborted ticket gives its images back to the next checkpoint.
+        let ticket = fixture.state_machine.begin_checkpoint().unwrap();
+        fixture.state_machine.abort_checkpoint(ticket);
+        assert!(fixture.state_machine.begin_checkpoint().is_some());
     }
 
     #[test]
