@@ -387,11 +387,17 @@ async fn read_reply(
     }
     let offset = header.offset;
     let length = header.length as usize;
-    let result = tokio::task::spawn_blocking(move || {
-        let mut buffer = vec![0u8; length];
-        volume.read(offset, &mut buffer).map(|()| buffer)
-    })
-    .await;
+    // Serve from the page cache on this thread when possible (no thread hop); only reads that
+    // would wait for the disk go to the blocking pool.
+    let mut buffer = vec![0u8; length];
+    let result = match volume.read_cached(offset, &mut buffer) {
+        Ok(true) => Ok(Ok(buffer)),
+        Ok(false) => {
+            tokio::task::spawn_blocking(move || volume.read(offset, &mut buffer).map(|()| buffer))
+                .await
+        }
+        Err(error) => Ok(Err(error)),
+    };
     match result {
         Ok(Ok(buffer)) => {
             let mut out = Vec::with_capacity(32);

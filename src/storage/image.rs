@@ -109,6 +109,42 @@ impl ImageFile {
             .map_err(|error| self.io_error(error))
     }
 
+    /// Like [`Self::read_exact_at`], but only from the page cache (`preadv2` with
+    /// `RWF_NOWAIT`): `Ok(false)` when part of the range is not cached and reading it would
+    /// wait for the disk; `buf` then holds nothing meaningful. Lets a caller on an event loop
+    /// serve cached reads inline and hand only the others to a blocking thread.
+    pub fn read_exact_at_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, StorageError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let remaining = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: remaining.as_mut_ptr().cast(),
+                iov_len: remaining.len(),
+            };
+            // Offsets are below the image size, which is far below i64::MAX.
+            let position = (offset + done as u64) as libc::off_t;
+            // SAFETY: `iov` describes `remaining`, which is valid for writes of `iov_len` bytes
+            // and not otherwise borrowed during the call; the descriptor belongs to
+            // `self.file`, which outlives the call.
+            let read = unsafe {
+                libc::preadv2(self.file.as_raw_fd(), &iov, 1, position, libc::RWF_NOWAIT)
+            };
+            if read < 0 {
+                let error = std::io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => return Ok(false),
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(self.io_error(error)),
+                }
+            }
+            if read == 0 {
+                return Err(self.io_error(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+            }
+            done += read as usize;
+        }
+        Ok(true)
+    }
+
     /// Deallocates `[offset, offset + length)` so it reads as zeroes; partial file-system
     /// blocks at the edges are zeroed by the file system. Falls back to writing zeroes where
     /// hole punching is not supported.

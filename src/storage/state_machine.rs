@@ -334,17 +334,40 @@ impl VolumeReader {
     /// locks exclude a race with apply). A range outside the volume is
     /// [`StorageError::OutOfRange`] (the caller should have checked).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        self.read_from(offset, buf, false).map(|_| ())
+    }
+
+    /// Like [`Self::read`], but only if the image range is in the page cache: `Ok(false)`
+    /// (and `buf` meaningless) when reading would wait for the disk. For callers on an event
+    /// loop; checksums are verified the same way.
+    pub fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, StorageError> {
+        self.read_from(offset, buf, true)
+    }
+
+    fn read_from(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        cached_only: bool,
+    ) -> Result<bool, StorageError> {
         let volume = &self.volume;
         let length = buf.len() as u64;
         self.check_range(offset, length)?;
         if length == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let block_size = volume.block_size();
         let first_block = offset / block_size;
         let end_block = (offset + length).div_ceil(block_size);
         let aligned_start = first_block * block_size;
         let aligned_end = end_block * block_size;
+        let read_image = |position: u64, target: &mut [u8]| -> Result<bool, StorageError> {
+            if cached_only {
+                volume.image.read_exact_at_cached(position, target)
+            } else {
+                volume.image.read_exact_at(position, target).map(|()| true)
+            }
+        };
 
         let stripes = volume.stripes_for(aligned_start, aligned_end);
         let _guards: Vec<_> = stripes
@@ -357,17 +380,21 @@ impl VolumeReader {
             });
         }
         if aligned_start == offset && aligned_end == offset + length {
-            volume.image.read_exact_at(offset, buf)?;
-            volume.verify_blocks(first_block, buf)
+            if !read_image(offset, buf)? {
+                return Ok(false);
+            }
+            volume.verify_blocks(first_block, buf)?;
         } else {
             // Unaligned: checksums cover whole blocks, so read whole blocks and copy out.
             let mut blocks = vec![0u8; (aligned_end - aligned_start) as usize];
-            volume.image.read_exact_at(aligned_start, &mut blocks)?;
+            if !read_image(aligned_start, &mut blocks)? {
+                return Ok(false);
+            }
             volume.verify_blocks(first_block, &blocks)?;
             let start = (offset - aligned_start) as usize;
             buf.copy_from_slice(&blocks[start..start + buf.len()]);
-            Ok(())
         }
+        Ok(true)
     }
 
     /// Allocation map for `base:allocation`: extents covering `[offset, offset + length)` in
@@ -1250,6 +1277,27 @@ mod tests {
         let ticket = fixture.state_machine.begin_checkpoint().unwrap();
         fixture.state_machine.abort_checkpoint(ticket);
         assert!(fixture.state_machine.begin_checkpoint().is_some());
+    }
+
+    #[test]
+    fn cached_reads_match_blocking_reads_or_decline() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 256 * KIB, 4096);
+        let data: Vec<u8> = (0..20_000u32).map(|value| (value % 251) as u8).collect();
+        fixture.apply(&encode_write_command(info.id, 1000, &data));
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        // Just written, so in the page cache: served, and equal to the blocking read.
+        let mut cached = vec![0u8; 20_000];
+        assert!(reader.read_cached(1000, &mut cached).unwrap());
+        assert_eq!(cached, data);
+        let mut aligned = vec![0u8; 8192];
+        assert!(reader.read_cached(4096, &mut aligned).unwrap());
+        assert_eq!(aligned, read(&reader, 4096, 8192));
+        // Whatever the cache holds, a declined read is never a wrong read.
+        let mut far = vec![0u8; 4096];
+        if reader.read_cached(200 * KIB, &mut far).unwrap() {
+            assert_eq!(far, vec![0u8; 4096]);
+        }
     }
 
     #[test]
