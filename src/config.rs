@@ -241,13 +241,19 @@ impl Config {
     }
 }
 
-/// The one rule for a volume's size and block size, shared by configuration, the control API
-/// and the state machine's callers: block size a power of two in 512..=65536, size a non-zero
-/// multiple of it.
+/// The one rule for a volume's size and block size, shared by configuration and the control
+/// API, with the state machine's limits: block size a power of two in 512..=65536, size a
+/// non-zero multiple of it, at most 16 TiB.
 pub fn validate_volume_geometry(size_bytes: u64, block_size_bytes: u32) -> Result<(), String> {
-    if !block_size_bytes.is_power_of_two() || !(512..=65536).contains(&block_size_bytes) {
+    use crate::storage::state_machine::{
+        BLOCK_SIZE_BYTES_MAX, BLOCK_SIZE_BYTES_MIN, VOLUME_SIZE_BYTES_MAX,
+    };
+    if !block_size_bytes.is_power_of_two()
+        || !(BLOCK_SIZE_BYTES_MIN..=BLOCK_SIZE_BYTES_MAX).contains(&block_size_bytes)
+    {
         return Err(format!(
-            "block size {block_size_bytes} must be a power of two between 512 and 65536"
+            "block size {block_size_bytes} must be a power of two between \
+             {BLOCK_SIZE_BYTES_MIN} and {BLOCK_SIZE_BYTES_MAX}"
         ));
     }
     if size_bytes == 0 || size_bytes % u64::from(block_size_bytes) != 0 {
@@ -255,9 +261,10 @@ pub fn validate_volume_geometry(size_bytes: u64, block_size_bytes: u32) -> Resul
             "size {size_bytes} must be a non-zero multiple of the block size {block_size_bytes}"
         ));
     }
-    // The image is a sparse file; 2^62 keeps offset arithmetic far from overflow everywhere.
-    if size_bytes > (1u64 << 62) {
-        return Err(format!("size {size_bytes} is larger than 4 EiB"));
+    if size_bytes > VOLUME_SIZE_BYTES_MAX {
+        return Err(format!(
+            "size {size_bytes} is larger than the largest volume, {VOLUME_SIZE_BYTES_MAX} bytes"
+        ));
     }
     Ok(())
 }
@@ -299,5 +306,6 @@ mod tests {
         assert!(validate_volume_geometry(0, 4096).is_err());
         assert!(validate_volume_geometry(1 << 20, 3000).is_err());
         assert!(validate_volume_geometry(1 << 20, 256).is_err());
+        assert!(validate_volume_geometry(1 << 45, 4096).is_err());
     }
 }
