@@ -683,33 +683,18 @@ impl Handler<GetRaftStatus> for RaftActor {
     }
 }
 
-/// Proposes `command` and waits for it to be committed and applied, retrying through leader
-/// elections and actor restarts until `deadline`. Used by NBD sessions and the control API.
-pub async fn propose_until(
-    raft: &Addr<RaftActor>,
-    command: Bytes,
-    deadline: Instant,
-) -> Result<crate::storage::state_machine::ApplyOutcome, ProposalError> {
+/// Runs `attempt` until it succeeds or `deadline` passes, backing off between tries. Every
+/// failure an attempt can report (actor restarting, leader election, dropped proposal) is
+/// transient, so only the deadline turns one into the caller's error.
+async fn retry_until<T, F, Fut>(deadline: Instant, mut attempt: F) -> Result<T, ProposalError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ProposalError>>,
+{
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (responder, reply) = tokio::sync::oneshot::channel();
-        let outcome = match raft
-            .send(Propose {
-                command: command.clone(),
-                responder,
-            })
-            .await
-        {
-            Ok(()) => match reply.await {
-                Ok(result) => result,
-                // The responder was dropped: the actor restarted mid-request.
-                Err(_) => Err(ProposalError::Dropped),
-            },
-            // The mailbox is closed while the supervisor restarts the actor.
-            Err(_) => Err(ProposalError::Dropped),
-        };
-        match outcome {
-            Ok(applied) => return Ok(applied),
+        match attempt().await {
+            Ok(value) => return Ok(value),
             Err(error) if Instant::now() + backoff >= deadline => return Err(error),
             Err(_) => {
                 tokio::time::sleep(backoff).await;
@@ -719,26 +704,41 @@ pub async fn propose_until(
     }
 }
 
+/// Proposes `command` and waits for it to be committed and applied, retrying through leader
+/// elections and actor restarts until `deadline`. Used by NBD sessions and the control API.
+pub async fn propose_until(
+    raft: &Addr<RaftActor>,
+    command: Bytes,
+    deadline: Instant,
+) -> Result<crate::storage::state_machine::ApplyOutcome, ProposalError> {
+    retry_until(deadline, || async {
+        let (responder, reply) = tokio::sync::oneshot::channel();
+        let proposal = Propose {
+            command: command.clone(),
+            responder,
+        };
+        match raft.send(proposal).await {
+            // A dropped responder means the actor restarted mid-request.
+            Ok(()) => reply.await.unwrap_or(Err(ProposalError::Dropped)),
+            // The mailbox is closed while the supervisor restarts the actor.
+            Err(_) => Err(ProposalError::Dropped),
+        }
+    })
+    .await
+}
+
 /// Waits until a read issued now is linearizable on this node (see `ReadBarrier`), retrying
 /// like [`propose_until`].
 pub async fn read_barrier_until(
     raft: &Addr<RaftActor>,
     deadline: Instant,
 ) -> Result<(), ProposalError> {
-    let mut backoff = Duration::from_millis(5);
-    loop {
+    retry_until(deadline, || async {
         let (responder, reply) = tokio::sync::oneshot::channel();
-        let outcome = match raft.send(ReadBarrier { responder }).await {
+        match raft.send(ReadBarrier { responder }).await {
             Ok(()) => reply.await.unwrap_or(Err(ProposalError::Dropped)),
             Err(_) => Err(ProposalError::Dropped),
-        };
-        match outcome {
-            Ok(()) => return Ok(()),
-            Err(error) if Instant::now() + backoff >= deadline => return Err(error),
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
-            }
         }
-    }
+    })
+    .await
 }

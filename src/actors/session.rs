@@ -259,11 +259,13 @@ impl NbdSessionActor {
         self.requests_in_flight += 1;
         let command = header.command;
         actix_rt::spawn(async move {
-            let reply = match command {
+            let (reply, data) = match command {
                 Command::Write | Command::Trim | Command::WriteZeroes => match proposal {
-                    None => success_reply(structured, cookie),
+                    None => (success_reply(structured, cookie), None),
                     Some(command_bytes) => {
-                        match propose_until(&raft, Bytes::from(command_bytes), deadline).await {
+                        let reply = match propose_until(&raft, Bytes::from(command_bytes), deadline)
+                            .await
+                        {
                             Ok(ApplyOutcome::Rejected(rejection)) => {
                                 let errno = match rejection {
                                     ApplyRejection::OutOfRange => Errno::NoSpc,
@@ -277,14 +279,15 @@ impl NbdSessionActor {
                                 slog::warn!(logger, "write failed after retries"; "error" => %error);
                                 error_reply_bytes(structured, cookie, Errno::Io, "write failed")
                             }
-                        }
+                        };
+                        (reply, None)
                     }
                 },
                 // Every acknowledged write is already committed to the fsync'd Raft log on a
                 // majority, so FLUSH covers all of them (on every connection) at once.
-                Command::Flush | Command::Cache => success_reply(structured, cookie),
+                Command::Flush | Command::Cache => (success_reply(structured, cookie), None),
                 Command::Read => {
-                    let (header_bytes, data) = read_reply(
+                    read_reply(
                         &raft,
                         needs_barrier,
                         volume,
@@ -293,19 +296,10 @@ impl NbdSessionActor {
                         deadline,
                         &logger,
                     )
-                    .await;
-                    if let Some(replies) = replies {
-                        let _ = replies.send(OutgoingReply {
-                            header: header_bytes,
-                            data,
-                            _permits: permits,
-                        });
-                    }
-                    session.do_send(RequestFinished);
-                    return;
+                    .await
                 }
                 Command::BlockStatus => {
-                    block_status_reply(
+                    let reply = block_status_reply(
                         &raft,
                         needs_barrier,
                         volume,
@@ -314,17 +308,19 @@ impl NbdSessionActor {
                         deadline,
                         &logger,
                     )
-                    .await
+                    .await;
+                    (reply, None)
                 }
                 // `check_request` rejects everything else before dispatch.
-                Command::Disc | Command::Unknown(_) => {
-                    error_reply_bytes(structured, cookie, Errno::Inval, "unsupported")
-                }
+                Command::Disc | Command::Unknown(_) => (
+                    error_reply_bytes(structured, cookie, Errno::Inval, "unsupported"),
+                    None,
+                ),
             };
             if let Some(replies) = replies {
                 let _ = replies.send(OutgoingReply {
                     header: reply,
-                    data: None,
+                    data,
                     _permits: permits,
                 });
             }
