@@ -95,7 +95,7 @@ const PROBE_RETRY_TICKS: u64 = 40;
 /// stops producing them once nothing changes).
 const READY_ROUNDS_MAX: usize = 32;
 /// Events kept for the failure report when tracing.
-const TRACE_EVENTS_MAX: usize = 400;
+const TRACE_EVENTS_MAX: usize = 40_000;
 
 // ---------------------------------------------------------------------------------------------
 // Randomness and hashing
@@ -1001,23 +1001,36 @@ impl Simulation {
         Ok(())
     }
 
-    /// The smallest commit index of any node, crashed ones included: compaction stays at or
-    /// below it so no follower ever needs a snapshot.
-    fn min_commit_index(&self) -> u64 {
-        self.nodes
+    /// The highest index below which every node's log may be compacted without any follower
+    /// ever needing a snapshot: the smallest commit index of any node (crashed ones included;
+    /// a new leader probes no lower than a follower's commit index) and the smallest index any
+    /// current leader believes a follower has matched (a leader resends from there: a follower
+    /// may know a higher commit index while its acknowledgement was lost).
+    fn compaction_bound_index(&self) -> u64 {
+        let commit_indexes = self.nodes.iter().map(|node| match &node.live {
+            Some(live) => live.raw_node.raft.raft_log.committed,
+            None => node.commit_index_at_crash,
+        });
+        let matched_indexes = self
+            .nodes
             .iter()
-            .map(|node| match &node.live {
-                Some(live) => live.raw_node.raft.raft_log.committed,
-                None => node.commit_index_at_crash,
-            })
-            .min()
-            .unwrap_or(0)
+            .filter_map(|node| node.live.as_ref())
+            .filter(|live| live.raw_node.raft.state == StateRole::Leader)
+            .flat_map(|live| {
+                live.raw_node
+                    .raft
+                    .prs()
+                    .iter()
+                    .map(|(_, progress)| progress.matched)
+                    .collect::<Vec<u64>>()
+            });
+        commit_indexes.chain(matched_indexes).min().unwrap_or(0)
     }
 
     /// A checkpoint (`make_durable`) and then compaction, as `DurableApplied` does.
     fn checkpoint(&mut self, index: usize) -> Checked<()> {
         let node_id = self.nodes[index].id;
-        let min_commit_index = self.min_commit_index();
+        let compaction_bound_index = self.compaction_bound_index();
         let keep_entries = self.rng.below(8);
         let Some(live) = self.nodes[index].live.as_mut() else {
             return Ok(());
@@ -1028,7 +1041,7 @@ impl Simulation {
             .map_err(|error| storage_failure(node_id, "make_durable", error))?;
         let compact_index = durable_index
             .saturating_sub(keep_entries)
-            .min(min_commit_index + 1);
+            .min(compaction_bound_index + 1);
         let first_index = live.log_store.first_index().unwrap_or(1);
         if compact_index > first_index {
             live.log_store
