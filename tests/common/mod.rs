@@ -46,9 +46,14 @@ pub const SERVER_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// test instead of hanging it.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The server binary under test. Switching the whole suite to another build is this one line.
+/// The server binary under test: `RAFTBLK_BIN` at run time if set (several worktrees share one
+/// build directory, so a test run can pin a copy of the binary it was built with), else the
+/// binary Cargo built for this test crate.
 pub fn server_program() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_raftblk"))
+    match std::env::var_os("RAFTBLK_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_raftblk")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
