@@ -24,6 +24,16 @@
 //! table as of the durable applied index, and a replayed command meets the same table it met
 //! the first time (same outcome, same volume).
 //!
+//! Writer fencing (two writers would corrupt a file system): a volume is attached read-write to
+//! at most one client. `Attach` by the holder (or on a free volume) starts a new epoch, the
+//! index of the `Attach` entry; by another client it is refused as `AttachedByOther` unless
+//! `force`, which takes the volume over and so fences the old epoch. `Detach` succeeds only for
+//! the current epoch (otherwise `Fenced`). A Write/Trim/WriteZeroes is applied iff the volume
+//! is unattached and its `writer_epoch` is 0, or attached and its `writer_epoch` is the
+//! current epoch; otherwise it is rejected as `Fenced`. Every rule reads only the volume table
+//! as of the previous entry, so every replica decides the same. The attachment is part of the
+//! volume row and changes only in a checkpoint batch, like create and delete.
+//!
 //! Concurrency between apply and reads: each volume has striped reader-writer locks over its
 //! regions. Apply takes the write locks covering a batch's ranges, in ascending order, around
 //! the pwrites *and* the RocksDB write of their checksums; a read takes the read locks of its
@@ -67,6 +77,20 @@ pub struct VolumeInfo {
     pub name: String,
     pub size_bytes: u64,
     pub block_size_bytes: u32,
+    /// The client attached read-write, if any (see "Writer fencing" in the module doc).
+    /// Rows written before fencing existed have no such field: unattached.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+}
+
+/// The read-write attachment of a volume to one client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// Who attached (an opaque id chosen by the client, e.g. its host name).
+    pub client: String,
+    /// The Raft index of the `Attach` entry: unique, and larger for every later attachment,
+    /// so a writer holding an older epoch is fenced.
+    pub epoch: u64,
 }
 
 /// What applying one committed entry did.
@@ -76,6 +100,10 @@ pub enum ApplyOutcome {
     Applied,
     VolumeCreated(VolumeInfo),
     VolumeDeleted(VolumeInfo),
+    /// The volume is now attached; the epoch is in `attachment`.
+    Attached(VolumeInfo),
+    /// The attachment ended; `attachment` is `None`.
+    Detached(VolumeInfo),
     /// The command was refused, the same way on every replica; the state is unchanged.
     Rejected(ApplyRejection),
     /// The index is at or below [`StateMachine::applied_index`]: it was applied before (for
@@ -90,8 +118,14 @@ pub enum ApplyRejection {
     NoSuchVolume,
     VolumeExists,
     OutOfRange,
-    /// Undecodable, or a `CreateVolume` with an invalid name, size or block size.
+    /// Undecodable, or a `CreateVolume` with an invalid name, size or block size, or an
+    /// `Attach` with an empty client id.
     InvalidCommand,
+    /// `Attach` without `force` while another client holds the volume.
+    AttachedByOther,
+    /// A data command whose writer epoch is not the volume's current one (0 when unattached),
+    /// or a `Detach` of an epoch that is not current.
+    Fenced,
 }
 
 /// One extent of a `BLOCK_STATUS` reply for `base:allocation`.
@@ -106,7 +140,11 @@ pub struct Extent {
 
 /// State of one volume shared between the state machine and its readers.
 struct VolumeShared {
+    /// Geometry and name; its `attachment` is not maintained (see `attachment`).
     info: VolumeInfo,
+    /// The current attachment. Written only by apply (the single writer); a mutex rather than
+    /// part of `info` because readers hold this struct across attachments.
+    attachment: parking_lot::Mutex<Option<Attachment>>,
     group_id: u64,
     db: Arc<DB>,
     image: ImageFile,
@@ -121,6 +159,23 @@ struct VolumeShared {
 }
 
 impl VolumeShared {
+    /// The row as of now, attachment included.
+    fn info_now(&self) -> VolumeInfo {
+        VolumeInfo {
+            attachment: self.attachment.lock().clone(),
+            ..self.info.clone()
+        }
+    }
+
+    /// Whether a data command carrying `writer_epoch` may change this volume: the writer
+    /// fencing rule of the module doc.
+    fn admits_writer_epoch(&self, writer_epoch: u64) -> bool {
+        match &*self.attachment.lock() {
+            None => writer_epoch == 0,
+            Some(attachment) => writer_epoch == attachment.epoch,
+        }
+    }
+
     fn block_size(&self) -> u64 {
         u64::from(self.info.block_size_bytes)
     }
@@ -329,8 +384,9 @@ impl std::fmt::Debug for VolumeReader {
 }
 
 impl VolumeReader {
-    pub fn info(&self) -> &VolumeInfo {
-        &self.volume.info
+    /// The volume's row as of now (the attachment changes while the reader lives).
+    pub fn info(&self) -> VolumeInfo {
+        self.volume.info_now()
     }
 
     fn check_range(&self, offset: u64, length_bytes: u64) -> Result<(), StorageError> {
@@ -655,6 +711,7 @@ impl StateMachine {
     ) -> VolumeShared {
         let block_size_bytes = u64::from(info.block_size_bytes);
         VolumeShared {
+            attachment: parking_lot::Mutex::new(info.attachment.clone()),
             zero_block_crc32c: crc32c::crc32c(&vec![0u8; info.block_size_bytes as usize]),
             region_bytes: LOCK_REGION_BYTES.max(block_size_bytes),
             stripes: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
@@ -736,12 +793,14 @@ impl StateMachine {
             match command {
                 Command::Write {
                     volume_id,
+                    writer_epoch,
                     offset,
                     data,
                 } => {
                     outcomes.push(self.plan_data_command(
                         &mut segment,
                         volume_id,
+                        writer_epoch,
                         offset,
                         data.len() as u64,
                         command,
@@ -749,11 +808,13 @@ impl StateMachine {
                 }
                 Command::Trim {
                     volume_id,
+                    writer_epoch,
                     offset,
                     length,
                 }
                 | Command::WriteZeroes {
                     volume_id,
+                    writer_epoch,
                     offset,
                     length,
                     ..
@@ -761,6 +822,7 @@ impl StateMachine {
                     outcomes.push(self.plan_data_command(
                         &mut segment,
                         volume_id,
+                        writer_epoch,
                         offset,
                         length,
                         command,
@@ -778,6 +840,18 @@ impl StateMachine {
                     self.apply_segment(&mut segment, index - 1)?;
                     outcomes.push(self.delete_volume(index, name)?);
                 }
+                Command::Attach {
+                    name,
+                    client,
+                    force,
+                } => {
+                    self.apply_segment(&mut segment, index - 1)?;
+                    outcomes.push(self.attach(index, name, client, force)?);
+                }
+                Command::Detach { name, epoch } => {
+                    self.apply_segment(&mut segment, index - 1)?;
+                    outcomes.push(self.detach(index, name, epoch)?);
+                }
             }
         }
         self.apply_segment(&mut segment, last_index)?;
@@ -789,6 +863,7 @@ impl StateMachine {
         &self,
         segment: &mut Vec<PlannedDataCommand<'a>>,
         volume_id: u64,
+        writer_epoch: u64,
         offset: u64,
         length: u64,
         command: Command<'a>,
@@ -796,6 +871,11 @@ impl StateMachine {
         let Some(volume) = self.volumes.get(&volume_id) else {
             return ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume);
         };
+        // Checked when the entry is reached, against the attachment as of the entries before
+        // it: attach and detach flush the pending segment first, so the order is the log's.
+        if !volume.admits_writer_epoch(writer_epoch) {
+            return ApplyOutcome::Rejected(ApplyRejection::Fenced);
+        }
         match offset.checked_add(length) {
             Some(end) if end <= volume.info.size_bytes => {}
             _ => return ApplyOutcome::Rejected(ApplyRejection::OutOfRange),
@@ -829,7 +909,7 @@ impl StateMachine {
                 Command::Write { offset, data, .. } => (offset, data.len() as u64),
                 Command::Trim { offset, length, .. }
                 | Command::WriteZeroes { offset, length, .. } => (offset, length),
-                Command::CreateVolume { .. } | Command::DeleteVolume { .. } => continue,
+                _ => continue,
             };
             let volume = &planned.volume;
             let block_size = volume.block_size();
@@ -872,7 +952,7 @@ impl StateMachine {
                         length,
                         may_punch_hole,
                     )?,
-                    Command::CreateVolume { .. } | Command::DeleteVolume { .. } => {}
+                    _ => {}
                 }
             }
             // Not synced: the images are not synced either. Both become durable at the next
@@ -1010,7 +1090,7 @@ impl StateMachine {
     ) -> Result<ApplyOutcome, StorageError> {
         if let Some(existing) = self.volumes.get(&index) {
             // Only reachable if this entry was applied before: the volume id is its index.
-            let info = existing.info.clone();
+            let info = existing.info_now();
             self.applied_index = index;
             return Ok(ApplyOutcome::VolumeCreated(info));
         }
@@ -1031,6 +1111,7 @@ impl StateMachine {
             name: name.to_string(),
             size_bytes,
             block_size_bytes,
+            attachment: None,
         };
         // A checkpoint first, so that the synced batch below may record `index` as the durable
         // applied index: every earlier image write is on disk.
@@ -1115,14 +1196,114 @@ impl StateMachine {
             Err(error) => return Err(StorageError::io(&path, error)),
         }
         sync_directory(&self.images_dir)?;
-        Ok(ApplyOutcome::VolumeDeleted(volume.info.clone()))
+        Ok(ApplyOutcome::VolumeDeleted(volume.info_now()))
+    }
+
+    /// `Attach`: see "Writer fencing" in the module doc for the rules.
+    fn attach(
+        &mut self,
+        index: u64,
+        name: &str,
+        client: &str,
+        force: bool,
+    ) -> Result<ApplyOutcome, StorageError> {
+        let Some(volume) = self
+            .volumes
+            .values()
+            .find(|volume| volume.info.name == name)
+            .cloned()
+        else {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
+        };
+        let held_by_other = volume
+            .attachment
+            .lock()
+            .as_ref()
+            .is_some_and(|attachment| attachment.client != client);
+        let rejection = if client.is_empty() {
+            Some(ApplyRejection::InvalidCommand)
+        } else if held_by_other && !force {
+            Some(ApplyRejection::AttachedByOther)
+        } else {
+            None
+        };
+        if let Some(rejection) = rejection {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(rejection));
+        }
+        let attachment = Some(Attachment {
+            client: client.to_string(),
+            epoch: index,
+        });
+        let info = self.record_attachment(index, &volume, attachment)?;
+        Ok(ApplyOutcome::Attached(info))
+    }
+
+    /// `Detach`: only the current epoch may detach; anything else is fenced.
+    fn detach(&mut self, index: u64, name: &str, epoch: u64) -> Result<ApplyOutcome, StorageError> {
+        let Some(volume) = self
+            .volumes
+            .values()
+            .find(|volume| volume.info.name == name)
+            .cloned()
+        else {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
+        };
+        let current = volume
+            .attachment
+            .lock()
+            .as_ref()
+            .is_some_and(|attachment| attachment.epoch == epoch);
+        if !current {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::Fenced));
+        }
+        let info = self.record_attachment(index, &volume, None)?;
+        Ok(ApplyOutcome::Detached(info))
+    }
+
+    /// Writes the volume row with `attachment` and `index` as the durable applied index in one
+    /// synced batch (a checkpoint, like create and delete: the table on disk stays the table
+    /// as of the durable applied index, so a replayed data command meets the attachment it met
+    /// the first time), then makes it visible to apply.
+    fn record_attachment(
+        &mut self,
+        index: u64,
+        volume: &VolumeShared,
+        attachment: Option<Attachment>,
+    ) -> Result<VolumeInfo, StorageError> {
+        let info = VolumeInfo {
+            attachment,
+            ..volume.info.clone()
+        };
+        // Every image write before this entry must be durable before `index` is recorded.
+        self.sync_written_images(None)?;
+        let meta = column_family(&self.db, keys::CF_META)?;
+        let row = serde_json::to_vec(&info).map_err(|error| StorageError::Corruption {
+            what: "volume row",
+            detail: format!("cannot encode: {error}"),
+        })?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, keys::volume_key(self.group_id, info.id), row);
+        batch.put_cf(
+            meta,
+            keys::applied_index_key(self.group_id),
+            index.to_be_bytes(),
+        );
+        self.db.write_opt(batch, &write_options(true))?;
+        *volume.attachment.lock() = info.attachment.clone();
+        self.applied_index = index;
+        self.durable_applied_index = index;
+        Ok(info)
     }
 
     /// Every volume, by id.
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         self.volumes
             .values()
-            .map(|volume| volume.info.clone())
+            .map(|volume| volume.info_now())
             .collect()
     }
 
@@ -1130,7 +1311,7 @@ impl StateMachine {
         self.volumes
             .values()
             .find(|volume| volume.info.name == name)
-            .map(|volume| volume.info.clone())
+            .map(|volume| volume.info_now())
     }
 
     /// A reader of the volume, to hand to other threads.
@@ -1241,7 +1422,7 @@ mod tests {
             .map(|value| (value % 253) as u8 + 1)
             .collect();
         assert_eq!(
-            fixture.apply(&encode_write_command(info.id, 3000, &data)),
+            fixture.apply(&encode_write_command(info.id, 0, 3000, &data)),
             ApplyOutcome::Applied
         );
         let reader = fixture.state_machine.reader(info.id).unwrap();
@@ -1258,7 +1439,7 @@ mod tests {
     fn background_checkpoint_never_moves_the_durable_index_backwards() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 256 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &[7u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[7u8; 4096]));
         let ticket = fixture
             .state_machine
             .begin_checkpoint()
@@ -1270,7 +1451,7 @@ mod tests {
         );
         // More writes while the ticket's images sync, then an inline checkpoint: it covers the
         // ticket's images too and records the later index.
-        fixture.apply(&encode_write_command(info.id, 8192, &[9u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 8192, &[9u8; 4096]));
         let inline = fixture.state_machine.make_durable().unwrap();
         assert!(inline > captured);
         ticket.sync_images().unwrap();
@@ -1280,10 +1461,10 @@ mod tests {
         );
         assert_eq!(fixture.state_machine.durable_applied_index(), inline);
         // A normal cycle records exactly the captured index.
-        fixture.apply(&encode_write_command(info.id, 0, &[1u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[1u8; 4096]));
         let ticket = fixture.state_machine.begin_checkpoint().unwrap();
         let captured = ticket.applied_index();
-        fixture.apply(&encode_write_command(info.id, 4096, &[2u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 4096, &[2u8; 4096]));
         ticket.sync_images().unwrap();
         assert_eq!(
             fixture.state_machine.finish_checkpoint(ticket).unwrap(),
@@ -1301,7 +1482,7 @@ mod tests {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 256 * KIB, 4096);
         let data: Vec<u8> = (0..20_000u32).map(|value| (value % 251) as u8).collect();
-        fixture.apply(&encode_write_command(info.id, 1000, &data));
+        fixture.apply(&encode_write_command(info.id, 0, 1000, &data));
         let reader = fixture.state_machine.reader(info.id).unwrap();
         // Just written, so in the page cache: served, and equal to the blocking read.
         let mut cached = vec![0u8; 20_000];
@@ -1323,16 +1504,17 @@ mod tests {
         let info = fixture.create("disk", 64 * KIB, 4096);
         let rejected = |rejection| ApplyOutcome::Rejected(rejection);
         assert_eq!(
-            fixture.apply(&encode_write_command(99, 0, b"x")),
+            fixture.apply(&encode_write_command(99, 0, 0, b"x")),
             rejected(ApplyRejection::NoSuchVolume)
         );
         assert_eq!(
-            fixture.apply(&encode_write_command(info.id, 64 * KIB, b"x")),
+            fixture.apply(&encode_write_command(info.id, 0, 64 * KIB, b"x")),
             rejected(ApplyRejection::OutOfRange)
         );
         assert_eq!(
             fixture.apply(&encode_command(&Command::Trim {
                 volume_id: info.id,
+                writer_epoch: 0,
                 offset: u64::MAX,
                 length: 2
             })),
@@ -1379,6 +1561,270 @@ mod tests {
         assert_eq!(fixture.state_machine.volumes(), vec![info]);
     }
 
+    fn attach(fixture: &mut Fixture, client: &str, force: bool) -> ApplyOutcome {
+        fixture.apply(&encode_command(&Command::Attach {
+            name: "disk",
+            client,
+            force,
+        }))
+    }
+
+    fn attached_epoch(outcome: &ApplyOutcome) -> u64 {
+        match outcome {
+            ApplyOutcome::Attached(VolumeInfo {
+                attachment: Some(attachment),
+                ..
+            }) => attachment.epoch,
+            other => panic!("attach returned {other:?}"),
+        }
+    }
+
+    fn write_with_epoch(
+        fixture: &mut Fixture,
+        volume_id: u64,
+        epoch: u64,
+        fill: u8,
+    ) -> ApplyOutcome {
+        fixture.apply(&encode_write_command(volume_id, epoch, 0, &[fill; 4096]))
+    }
+
+    fn zeroing_commands(volume_id: u64, writer_epoch: u64) -> [Vec<u8>; 2] {
+        [
+            encode_command(&Command::Trim {
+                volume_id,
+                writer_epoch,
+                offset: 0,
+                length: 4096,
+            }),
+            encode_command(&Command::WriteZeroes {
+                volume_id,
+                writer_epoch,
+                offset: 0,
+                length: 4096,
+                may_punch_hole: false,
+            }),
+        ]
+    }
+
+    /// Fencing rule: an unattached volume takes data commands with writer epoch 0 only.
+    #[test]
+    fn unattached_volume_admits_only_epoch_zero() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        assert_eq!(info.attachment, None);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 0, 1),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 5, 2),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        for command in zeroing_commands(info.id, 5) {
+            assert_eq!(
+                fixture.apply(&command),
+                ApplyOutcome::Rejected(ApplyRejection::Fenced)
+            );
+        }
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(
+            read(&reader, 0, 4096),
+            vec![1u8; 4096],
+            "fenced commands change nothing"
+        );
+    }
+
+    /// Fencing rules: the epoch is the index of the Attach entry; only that epoch may write;
+    /// the same client attaching again gets a new epoch and fences its own old one.
+    #[test]
+    fn attached_volume_admits_only_the_current_epoch() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let attach_index = fixture.next_index;
+        let outcome = attach(&mut fixture, "host-a", false);
+        let epoch = attached_epoch(&outcome);
+        assert_eq!(
+            epoch, attach_index,
+            "the epoch is the index of the Attach entry"
+        );
+        assert_eq!(
+            fixture
+                .state_machine
+                .volume_by_name("disk")
+                .unwrap()
+                .attachment,
+            Some(Attachment {
+                client: "host-a".to_string(),
+                epoch
+            })
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 0, 1),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced),
+            "an anonymous writer is fenced on an attached volume"
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, epoch, 2),
+            ApplyOutcome::Applied
+        );
+        for command in zeroing_commands(info.id, epoch + 1) {
+            assert_eq!(
+                fixture.apply(&command),
+                ApplyOutcome::Rejected(ApplyRejection::Fenced)
+            );
+        }
+        // Re-attach by the same client: a new epoch, the old one is fenced.
+        let second = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert!(second > epoch);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, epoch, 3),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        for command in zeroing_commands(info.id, second) {
+            assert_eq!(fixture.apply(&command), ApplyOutcome::Applied);
+        }
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(read(&reader, 0, 4096), vec![0u8; 4096]);
+        assert_eq!(reader.info().attachment.map(|a| a.epoch), Some(second));
+    }
+
+    /// Fencing rules: another client is refused unless it forces, which fences the old epoch.
+    #[test]
+    fn another_client_needs_force_and_then_fences_the_old_writer() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let old_epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert_eq!(
+            attach(&mut fixture, "host-b", false),
+            ApplyOutcome::Rejected(ApplyRejection::AttachedByOther)
+        );
+        assert_eq!(
+            fixture
+                .state_machine
+                .volume_by_name("disk")
+                .unwrap()
+                .attachment
+                .unwrap()
+                .client,
+            "host-a",
+            "a refused attach changes nothing"
+        );
+        let new_epoch = attached_epoch(&attach(&mut fixture, "host-b", true));
+        assert!(new_epoch > old_epoch);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, old_epoch, 1),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, new_epoch, 2),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            attach(&mut fixture, "", false),
+            ApplyOutcome::Rejected(ApplyRejection::InvalidCommand)
+        );
+        assert_eq!(
+            fixture.apply(&encode_command(&Command::Attach {
+                name: "nope",
+                client: "host-a",
+                force: true
+            })),
+            ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)
+        );
+    }
+
+    /// Fencing rules: Detach succeeds only for the current epoch; afterwards the volume is
+    /// unattached again (epoch 0 writes, anyone may attach).
+    #[test]
+    fn detach_needs_the_current_epoch() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let old_epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        let epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        let detach = |epoch| {
+            encode_command(&Command::Detach {
+                name: "disk",
+                epoch,
+            })
+        };
+        assert_eq!(
+            fixture.apply(&detach(old_epoch)),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        match fixture.apply(&detach(epoch)) {
+            ApplyOutcome::Detached(detached) => {
+                assert_eq!(detached.attachment, None);
+                assert_eq!(detached.id, info.id);
+            }
+            other => panic!("detach returned {other:?}"),
+        }
+        assert_eq!(
+            fixture.apply(&detach(epoch)),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced),
+            "detaching an unattached volume is fenced"
+        );
+        assert_eq!(
+            fixture.apply(&encode_command(&Command::Detach {
+                name: "nope",
+                epoch
+            })),
+            ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 0, 1),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, epoch, 1),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        attached_epoch(&attach(&mut fixture, "host-b", false));
+    }
+
+    /// The attachment is in the volume row and recorded with its index as a checkpoint, so a
+    /// restart (and replay of the entries after it) fences exactly as before.
+    #[test]
+    fn attachment_survives_restart_and_replay_decides_the_same() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert_eq!(fixture.state_machine.durable_applied_index(), epoch);
+        let stale = encode_write_command(info.id, 0, 0, &[9u8; 4096]);
+        let current = encode_write_command(info.id, epoch, 4096, &[8u8; 4096]);
+        assert_eq!(
+            fixture.apply(&stale),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        assert_eq!(fixture.apply(&current), ApplyOutcome::Applied);
+        let mut fixture = fixture.reopen();
+        assert_eq!(fixture.state_machine.applied_index(), epoch);
+        assert_eq!(
+            fixture.state_machine.volumes()[0].attachment,
+            Some(Attachment {
+                client: "host-a".to_string(),
+                epoch
+            })
+        );
+        // Replay of the two entries after the checkpoint.
+        assert_eq!(
+            fixture.apply(&stale),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        assert_eq!(fixture.apply(&current), ApplyOutcome::Applied);
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(read(&reader, 0, 4096), vec![0u8; 4096]);
+        assert_eq!(read(&reader, 4096, 4096), vec![8u8; 4096]);
+    }
+
+    /// Rows written before fencing existed have no `attachment` field: they read as unattached.
+    #[test]
+    fn volume_rows_without_attachment_decode_as_unattached() {
+        let row = br#"{"id":3,"name":"old","size_bytes":8192,"block_size_bytes":4096}"#;
+        let info: VolumeInfo = serde_json::from_slice(row).unwrap();
+        assert_eq!(info.attachment, None);
+        assert_eq!(info.id, 3);
+    }
+
     #[test]
     fn indexes_must_follow_the_applied_index() {
         let mut fixture = Fixture::new();
@@ -1414,15 +1860,22 @@ mod tests {
     fn trim_punches_holes_and_block_status_reports_them() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 1024 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![7u8; 1024 * 1024]));
+        fixture.apply(&encode_write_command(
+            info.id,
+            0,
+            0,
+            &vec![7u8; 1024 * 1024],
+        ));
         fixture.apply(&encode_command(&Command::Trim {
             volume_id: info.id,
+            writer_epoch: 0,
             offset: 256 * KIB,
             length: 256 * KIB,
         }));
         // Zeroed in place (NO_HOLE): allocated, but reported as zero.
         fixture.apply(&encode_command(&Command::WriteZeroes {
             volume_id: info.id,
+            writer_epoch: 0,
             offset: 768 * KIB,
             length: 128 * KIB,
             may_punch_hole: false,
@@ -1477,9 +1930,10 @@ mod tests {
     fn unaligned_zeroing_keeps_the_edge_blocks_verifiable() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![5u8; 64 * 1024]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &vec![5u8; 64 * 1024]));
         fixture.apply(&encode_command(&Command::Trim {
             volume_id: info.id,
+            writer_epoch: 0,
             offset: 1000,
             length: 10_000,
         }));
@@ -1494,7 +1948,7 @@ mod tests {
     fn corruption_behind_our_back_is_a_checksum_mismatch() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![1u8; 8192]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &vec![1u8; 8192]));
         fixture.state_machine.make_durable().unwrap();
         // Flip a byte in block 1, and write into block 5, which has no checksum (a hole).
         let image = ImageFile::open(&fixture.image_path(info.id)).unwrap();
@@ -1526,7 +1980,7 @@ mod tests {
     fn delete_removes_row_checksums_and_image() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![1u8; 8192]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &vec![1u8; 8192]));
         let reader = fixture.state_machine.reader(info.id).unwrap();
         assert_eq!(
             fixture.apply(&encode_command(&Command::DeleteVolume { name: "disk" })),
@@ -1555,9 +2009,9 @@ mod tests {
     fn reopen_keeps_durable_state_and_removes_orphan_images() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 4096, &[3u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 4096, &[3u8; 4096]));
         assert_eq!(fixture.state_machine.make_durable().unwrap(), 2);
-        fixture.apply(&encode_write_command(info.id, 0, &[4u8; 100]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[4u8; 100]));
         // An orphan left by a create interrupted before its row was written.
         let orphan = fixture.image_path(77);
         std::fs::write(&orphan, b"junk").unwrap();
@@ -1570,7 +2024,7 @@ mod tests {
         assert!(!orphan.exists());
         assert!(foreign.exists());
         // Replay of entry 3 (not covered by the checkpoint) is idempotent.
-        fixture.apply(&encode_write_command(info.id, 0, &[4u8; 100]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[4u8; 100]));
         let reader = fixture.state_machine.reader(info.id).unwrap();
         assert_eq!(read(&reader, 0, 100), vec![4u8; 100]);
         assert_eq!(read(&reader, 4096, 4096), vec![3u8; 4096]);
@@ -1614,11 +2068,17 @@ mod tests {
             if round % 7 == 0 {
                 fixture.apply(&encode_command(&Command::Trim {
                     volume_id: info.id,
+                    writer_epoch: 0,
                     offset,
                     length: 8192,
                 }));
             } else {
-                fixture.apply(&encode_write_command(info.id, offset, &vec![value; 8192]));
+                fixture.apply(&encode_write_command(
+                    info.id,
+                    0,
+                    offset,
+                    &vec![value; 8192],
+                ));
             }
             round += 1;
         }
