@@ -34,6 +34,22 @@
 //! as of the previous entry, so every replica decides the same. The attachment is part of the
 //! volume row and changes only in a checkpoint batch, like create and delete.
 //!
+//! Snapshots (a follower too far behind the leader's log; the streaming format and why a fuzzy
+//! copy is correct are in the `snapshot` module doc): the follower installs a staged copy at
+//! the snapshot index X0 whose volume table and images were captured at a later "covered
+//! index" A >= X0. The applied index becomes X0 (the Raft log restarts right after it), and
+//! apply skips entries up to A as already applied, because their effects are in the copy;
+//! A is recorded in RocksDB beside the applied index. Installing is crash-safe by image file
+//! GENERATIONS: the staged images are renamed to new names
+//! (`images/group-G-volume-V-gen-N.img`, N in the volume row) and the directory synced; then
+//! ONE synced RocksDB batch replaces the volume table, the group's checksums, the applied
+//! index, the covered index and the Raft log state; only then are the old generation's files
+//! deleted. A crash before the batch leaves the old rows naming the old files (the new files
+//! are unreferenced); after it the new rows name the new files. `open` deletes every image
+//! file no row names and every leftover staging directory, so either way no stray file
+//! survives. Known limit: the batch holds one checksum per non-zero block of the snapshot in
+//! memory (about 40 bytes per block).
+//!
 //! Concurrency between apply and reads: each volume has striped reader-writer locks over its
 //! regions. Apply takes the write locks covering a batch's ranges, in ascending order, around
 //! the pwrites *and* the RocksDB write of their checksums; a read takes the read locks of its
@@ -46,11 +62,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockWriteGuard};
+use raft::prelude::SnapshotMetadata;
 use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use super::command::{decode_command, Command};
 use super::image::{sync_directory, ImageFile, EXTENTS_MAX};
+use super::raft_log::RaftLogStore;
+use super::snapshot::{is_staging_directory_of, SnapshotSource, StagedSnapshot};
 use super::{column_family, keys, StorageError};
 
 /// Smallest volume block size: the NBD minimum block size.
@@ -154,6 +173,12 @@ struct VolumeShared {
     /// Set (under all write locks) when the volume is deleted; readers check it under their
     /// read locks and fail instead of checking data against deleted checksums.
     deleted: AtomicBool,
+    /// Set (under all write locks) when an installed snapshot replaced the whole state;
+    /// readers fail with `VolumeReplaced` and must ask the state machine for a new reader.
+    replaced: AtomicBool,
+    /// Generation of the image file name (0 until a snapshot installed this volume): see
+    /// "Snapshots" in the module doc.
+    image_generation: u64,
     /// crc32c of an all-zero block, what a block without a checksum key must match.
     zero_block_crc32c: u32,
 }
@@ -178,6 +203,22 @@ impl VolumeShared {
 
     fn block_size(&self) -> u64 {
         u64::from(self.info.block_size_bytes)
+    }
+
+    /// `VolumeDeleted` or `VolumeReplaced` once the volume is gone (checked under the locks
+    /// by reads, whose checksums would otherwise be looked up in a table that moved on).
+    fn check_live(&self) -> Result<(), StorageError> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(StorageError::VolumeDeleted {
+                volume_id: self.info.id,
+            });
+        }
+        if self.replaced.load(Ordering::Acquire) {
+            return Err(StorageError::VolumeReplaced {
+                volume_id: self.info.id,
+            });
+        }
+        Ok(())
     }
 
     /// The stripes guarding `[start, end)` (non-empty range), ascending: the lock order.
@@ -447,11 +488,7 @@ impl VolumeReader {
             .iter()
             .map(|&stripe| volume.stripes[stripe].read())
             .collect();
-        if volume.deleted.load(Ordering::Acquire) {
-            return Err(StorageError::VolumeDeleted {
-                volume_id: volume.info.id,
-            });
-        }
+        volume.check_live()?;
         if aligned_start == offset && aligned_end == offset + length {
             if !read_image(offset, buf)? {
                 return Ok(false);
@@ -470,6 +507,17 @@ impl VolumeReader {
         Ok(true)
     }
 
+    /// The first allocated range at or after `position` (see
+    /// [`ImageFile::next_data_range`]); what a snapshot source copies.
+    pub(crate) fn next_data_range(
+        &self,
+        position: u64,
+        limit: u64,
+    ) -> Result<Option<(u64, u64)>, StorageError> {
+        self.volume.check_live()?;
+        self.volume.image.next_data_range(position, limit)
+    }
+
     /// Allocation map for `base:allocation`: extents covering `[offset, offset + length)` in
     /// order (or a prefix of it, when more than [`EXTENTS_MAX`] extents would be needed).
     /// Holes are `hole + zero`; allocated blocks without a checksum (zeroed in place) are
@@ -477,11 +525,7 @@ impl VolumeReader {
     pub fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, StorageError> {
         self.check_range(offset, length)?;
         let volume = &self.volume;
-        if volume.deleted.load(Ordering::Acquire) {
-            return Err(StorageError::VolumeDeleted {
-                volume_id: volume.info.id,
-            });
-        }
+        volume.check_live()?;
         let block_size = volume.block_size();
         let mut extents: Vec<Extent> = Vec::new();
         let push =
@@ -541,6 +585,9 @@ struct PlannedDataCommand<'a> {
 /// on any thread.
 pub struct CheckpointTicket {
     applied_index: u64,
+    /// [`StateMachine::snapshot_installs`] when the ticket was taken: a ticket from before an
+    /// installed snapshot describes images that no longer exist, and records nothing.
+    snapshot_installs: u64,
     volume_ids: BTreeSet<u64>,
     images: Vec<Arc<VolumeShared>>,
 }
@@ -576,6 +623,13 @@ pub struct StateMachine {
     /// checkpoint recorded inline meanwhile (`make_durable`, volume create/delete) syncs them
     /// too, because the index it records covers their writes.
     volumes_in_background_checkpoint: BTreeSet<u64>,
+    /// Entries up to this index are already contained in the state (an installed snapshot
+    /// copied the table and images as of this index or later): applying them is skipped.
+    /// 0 when no snapshot was ever installed.
+    snapshot_covered_index: u64,
+    /// Snapshots installed since open; lets a checkpoint ticket taken before an install be
+    /// recognised and ignored.
+    snapshot_installs: u64,
 }
 
 fn write_options(sync: bool) -> WriteOptions {
@@ -584,21 +638,58 @@ fn write_options(sync: bool) -> WriteOptions {
     options
 }
 
-fn image_file_name(group_id: u64, volume_id: u64) -> String {
-    format!("group-{group_id}-volume-{volume_id}.img")
+/// The image file name of a volume: generation 0 (created by `CreateVolume`) keeps the name
+/// used before snapshots existed; each snapshot install writes a new generation.
+fn image_file_name(group_id: u64, volume_id: u64, image_generation: u64) -> String {
+    if image_generation == 0 {
+        format!("group-{group_id}-volume-{volume_id}.img")
+    } else {
+        format!("group-{group_id}-volume-{volume_id}-gen-{image_generation}.img")
+    }
 }
 
-/// The volume id of an image file name of `group_id`, if it is one.
-fn parse_image_file_name(group_id: u64, file_name: &str) -> Option<u64> {
-    file_name
+/// The (volume id, generation) of an image file name of `group_id`, if it is one.
+fn parse_image_file_name(group_id: u64, file_name: &str) -> Option<(u64, u64)> {
+    let stem = file_name
         .strip_prefix(&format!("group-{group_id}-volume-"))?
-        .strip_suffix(".img")?
-        .parse()
-        .ok()
+        .strip_suffix(".img")?;
+    match stem.split_once("-gen-") {
+        None => Some((stem.parse().ok()?, 0)),
+        Some((volume_id, generation)) => {
+            let generation = generation.parse().ok()?;
+            // Generation 0 is never spelled out: such a name is not ours.
+            (generation != 0).then_some((volume_id.parse().ok()?, generation))
+        }
+    }
 }
 
-/// Why a `CreateVolume` is invalid, if it is.
-fn valid_volume_geometry(name: &str, size_bytes: u64, block_size_bytes: u32) -> bool {
+/// A row of the volume table as stored: the public row plus where its image is.
+#[derive(Serialize, Deserialize)]
+struct StoredVolumeRow {
+    #[serde(flatten)]
+    info: VolumeInfo,
+    /// Absent in rows written before snapshots existed (generation 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    image_generation: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+fn encode_volume_row(info: &VolumeInfo, image_generation: u64) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(&StoredVolumeRow {
+        info: info.clone(),
+        image_generation,
+    })
+    .map_err(|error| StorageError::Corruption {
+        what: "volume row",
+        detail: format!("cannot encode: {error}"),
+    })
+}
+
+/// Whether a `CreateVolume` (or a volume declared by a snapshot) has a valid name and geometry.
+pub(crate) fn valid_volume_geometry(name: &str, size_bytes: u64, block_size_bytes: u32) -> bool {
     !name.is_empty()
         && block_size_bytes.is_power_of_two()
         && (BLOCK_SIZE_BYTES_MIN..=BLOCK_SIZE_BYTES_MAX).contains(&block_size_bytes)
@@ -628,7 +719,17 @@ impl StateMachine {
             None => 0,
         };
 
-        let mut infos = Vec::new();
+        let snapshot_covered_index = match db
+            .get_pinned_cf(meta, keys::snapshot_covered_index_key(group_id))?
+        {
+            Some(bytes) => keys::decode_u64(&bytes).ok_or_else(|| StorageError::Corruption {
+                what: "snapshot covered index",
+                detail: format!("{} bytes", bytes.len()),
+            })?,
+            None => 0,
+        };
+
+        let mut rows = Vec::new();
         {
             let (lower, upper) = keys::volume_key_range(group_id);
             let mut read_options = ReadOptions::default();
@@ -637,20 +738,24 @@ impl StateMachine {
             let mut iterator = db.raw_iterator_cf_opt(meta, read_options);
             iterator.seek_to_first();
             while let Some(value) = iterator.value() {
-                let info: VolumeInfo =
+                let row: StoredVolumeRow =
                     serde_json::from_slice(value).map_err(|error| StorageError::Corruption {
                         what: "volume row",
                         detail: error.to_string(),
                     })?;
-                infos.push(info);
+                rows.push(row);
                 iterator.next();
             }
             iterator.status()?;
         }
 
         let mut volumes = BTreeMap::new();
-        for info in infos {
-            let path = images_dir.join(image_file_name(group_id, info.id));
+        for StoredVolumeRow {
+            info,
+            image_generation,
+        } in rows
+        {
+            let path = images_dir.join(image_file_name(group_id, info.id, image_generation));
             let image = ImageFile::open(&path)?;
             let file_size_bytes = image.size_bytes()?;
             if file_size_bytes != info.size_bytes {
@@ -665,23 +770,41 @@ impl StateMachine {
             }
             volumes.insert(
                 info.id,
-                Arc::new(Self::volume_shared(&db, group_id, info, image)),
+                Arc::new(Self::volume_shared(
+                    &db,
+                    group_id,
+                    info,
+                    image,
+                    image_generation,
+                )),
             );
         }
 
+        // Image files no row names: left by a crash inside a create, a delete or a snapshot
+        // install (either generation), and staging directories of unfinished snapshots.
         let mut removed_orphans = false;
         let entries =
             std::fs::read_dir(images_dir).map_err(|error| StorageError::io(images_dir, error))?;
         for entry in entries {
             let entry = entry.map_err(|error| StorageError::io(images_dir, error))?;
             let file_name = entry.file_name();
-            let Some(volume_id) = file_name
-                .to_str()
-                .and_then(|name| parse_image_file_name(group_id, name))
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            if is_staging_directory_of(group_id, file_name) {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|error| StorageError::io(&path, error))?;
+                removed_orphans = true;
+                continue;
+            }
+            let Some((volume_id, image_generation)) = parse_image_file_name(group_id, file_name)
             else {
                 continue;
             };
-            if !volumes.contains_key(&volume_id) {
+            let referenced = volumes
+                .get(&volume_id)
+                .is_some_and(|volume| volume.image_generation == image_generation);
+            if !referenced {
                 let path = entry.path();
                 std::fs::remove_file(&path).map_err(|error| StorageError::io(&path, error))?;
                 removed_orphans = true;
@@ -700,6 +823,8 @@ impl StateMachine {
             durable_applied_index,
             volumes_written_since_checkpoint: BTreeSet::new(),
             volumes_in_background_checkpoint: BTreeSet::new(),
+            snapshot_covered_index,
+            snapshot_installs: 0,
         })
     }
 
@@ -708,6 +833,7 @@ impl StateMachine {
         group_id: u64,
         info: VolumeInfo,
         image: ImageFile,
+        image_generation: u64,
     ) -> VolumeShared {
         let block_size_bytes = u64::from(info.block_size_bytes);
         VolumeShared {
@@ -716,6 +842,8 @@ impl StateMachine {
             region_bytes: LOCK_REGION_BYTES.max(block_size_bytes),
             stripes: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             deleted: AtomicBool::new(false),
+            replaced: AtomicBool::new(false),
+            image_generation,
             group_id,
             db: db.clone(),
             image,
@@ -779,6 +907,11 @@ impl StateMachine {
                 });
             }
             last_index = index;
+            if index <= self.snapshot_covered_index {
+                // Its effect is already in the state an installed snapshot copied.
+                outcomes.push(ApplyOutcome::AlreadyApplied);
+                continue;
+            }
             if data.is_empty() {
                 outcomes.push(ApplyOutcome::Applied);
                 continue;
@@ -1053,6 +1186,7 @@ impl StateMachine {
         self.volumes_in_background_checkpoint = volume_ids.clone();
         Some(CheckpointTicket {
             applied_index: self.applied_index,
+            snapshot_installs: self.snapshot_installs,
             volume_ids,
             images,
         })
@@ -1062,6 +1196,10 @@ impl StateMachine {
     /// A ticket overtaken by a later checkpoint (volume create/delete checkpoint inline)
     /// records nothing: the durable applied index never goes backwards.
     pub fn finish_checkpoint(&mut self, ticket: CheckpointTicket) -> Result<u64, StorageError> {
+        if ticket.snapshot_installs != self.snapshot_installs {
+            // Taken before a snapshot install, which cleared the background set itself.
+            return Ok(self.durable_applied_index);
+        }
         if ticket.applied_index <= self.durable_applied_index {
             self.volumes_in_background_checkpoint.clear();
             return Ok(self.durable_applied_index);
@@ -1076,6 +1214,9 @@ impl StateMachine {
 
     /// Gives a failed ticket's images back to the next checkpoint.
     pub fn abort_checkpoint(&mut self, ticket: CheckpointTicket) {
+        if ticket.snapshot_installs != self.snapshot_installs {
+            return;
+        }
         self.volumes_in_background_checkpoint.clear();
         self.volumes_written_since_checkpoint
             .extend(ticket.volume_ids.iter().copied());
@@ -1119,14 +1260,13 @@ impl StateMachine {
         // Replaces any orphan file of the same id (a create interrupted before its row was
         // written), and is durable (file and directory entry) before the row names it.
         let image = ImageFile::create(
-            &self.images_dir.join(image_file_name(self.group_id, index)),
+            &self
+                .images_dir
+                .join(image_file_name(self.group_id, index, 0)),
             size_bytes,
         )?;
         let meta = column_family(&self.db, keys::CF_META)?;
-        let row = serde_json::to_vec(&info).map_err(|error| StorageError::Corruption {
-            what: "volume row",
-            detail: format!("cannot encode: {error}"),
-        })?;
+        let row = encode_volume_row(&info, 0)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, keys::volume_key(self.group_id, index), row);
         batch.put_cf(
@@ -1144,6 +1284,7 @@ impl StateMachine {
                 self.group_id,
                 info.clone(),
                 image,
+                0,
             )),
         );
         self.applied_index = index;
@@ -1281,10 +1422,7 @@ impl StateMachine {
         // Every image write before this entry must be durable before `index` is recorded.
         self.sync_written_images(None)?;
         let meta = column_family(&self.db, keys::CF_META)?;
-        let row = serde_json::to_vec(&info).map_err(|error| StorageError::Corruption {
-            what: "volume row",
-            detail: format!("cannot encode: {error}"),
-        })?;
+        let row = encode_volume_row(&info, volume.image_generation)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, keys::volume_key(self.group_id, info.id), row);
         batch.put_cf(
@@ -1297,6 +1435,178 @@ impl StateMachine {
         self.applied_index = index;
         self.durable_applied_index = index;
         Ok(info)
+    }
+
+    /// Entries up to this index are contained in the installed snapshot state and skipped by
+    /// apply (0 when no snapshot was ever installed); see "Snapshots" in the module doc.
+    pub fn snapshot_covered_index(&self) -> u64 {
+        self.snapshot_covered_index
+    }
+
+    /// The sending side of a snapshot (see the `snapshot` module doc): captures the volume
+    /// table as of [`Self::applied_index`] (its covered index) and the open images. Cheap:
+    /// no data is read until [`SnapshotSource::next_chunk`].
+    pub fn snapshot_source(&self) -> Result<SnapshotSource, StorageError> {
+        let volumes = self
+            .volumes
+            .values()
+            .map(|volume| {
+                (
+                    volume.info_now(),
+                    VolumeReader {
+                        volume: volume.clone(),
+                    },
+                )
+            })
+            .collect();
+        Ok(SnapshotSource::new(
+            self.group_id,
+            self.applied_index,
+            volumes,
+        ))
+    }
+
+    /// Switches to a staged snapshot at `metadata.index` (see "Snapshots" in the module doc):
+    /// one synced RocksDB batch replaces the volume table, the group's checksums, the applied
+    /// index, the covered index and the Raft log state (through `log_store`); the staged
+    /// images, renamed to a new generation before the batch, become the images after it.
+    /// Readers handed out before fail with `VolumeReplaced`. After an `Err` the state machine
+    /// and the log store must be dropped and reopened (as after a failed apply): on disk,
+    /// either the old or the new state is complete.
+    pub fn install_snapshot(
+        &mut self,
+        staged: StagedSnapshot,
+        log_store: &RaftLogStore,
+        metadata: &SnapshotMetadata,
+    ) -> Result<(), StorageError> {
+        let refuse = |detail: String| StorageError::SnapshotInstall {
+            group_id: self.group_id,
+            snapshot_index: metadata.index,
+            detail,
+        };
+        if staged.group_id() != self.group_id || log_store.group_id() != self.group_id {
+            return Err(refuse(format!(
+                "staged for group {}, log of group {}",
+                staged.group_id(),
+                log_store.group_id()
+            )));
+        }
+        if staged.snapshot_index() != metadata.index {
+            return Err(refuse(format!(
+                "staged for index {}",
+                staged.snapshot_index()
+            )));
+        }
+        if staged.covered_index() < metadata.index {
+            return Err(refuse(format!(
+                "the staged state covers index {} only",
+                staged.covered_index()
+            )));
+        }
+        if metadata.index <= self.applied_index {
+            // The applied index never goes backwards.
+            return Err(refuse(format!(
+                "not newer than the applied index {}",
+                self.applied_index
+            )));
+        }
+        // A background checkpoint in flight syncs images that are about to be replaced and
+        // would record an index of the old state: its ticket is recognised by this counter and
+        // ignored.
+        self.snapshot_installs += 1;
+        self.volumes_in_background_checkpoint.clear();
+        self.volumes_written_since_checkpoint.clear();
+
+        let image_generation = self
+            .volumes
+            .values()
+            .map(|volume| volume.image_generation)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let mut new_volumes = BTreeMap::new();
+        for info in staged.volumes() {
+            let staged_path = staged.image_path(info.id);
+            let path =
+                self.images_dir
+                    .join(image_file_name(self.group_id, info.id, image_generation));
+            // A new name: the old generation stays intact until the batch has switched.
+            std::fs::rename(&staged_path, &path)
+                .map_err(|error| StorageError::io(&staged_path, error))?;
+            let image = ImageFile::open(&path)?;
+            new_volumes.insert(
+                info.id,
+                Arc::new(Self::volume_shared(
+                    &self.db,
+                    self.group_id,
+                    info.clone(),
+                    image,
+                    image_generation,
+                )),
+            );
+        }
+        // fsync of the directory: the renames must be durable before a row names the files.
+        sync_directory(&self.images_dir)?;
+
+        let meta = column_family(&self.db, keys::CF_META)?;
+        let checksums = column_family(&self.db, keys::CF_BLOCK_CHECKSUMS)?;
+        let mut batch = WriteBatch::default();
+        let (rows_lower, rows_upper) = keys::volume_key_range(self.group_id);
+        batch.delete_range_cf(meta, rows_lower, rows_upper);
+        for info in staged.volumes() {
+            batch.put_cf(
+                meta,
+                keys::volume_key(self.group_id, info.id),
+                encode_volume_row(info, image_generation)?,
+            );
+        }
+        let (checksums_lower, checksums_upper) = keys::block_checksum_group_range(self.group_id);
+        batch.delete_range_cf(checksums, checksums_lower, checksums_upper);
+        let group_id = self.group_id;
+        staged.for_each_checksum(|volume_id, block_index, crc32c| {
+            batch.put_cf(
+                checksums,
+                keys::block_checksum_key(group_id, volume_id, block_index),
+                crc32c.to_be_bytes(),
+            );
+        })?;
+        batch.put_cf(
+            meta,
+            keys::applied_index_key(self.group_id),
+            metadata.index.to_be_bytes(),
+        );
+        batch.put_cf(
+            meta,
+            keys::snapshot_covered_index_key(self.group_id),
+            staged.covered_index().to_be_bytes(),
+        );
+        // The one synced write that switches: before it the old state is complete on disk,
+        // after it the new one.
+        log_store.write_snapshot_install(batch, metadata)?;
+
+        let old_volumes = std::mem::replace(&mut self.volumes, new_volumes);
+        for volume in old_volumes.values() {
+            // Under every write lock: no read is in flight, and later reads see the flag.
+            let _guards: Vec<_> = volume.stripes.iter().map(|stripe| stripe.write()).collect();
+            volume.replaced.store(true, Ordering::Release);
+        }
+        self.applied_index = metadata.index;
+        self.durable_applied_index = metadata.index;
+        self.snapshot_covered_index = staged.covered_index();
+
+        // The old generation: unreferenced now (`open` would remove it after a crash here).
+        for volume in old_volumes.values() {
+            let path = volume.image.path();
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io(path, error)),
+            }
+        }
+        sync_directory(&self.images_dir)?;
+        // Dropping `staged` removes the (now image-less) staging directory.
+        drop(staged);
+        Ok(())
     }
 
     /// Every volume, by id.
@@ -1396,7 +1706,7 @@ mod tests {
             self.directory
                 .path()
                 .join("images")
-                .join(image_file_name(1, volume_id))
+                .join(image_file_name(1, volume_id, 0))
         }
     }
 
