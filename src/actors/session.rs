@@ -238,16 +238,18 @@ impl NbdSessionActor {
         let logger = self.supervision.logger.clone();
         let proposal = match header.command {
             Command::Write if header.length == 0 => None,
-            Command::Write => Some(encode_write_command(volume_id, header.offset, &payload)),
+            Command::Write => Some(encode_write_command(volume_id, 0, header.offset, &payload)),
             Command::Trim if header.length == 0 => None,
             Command::Trim => Some(encode_command(&StateCommand::Trim {
                 volume_id,
+                writer_epoch: 0,
                 offset: header.offset,
                 length: u64::from(header.length),
             })),
             Command::WriteZeroes if header.length == 0 => None,
             Command::WriteZeroes => Some(encode_command(&StateCommand::WriteZeroes {
                 volume_id,
+                writer_epoch: 0,
                 offset: header.offset,
                 length: u64::from(header.length),
                 may_punch_hole: header.flags & proto::NBD_CMD_FLAG_NO_HOLE == 0,
