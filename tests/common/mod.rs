@@ -9,12 +9,19 @@
 //!   specification (`doc/proto.md` of NetworkBlockDevice/nbd), able to send malformed input and
 //!   to pipeline many requests while recording which were acknowledged.
 //! - [`SplitMix64`]: a seeded generator so every random test prints a seed that replays it.
+//! - [`cluster`]: several servers forming one Raft group, and the client-side proxy;
+//!   [`relay`]: the fault-injecting TCP relay between them; [`verified`]: a write load whose
+//!   every acknowledged write can be checked after crashes.
 //!
 //! Invariant: nothing here sleeps and hopes; every wait polls a condition against a deadline
 //! and fails with a message that says what it waited for.
 
 // Each integration test is its own crate and uses a different part of this module.
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod relay;
+pub mod verified;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
