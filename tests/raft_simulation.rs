@@ -437,6 +437,8 @@ impl Model {
                     _ => ExpectedOutcome::Rejected,
                 }
             }
+            // The simulation never attaches a volume.
+            Command::Attach { .. } | Command::Detach { .. } => ExpectedOutcome::Rejected,
             Command::Trim {
                 volume_id,
                 offset,
@@ -491,7 +493,12 @@ type Checked<T> = Result<T, String>;
 impl History {
     /// Log Matching, as entries are written or read back: the same (index, term) means the same
     /// data and the same predecessor term.
-    fn check_log_entry(&mut self, node_id: u64, entry: &Entry, previous_term: Option<u64>) -> Checked<()> {
+    fn check_log_entry(
+        &mut self,
+        node_id: u64,
+        entry: &Entry,
+        previous_term: Option<u64>,
+    ) -> Checked<()> {
         let digest = entry_digest(entry);
         let key = (entry.index, entry.term);
         match self.log_entries.get_mut(&key) {
@@ -849,7 +856,10 @@ impl Simulation {
                 self.apply_some(index)?;
                 self.process_ready(index)?;
             }
-            if self.rng.chance(self.chaos.checkpoint_per_million, 1_000_000) {
+            if self
+                .rng
+                .chance(self.chaos.checkpoint_per_million, 1_000_000)
+            {
                 self.checkpoint(index)?;
             }
         }
@@ -1048,7 +1058,9 @@ impl Simulation {
                 .compact(compact_index)
                 .map_err(|error| storage_failure(node_id, "compact", error))?;
             self.compactions += 1;
-            self.event(|| format!("node {node_id} durable {durable_index}, compacted below {compact_index}"));
+            self.event(|| {
+                format!("node {node_id} durable {durable_index}, compacted below {compact_index}")
+            });
         }
         Ok(())
     }
@@ -1057,7 +1069,8 @@ impl Simulation {
         for node in &self.nodes {
             if let Some(live) = &node.live {
                 if live.raw_node.raft.state == StateRole::Leader {
-                    self.history.check_leader(node.id, live.raw_node.raft.term)?;
+                    self.history
+                        .check_leader(node.id, live.raw_node.raft.term)?;
                 }
             }
         }
@@ -1222,7 +1235,12 @@ impl Simulation {
                 continue;
             }
             let mut entries = store
-                .entries(last_index, last_index + 1, None, GetEntriesContext::empty(false))
+                .entries(
+                    last_index,
+                    last_index + 1,
+                    None,
+                    GetEntriesContext::empty(false),
+                )
                 .map_err(|error| storage_failure(node.id, "read the newest entry", error))?;
             let Some(mut entry) = entries.pop() else {
                 continue;
@@ -1268,11 +1286,7 @@ impl Simulation {
             }
         }
         let (name, size_bytes, _) = VOLUMES[self.rng.below(VOLUMES.len() as u64) as usize];
-        let volume_id = self
-            .history
-            .model
-            .volume_id(name)
-            .expect("created above");
+        let volume_id = self.history.model.volume_id(name).expect("created above");
         let length = self.rng.between(1, 2048).min(size_bytes);
         let mut offset = self.rng.below(size_bytes - length + 1);
         if self.rng.chance(1, 50) {
@@ -1281,11 +1295,13 @@ impl Simulation {
         match self.rng.below(10) {
             0 => encode_command(&Command::Trim {
                 volume_id,
+                writer_epoch: 0,
                 offset,
                 length,
             }),
             1 => encode_command(&Command::WriteZeroes {
                 volume_id,
+                writer_epoch: 0,
                 offset,
                 length,
                 may_punch_hole: self.rng.chance(1, 2),
@@ -1297,7 +1313,7 @@ impl Simulation {
                     let word = fill.next_u64().to_le_bytes();
                     chunk.copy_from_slice(&word[..chunk.len()]);
                 }
-                encode_write_command(volume_id, offset, &data)
+                encode_write_command(volume_id, 0, offset, &data)
             }
         }
     }
@@ -1370,7 +1386,7 @@ impl Simulation {
                 });
                 if !probe_waiting {
                     let command = match self.history.model.volume_id(VOLUMES[0].0) {
-                        Some(volume_id) => encode_write_command(volume_id, 0, b"probe"),
+                        Some(volume_id) => encode_write_command(volume_id, 0, 0, b"probe"),
                         None => self.random_command(),
                     };
                     let step = self.step;
@@ -1427,7 +1443,11 @@ impl Simulation {
                 .history
                 .committed
                 .get((index - 1) as usize)
-                .ok_or_else(|| format!("proposal {proposal_id} acknowledged at {index}, beyond the committed log"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "proposal {proposal_id} acknowledged at {index}, beyond the committed log"
+                    )
+                })?;
             let proposed_digest = self.history.proposals[&proposal_id];
             if committed.digest != proposed_digest {
                 return Err(format!(
@@ -1494,7 +1514,12 @@ fn lose_entries_above_durable_applied_index(node_id: u64, live: &LiveNode) -> Ch
         return Ok(());
     }
     let kept = store
-        .entries(keep_index, keep_index + 1, None, GetEntriesContext::empty(false))
+        .entries(
+            keep_index,
+            keep_index + 1,
+            None,
+            GetEntriesContext::empty(false),
+        )
         .map_err(|error| storage_failure(node_id, "read the entry to keep", error))?;
     let mut hard_state = store.hard_state();
     hard_state.commit = hard_state.commit.min(keep_index);
