@@ -438,6 +438,8 @@ impl Model {
                     _ => ExpectedOutcome::Rejected,
                 }
             }
+            // The simulation never attaches a volume.
+            Command::Attach { .. } | Command::Detach { .. } => ExpectedOutcome::Rejected,
             Command::Trim {
                 volume_id,
                 offset,
@@ -1338,11 +1340,13 @@ impl Simulation {
         match self.rng.below(10) {
             0 => encode_command(&Command::Trim {
                 volume_id,
+                writer_epoch: 0,
                 offset,
                 length,
             }),
             1 => encode_command(&Command::WriteZeroes {
                 volume_id,
+                writer_epoch: 0,
                 offset,
                 length,
                 may_punch_hole: self.rng.chance(1, 2),
@@ -1354,7 +1358,7 @@ impl Simulation {
                     let word = fill.next_u64().to_le_bytes();
                     chunk.copy_from_slice(&word[..chunk.len()]);
                 }
-                encode_write_command(volume_id, offset, &data)
+                encode_write_command(volume_id, 0, offset, &data)
             }
         }
     }
@@ -1427,7 +1431,7 @@ impl Simulation {
                 });
                 if !probe_waiting {
                     let command = match self.history.model.volume_id(VOLUMES[0].0) {
-                        Some(volume_id) => encode_write_command(volume_id, 0, b"probe"),
+                        Some(volume_id) => encode_write_command(volume_id, 0, 0, b"probe"),
                         None => self.random_command(),
                     };
                     let step = self.step;
