@@ -1,21 +1,26 @@
-//! `NbdSessionActor`: one per client connection in the transmission phase. It owns the
-//! connection's lifecycle and dispatch; two tasks beside it move bytes:
+//! `NbdSessionActor`: one per client connection in the transmission phase, shared by the server
+//! and the proxy. It owns the connection's lifecycle and dispatch; two tasks beside it move
+//! bytes:
 //!
 //! - the reader task parses request headers and payloads (`crate::nbd` codec) and sends each
 //!   request to the actor, after taking flow-control permits (requests in flight, bytes in
-//!   flight), so a client can never make the server buffer more than the configured limits;
+//!   flight), so a client can never make the process buffer more than the configured limits;
 //! - the writer task writes replies in the order they complete (out-of-order replies are
 //!   allowed by the protocol), coalescing small replies into one write.
 //!
-//! Each request runs as its own future: writes, trims and zeroes become Raft proposals and are
-//! answered once committed (fsync'd on a majority) and applied; reads and block status first
-//! pass a read barrier (ReadIndex) and then read the image on the blocking pool. FLUSH and FUA
-//! need no work: every acknowledged write is already durable in the Raft log.
+//! What a request *does* is the [`SessionBackend`]'s business: on a server,
+//! [`RaftVolumeBackend`] turns writes, trims and zeroes into Raft proposals answered once
+//! committed (fsync'd on a majority) and applied, and serves reads after a read barrier
+//! (ReadIndex); on a proxy, `crate::proxy` forwards them upstream through its cache. The session
+//! validates every request against the negotiated export, answers what needs no backend (empty
+//! ranges, FLUSH, CACHE: every acknowledged write is already durable in the Raft log), and
+//! encodes the backend's [`BackendReply`] for the client (simple or structured replies).
 //!
-//! Failures inside the server (an actor restarting, a leader election) are retried until the
-//! request timeout; only then does the client see EIO. A protocol error ends this connection
-//! only.
+//! Failures behind the backend (an actor restarting, a leader election, a server crash seen by
+//! the proxy) are retried by the backend until the request deadline; only then does the client
+//! see an error. A protocol error ends this connection only.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,14 +44,47 @@ use crate::nbd::Negotiated;
 use crate::storage::command::{encode_command, encode_write_command, Command as StateCommand};
 use crate::storage::state_machine::{ApplyOutcome, ApplyRejection, VolumeReader};
 
-/// Limits of one session, from `[nbd]` in the configuration.
+/// One validated request handed to a backend. Requests with an empty range, FLUSH, CACHE and
+/// DISC never reach a backend.
+#[derive(Debug)]
+pub struct BackendRequest {
+    pub header: RequestHeader,
+    /// The data of an `NBD_CMD_WRITE` (empty for every other command).
+    pub payload: Bytes,
+    /// The backend retries transient failures until this instant, then fails the request.
+    pub deadline: Instant,
+}
+
+/// What a backend answers; the session encodes it for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendReply {
+    /// The command succeeded and returns no data (WRITE, TRIM, WRITE_ZEROES).
+    Done,
+    /// The data of a READ: exactly `header.length` bytes.
+    Data(Bytes),
+    /// The `base:allocation` extents of a BLOCK_STATUS, in order from `header.offset`.
+    Extents(Vec<BlockStatusExtent>),
+    /// The command failed with `errno`; `message` goes into structured error replies.
+    Error { errno: Errno, message: &'static str },
+}
+
+/// Executes a session's requests. One value per session (cloned into each request's future);
+/// the future runs on the session's arbiter, so it need not be `Send`.
+pub trait SessionBackend: Clone + Unpin + 'static {
+    /// Starts `request`. Anything that depends on the moment of the call (e.g. whether a read
+    /// needs a barrier) is decided before the future is returned.
+    fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static;
+}
+
+/// Limits of one session, from `[nbd]` (server) or `[proxy]` (proxy) in the configuration.
 #[derive(Clone, Debug)]
 pub struct SessionLimits {
     pub requests_in_flight_max: usize,
     pub bytes_in_flight_max: u64,
     pub request_max_bytes: u32,
+    /// How long a request may be retried by the backend before the client gets an error.
     pub request_timeout: Duration,
-    /// Shared by every session of the server: bytes of payloads and read replies held in
+    /// Shared by every session of the process: bytes of payloads and read replies held in
     /// memory across all connections.
     pub server_bytes_permits: Arc<Semaphore>,
 }
@@ -66,7 +104,7 @@ struct RequestPermits {
 }
 
 /// The semaphores a request must pass before the reader takes in its payload: requests in
-/// flight on this connection, bytes on this connection, bytes on the whole server.
+/// flight on this connection, bytes on this connection, bytes on the whole process.
 #[derive(Clone)]
 struct FlowControl {
     requests: Arc<Semaphore>,
@@ -127,12 +165,10 @@ struct ReaderFinished {
 #[rtype(result = "()")]
 struct RequestFinished;
 
-pub struct NbdSessionActor {
+pub struct NbdSessionActor<B: SessionBackend> {
     peer: SocketAddr,
     negotiated: Negotiated,
-    volume: VolumeReader,
-    raft: Addr<RaftActor>,
-    read_gate: ReadGate,
+    backend: B,
     limits: SessionLimits,
     replies: Option<mpsc::UnboundedSender<OutgoingReply>>,
     requests_in_flight: usize,
@@ -142,7 +178,7 @@ pub struct NbdSessionActor {
     connections: Arc<AtomicUsize>,
 }
 
-impl NbdSessionActor {
+impl<B: SessionBackend> NbdSessionActor<B> {
     /// Starts the session on the current arbiter for an already negotiated connection.
     /// `leftover` holds bytes the client sent right after the handshake.
     #[allow(clippy::too_many_arguments)]
@@ -152,13 +188,11 @@ impl NbdSessionActor {
         write_half: OwnedWriteHalf,
         leftover: BytesMut,
         negotiated: Negotiated,
-        volume: VolumeReader,
-        raft: Addr<RaftActor>,
-        read_gate: ReadGate,
+        backend: B,
         limits: SessionLimits,
         supervision: Supervision,
         connections: Arc<AtomicUsize>,
-    ) -> Addr<NbdSessionActor> {
+    ) -> Addr<NbdSessionActor<B>> {
         let (reply_sender, reply_receiver) = mpsc::unbounded_channel();
         let logger = supervision.logger.clone();
         actix_rt::spawn(write_replies(write_half, reply_receiver, logger));
@@ -181,9 +215,7 @@ impl NbdSessionActor {
             NbdSessionActor {
                 peer,
                 negotiated,
-                volume,
-                raft,
-                read_gate,
+                backend,
                 limits,
                 replies: Some(reply_sender),
                 requests_in_flight: 0,
@@ -201,10 +233,6 @@ impl NbdSessionActor {
         }
     }
 
-    fn error_reply(&self, cookie: u64, errno: Errno, message: &str) -> Vec<u8> {
-        error_reply_bytes(self.negotiated.structured_replies, cookie, errno, message)
-    }
-
     fn dispatch(&mut self, request: IncomingRequest, ctx: &mut Context<Self>) {
         let IncomingRequest {
             header,
@@ -212,114 +240,64 @@ impl NbdSessionActor {
             permits,
         } = request;
         let cookie = header.cookie;
+        let structured = self.negotiated.structured_replies;
         let request_limits = RequestLimits {
             request_max_bytes: self.limits.request_max_bytes,
         };
         if let Err(errno) = check_request_negotiated(&header, &self.negotiated, &request_limits) {
             slog::debug!(self.supervision.logger, "request rejected";
                 "peer" => %self.peer, "command" => ?header.command, "errno" => ?errno);
-            let header_bytes = self.error_reply(cookie, errno, "request rejected");
             self.send_reply(OutgoingReply {
-                header: header_bytes,
+                header: error_reply_bytes(structured, cookie, errno, "request rejected"),
                 data: None,
                 _permits: permits,
             });
             return;
         }
-        let volume_id = self.volume.info().id;
-        let deadline = Instant::now() + self.limits.request_timeout;
-        let structured = self.negotiated.structured_replies;
-        let context_id = self.negotiated.base_allocation_context_id;
-        let raft = self.raft.clone();
-        let needs_barrier = self.read_gate.reads_need_barrier();
-        let volume = self.volume.clone();
-        let replies = self.replies.clone();
-        let session = ctx.address();
-        let logger = self.supervision.logger.clone();
-        let proposal = match header.command {
-            Command::Write if header.length == 0 => None,
-            Command::Write => Some(encode_write_command(volume_id, header.offset, &payload)),
-            Command::Trim if header.length == 0 => None,
-            Command::Trim => Some(encode_command(&StateCommand::Trim {
-                volume_id,
-                offset: header.offset,
-                length: u64::from(header.length),
-            })),
-            Command::WriteZeroes if header.length == 0 => None,
-            Command::WriteZeroes => Some(encode_command(&StateCommand::WriteZeroes {
-                volume_id,
-                offset: header.offset,
-                length: u64::from(header.length),
-                may_punch_hole: header.flags & proto::NBD_CMD_FLAG_NO_HOLE == 0,
-            })),
+        let answered_here = match header.command {
+            // An empty range asks for nothing ("Request types": a zero length is not an error
+            // for these commands).
+            Command::Read | Command::Write | Command::Trim | Command::WriteZeroes
+                if header.length == 0 =>
+            {
+                Some(BackendReply::Done)
+            }
+            // Every acknowledged write is already committed to the fsync'd Raft log on a
+            // majority, so FLUSH covers all of them (on every connection) at once; CACHE is
+            // advisory.
+            Command::Flush | Command::Cache => Some(BackendReply::Done),
+            // `check_request` rejects everything else before dispatch.
+            Command::Disc | Command::Unknown(_) => Some(BackendReply::Error {
+                errno: Errno::Inval,
+                message: "unsupported",
+            }),
             _ => None,
         };
-        // The payload is now inside the proposal (or unneeded): free it before waiting.
-        drop(payload);
+        if let Some(reply) = answered_here {
+            let (reply_header, data) = encode_backend_reply(&self.negotiated, &header, reply);
+            self.send_reply(OutgoingReply {
+                header: reply_header,
+                data,
+                _permits: permits,
+            });
+            return;
+        }
+        let deadline = Instant::now() + self.limits.request_timeout;
+        let future = self.backend.execute(BackendRequest {
+            header,
+            payload,
+            deadline,
+        });
+        let negotiated = self.negotiated.clone();
+        let replies = self.replies.clone();
+        let session = ctx.address();
         self.requests_in_flight += 1;
-        let command = header.command;
         actix_rt::spawn(async move {
-            let (reply, data) = match command {
-                Command::Write | Command::Trim | Command::WriteZeroes => match proposal {
-                    None => (success_reply(structured, cookie), None),
-                    Some(command_bytes) => {
-                        let reply = match propose_until(&raft, Bytes::from(command_bytes), deadline)
-                            .await
-                        {
-                            Ok(ApplyOutcome::Rejected(rejection)) => {
-                                let errno = match rejection {
-                                    ApplyRejection::OutOfRange => Errno::NoSpc,
-                                    ApplyRejection::NoSuchVolume => Errno::Shutdown,
-                                    _ => Errno::Inval,
-                                };
-                                error_reply_bytes(structured, cookie, errno, "write rejected")
-                            }
-                            Ok(_) => success_reply(structured, cookie),
-                            Err(error) => {
-                                slog::warn!(logger, "write failed after retries"; "error" => %error);
-                                error_reply_bytes(structured, cookie, Errno::Io, "write failed")
-                            }
-                        };
-                        (reply, None)
-                    }
-                },
-                // Every acknowledged write is already committed to the fsync'd Raft log on a
-                // majority, so FLUSH covers all of them (on every connection) at once.
-                Command::Flush | Command::Cache => (success_reply(structured, cookie), None),
-                Command::Read => {
-                    read_reply(
-                        &raft,
-                        needs_barrier,
-                        volume,
-                        header,
-                        structured,
-                        deadline,
-                        &logger,
-                    )
-                    .await
-                }
-                Command::BlockStatus => {
-                    let reply = block_status_reply(
-                        &raft,
-                        needs_barrier,
-                        volume,
-                        header,
-                        context_id,
-                        deadline,
-                        &logger,
-                    )
-                    .await;
-                    (reply, None)
-                }
-                // `check_request` rejects everything else before dispatch.
-                Command::Disc | Command::Unknown(_) => (
-                    error_reply_bytes(structured, cookie, Errno::Inval, "unsupported"),
-                    None,
-                ),
-            };
+            let reply = future.await;
+            let (reply_header, data) = encode_backend_reply(&negotiated, &header, reply);
             if let Some(replies) = replies {
                 let _ = replies.send(OutgoingReply {
-                    header: reply,
+                    header: reply_header,
                     data,
                     _permits: permits,
                 });
@@ -335,6 +313,65 @@ impl NbdSessionActor {
             // Dropping the sender lets the writer flush and shut the socket down.
             self.replies = None;
             ctx.stop();
+        }
+    }
+}
+
+/// Encodes a backend's answer as the reply bytes for the client: a simple reply, or structured
+/// chunks if they were negotiated ("Simple reply message", "Structured reply chunk message").
+/// Read data is returned separately so it is written from the backend's buffer, uncopied.
+fn encode_backend_reply(
+    negotiated: &Negotiated,
+    header: &RequestHeader,
+    reply: BackendReply,
+) -> (Vec<u8>, Option<Bytes>) {
+    let structured = negotiated.structured_replies;
+    let cookie = header.cookie;
+    match reply {
+        BackendReply::Done => (success_reply(structured, cookie), None),
+        BackendReply::Error { errno, message } => {
+            (error_reply_bytes(structured, cookie, errno, message), None)
+        }
+        BackendReply::Data(data) => {
+            if header.command != Command::Read || data.len() != header.length as usize {
+                // A backend bug must not desynchronise the client's byte stream.
+                return (
+                    error_reply_bytes(structured, cookie, Errno::Io, "read failed"),
+                    None,
+                );
+            }
+            let mut out = Vec::with_capacity(32);
+            if structured {
+                encode_read_data_chunk_header(&mut out, cookie, header.offset, header.length, true);
+            } else {
+                encode_simple_reply(&mut out, cookie, None);
+            }
+            (out, Some(data))
+        }
+        BackendReply::Extents(extents) => {
+            let Some(context_id) = negotiated.base_allocation_context_id else {
+                return (
+                    error_reply_bytes(structured, cookie, Errno::Inval, "no metadata context"),
+                    None,
+                );
+            };
+            let request_one = header.flags & proto::NBD_CMD_FLAG_REQ_ONE != 0;
+            let mut wire_extents: Vec<BlockStatusExtent> = extents
+                .into_iter()
+                .filter(|extent| extent.length_bytes > 0)
+                .collect();
+            if request_one {
+                wire_extents.truncate(1);
+            }
+            if wire_extents.is_empty() {
+                wire_extents.push(BlockStatusExtent {
+                    length_bytes: header.length,
+                    flags: 0,
+                });
+            }
+            let mut out = Vec::with_capacity(32 + 8 * wire_extents.len());
+            encode_block_status(&mut out, cookie, context_id, &wire_extents, true);
+            (out, None)
         }
     }
 }
@@ -359,138 +396,211 @@ fn error_reply_bytes(structured: bool, cookie: u64, errno: Errno, message: &str)
     out
 }
 
-async fn read_reply(
-    raft: &Addr<RaftActor>,
-    needs_barrier: bool,
-    volume: VolumeReader,
-    header: RequestHeader,
-    structured: bool,
-    deadline: Instant,
-    logger: &slog::Logger,
-) -> (Vec<u8>, Option<Bytes>) {
-    let cookie = header.cookie;
-    if header.length == 0 {
-        return (success_reply(structured, cookie), None);
+/// The server's backend: one volume of this node's Raft group. Writes carry `writer_epoch`
+/// (the epoch named in the export, `disk0@7`; 0 for an anonymous session), which the state
+/// machine checks against the volume's attachment.
+#[derive(Clone)]
+pub struct RaftVolumeBackend {
+    pub volume: VolumeReader,
+    pub raft: Addr<RaftActor>,
+    pub read_gate: ReadGate,
+    pub writer_epoch: u64,
+    pub logger: slog::Logger,
+}
+
+impl SessionBackend for RaftVolumeBackend {
+    fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static {
+        let BackendRequest {
+            header,
+            payload,
+            deadline,
+        } = request;
+        let volume_id = self.volume.info().id;
+        let proposal = match header.command {
+            Command::Write => Some(encode_write_command(volume_id, header.offset, &payload)),
+            Command::Trim => Some(encode_command(&StateCommand::Trim {
+                volume_id,
+                offset: header.offset,
+                length: u64::from(header.length),
+            })),
+            Command::WriteZeroes => Some(encode_command(&StateCommand::WriteZeroes {
+                volume_id,
+                offset: header.offset,
+                length: u64::from(header.length),
+                may_punch_hole: header.flags & proto::NBD_CMD_FLAG_NO_HOLE == 0,
+            })),
+            _ => None,
+        };
+        // The payload is now inside the proposal (or unneeded): free it before waiting.
+        drop(payload);
+        // Decided now, at dispatch: a barrier skipped must be skipped for a request issued
+        // while the gate was open.
+        let needs_barrier = self.read_gate.reads_need_barrier();
+        let backend = self.clone();
+        async move {
+            match (header.command, proposal) {
+                (_, Some(command_bytes)) => backend.propose(command_bytes, deadline).await,
+                (Command::Read, None) => backend.read(header, needs_barrier, deadline).await,
+                (Command::BlockStatus, None) => {
+                    backend.block_status(header, needs_barrier, deadline).await
+                }
+                _ => BackendReply::Error {
+                    errno: Errno::Inval,
+                    message: "unsupported",
+                },
+            }
+        }
     }
-    if !needs_barrier {
-        // The read gate says no barrier is needed (sole-voter leader).
-    } else if let Err(error) = read_barrier_until(raft, deadline).await {
-        slog::warn!(logger, "read barrier failed after retries"; "error" => %error);
-        return (
-            error_reply_bytes(structured, cookie, Errno::Io, "read failed"),
-            None,
-        );
+}
+
+impl RaftVolumeBackend {
+    async fn propose(&self, command_bytes: Vec<u8>, deadline: Instant) -> BackendReply {
+        match propose_until(&self.raft, Bytes::from(command_bytes), deadline).await {
+            Ok(ApplyOutcome::Rejected(rejection)) => {
+                let errno = match rejection {
+                    ApplyRejection::OutOfRange => Errno::NoSpc,
+                    ApplyRejection::NoSuchVolume => Errno::Shutdown,
+                    _ => Errno::Inval,
+                };
+                BackendReply::Error {
+                    errno,
+                    message: "write rejected",
+                }
+            }
+            Ok(_) => BackendReply::Done,
+            Err(error) => {
+                // ESHUTDOWN, not EIO: the write was not applied and may succeed elsewhere (a
+                // proxy retries it on another server; every other errno is final for it).
+                slog::warn!(self.logger, "write failed after retries"; "error" => %error);
+                BackendReply::Error {
+                    errno: Errno::Shutdown,
+                    message: "no quorum before the request deadline",
+                }
+            }
+        }
     }
-    let offset = header.offset;
-    let length = header.length as usize;
-    // Serve from the page cache on this thread when possible (no thread hop); only reads that
-    // would wait for the disk go to the blocking pool.
-    let mut buffer = vec![0u8; length];
-    let result = match volume.read_cached(offset, &mut buffer) {
-        Ok(true) => Ok(Ok(buffer)),
-        Ok(false) => {
-            tokio::task::spawn_blocking(move || volume.read(offset, &mut buffer).map(|()| buffer))
+
+    /// Waits for the read barrier unless the read gate skipped it; an error reply if it failed.
+    async fn barrier(&self, needs_barrier: bool, deadline: Instant) -> Result<(), BackendReply> {
+        if !needs_barrier {
+            // The read gate says no barrier is needed (sole-voter leader).
+            return Ok(());
+        }
+        read_barrier_until(&self.raft, deadline)
+            .await
+            .map_err(|error| {
+                slog::warn!(self.logger, "read barrier failed after retries"; "error" => %error);
+                BackendReply::Error {
+                    errno: Errno::Shutdown,
+                    message: "no quorum before the request deadline",
+                }
+            })
+    }
+
+    async fn read(
+        &self,
+        header: RequestHeader,
+        needs_barrier: bool,
+        deadline: Instant,
+    ) -> BackendReply {
+        if let Err(reply) = self.barrier(needs_barrier, deadline).await {
+            return reply;
+        }
+        let offset = header.offset;
+        let length = header.length as usize;
+        let volume = self.volume.clone();
+        // Serve from the page cache on this thread when possible (no thread hop); only reads
+        // that would wait for the disk go to the blocking pool.
+        let mut buffer = vec![0u8; length];
+        let result = match volume.read_cached(offset, &mut buffer) {
+            Ok(true) => Ok(Ok(buffer)),
+            Ok(false) => {
+                tokio::task::spawn_blocking(move || {
+                    volume.read(offset, &mut buffer).map(|()| buffer)
+                })
                 .await
-        }
-        Err(error) => Ok(Err(error)),
-    };
-    match result {
-        Ok(Ok(buffer)) => {
-            let mut out = Vec::with_capacity(32);
-            if structured {
-                encode_read_data_chunk_header(&mut out, cookie, offset, header.length, true);
-            } else {
-                encode_simple_reply(&mut out, cookie, None);
             }
-            (out, Some(Bytes::from(buffer)))
+            Err(error) => Ok(Err(error)),
+        };
+        match result {
+            Ok(Ok(buffer)) => BackendReply::Data(Bytes::from(buffer)),
+            Ok(Err(error)) => {
+                slog::error!(self.logger, "read failed"; "error" => %error, "offset" => offset,
+                    "length" => length);
+                BackendReply::Error {
+                    errno: Errno::Io,
+                    message: "read failed",
+                }
+            }
+            Err(join_error) => {
+                slog::error!(self.logger, "read task failed"; "error" => %join_error);
+                BackendReply::Error {
+                    errno: Errno::Io,
+                    message: "read failed",
+                }
+            }
         }
-        Ok(Err(error)) => {
-            slog::error!(logger, "read failed"; "error" => %error, "offset" => offset,
-                "length" => length);
-            (
-                error_reply_bytes(structured, cookie, Errno::Io, "read failed"),
-                None,
-            )
+    }
+
+    async fn block_status(
+        &self,
+        header: RequestHeader,
+        needs_barrier: bool,
+        deadline: Instant,
+    ) -> BackendReply {
+        if let Err(reply) = self.barrier(needs_barrier, deadline).await {
+            return reply;
         }
-        Err(join_error) => {
-            slog::error!(logger, "read task failed"; "error" => %join_error);
-            (
-                error_reply_bytes(structured, cookie, Errno::Io, "read failed"),
-                None,
-            )
+        let offset = header.offset;
+        let length = u64::from(header.length);
+        let volume = self.volume.clone();
+        let result = tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
+        match result {
+            Ok(Ok(extents)) => {
+                let request_one = header.flags & proto::NBD_CMD_FLAG_REQ_ONE != 0;
+                let mut wire_extents = Vec::new();
+                for extent in extents {
+                    if extent.length_bytes == 0 {
+                        continue;
+                    }
+                    let mut flags = 0;
+                    if extent.hole {
+                        flags |= proto::NBD_STATE_HOLE;
+                    }
+                    if extent.zero || extent.hole {
+                        flags |= proto::NBD_STATE_ZERO;
+                    }
+                    // Extents never exceed the request length, which is a u32.
+                    let length_bytes = extent.length_bytes.min(u64::from(u32::MAX)) as u32;
+                    wire_extents.push(BlockStatusExtent {
+                        length_bytes,
+                        flags,
+                    });
+                    if request_one {
+                        break;
+                    }
+                }
+                BackendReply::Extents(wire_extents)
+            }
+            Ok(Err(error)) => {
+                slog::error!(self.logger, "block status failed"; "error" => %error);
+                BackendReply::Error {
+                    errno: Errno::Io,
+                    message: "block status failed",
+                }
+            }
+            Err(join_error) => {
+                slog::error!(self.logger, "block status task failed"; "error" => %join_error);
+                BackendReply::Error {
+                    errno: Errno::Io,
+                    message: "block status failed",
+                }
+            }
         }
     }
 }
 
-async fn block_status_reply(
-    raft: &Addr<RaftActor>,
-    needs_barrier: bool,
-    volume: VolumeReader,
-    header: RequestHeader,
-    context_id: Option<u32>,
-    deadline: Instant,
-    logger: &slog::Logger,
-) -> Vec<u8> {
-    let cookie = header.cookie;
-    let Some(context_id) = context_id else {
-        return error_reply_bytes(true, cookie, Errno::Inval, "no metadata context selected");
-    };
-    if !needs_barrier {
-        // The read gate says no barrier is needed (sole-voter leader).
-    } else if let Err(error) = read_barrier_until(raft, deadline).await {
-        slog::warn!(logger, "read barrier failed after retries"; "error" => %error);
-        return error_reply_bytes(true, cookie, Errno::Io, "block status failed");
-    }
-    let offset = header.offset;
-    let length = u64::from(header.length);
-    let result = tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
-    match result {
-        Ok(Ok(extents)) => {
-            let request_one = header.flags & proto::NBD_CMD_FLAG_REQ_ONE != 0;
-            let mut wire_extents = Vec::new();
-            for extent in extents {
-                if extent.length_bytes == 0 {
-                    continue;
-                }
-                let mut flags = 0;
-                if extent.hole {
-                    flags |= proto::NBD_STATE_HOLE;
-                }
-                if extent.zero || extent.hole {
-                    flags |= proto::NBD_STATE_ZERO;
-                }
-                // Extents never exceed the request length, which is a u32.
-                let length_bytes = extent.length_bytes.min(u64::from(u32::MAX)) as u32;
-                wire_extents.push(BlockStatusExtent {
-                    length_bytes,
-                    flags,
-                });
-                if request_one {
-                    break;
-                }
-            }
-            if wire_extents.is_empty() {
-                wire_extents.push(BlockStatusExtent {
-                    length_bytes: header.length,
-                    flags: 0,
-                });
-            }
-            let mut out = Vec::with_capacity(32 + 8 * wire_extents.len());
-            encode_block_status(&mut out, cookie, context_id, &wire_extents, true);
-            out
-        }
-        Ok(Err(error)) => {
-            slog::error!(logger, "block status failed"; "error" => %error);
-            error_reply_bytes(true, cookie, Errno::Io, "block status failed")
-        }
-        Err(join_error) => {
-            slog::error!(logger, "block status task failed"; "error" => %join_error);
-            error_reply_bytes(true, cookie, Errno::Io, "block status failed")
-        }
-    }
-}
-
-impl Actor for NbdSessionActor {
+impl<B: SessionBackend> Actor for NbdSessionActor<B> {
     type Context = Context<Self>;
 
     fn started(&mut self, _ctx: &mut Context<Self>) {
@@ -504,7 +614,7 @@ impl Actor for NbdSessionActor {
     }
 }
 
-impl Handler<IncomingRequest> for NbdSessionActor {
+impl<B: SessionBackend> Handler<IncomingRequest> for NbdSessionActor<B> {
     type Result = ();
     fn handle(&mut self, msg: IncomingRequest, ctx: &mut Context<Self>) {
         let supervision = self.supervision.clone();
@@ -524,7 +634,7 @@ impl Handler<IncomingRequest> for NbdSessionActor {
     }
 }
 
-impl Handler<RequestFinished> for NbdSessionActor {
+impl<B: SessionBackend> Handler<RequestFinished> for NbdSessionActor<B> {
     type Result = ();
     fn handle(&mut self, _: RequestFinished, ctx: &mut Context<Self>) {
         self.requests_in_flight = self.requests_in_flight.saturating_sub(1);
@@ -532,7 +642,7 @@ impl Handler<RequestFinished> for NbdSessionActor {
     }
 }
 
-impl Handler<ReaderFinished> for NbdSessionActor {
+impl<B: SessionBackend> Handler<ReaderFinished> for NbdSessionActor<B> {
     type Result = ();
     fn handle(&mut self, msg: ReaderFinished, ctx: &mut Context<Self>) {
         slog::debug!(self.supervision.logger, "client stopped sending";
@@ -543,9 +653,9 @@ impl Handler<ReaderFinished> for NbdSessionActor {
 }
 
 /// Reads requests until the client disconnects, sends DISC, or breaks the protocol.
-async fn read_requests<R: AsyncRead + Unpin>(
+async fn read_requests<R: AsyncRead + Unpin, B: SessionBackend>(
     reader: R,
-    session: Addr<NbdSessionActor>,
+    session: Addr<NbdSessionActor<B>>,
     flow_control: FlowControl,
     request_max_bytes: u32,
 ) {
@@ -618,7 +728,7 @@ struct SendRaw {
     reply: OutgoingReply,
 }
 
-impl Handler<SendRaw> for NbdSessionActor {
+impl<B: SessionBackend> Handler<SendRaw> for NbdSessionActor<B> {
     type Result = ();
     fn handle(&mut self, msg: SendRaw, _ctx: &mut Context<Self>) {
         self.send_reply(msg.reply);

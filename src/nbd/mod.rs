@@ -17,6 +17,7 @@
 //! more than its configured limits.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod transmission;
