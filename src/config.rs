@@ -26,6 +26,8 @@ pub struct Config {
     pub nbd: NbdConfig,
     pub control: ControlConfig,
     pub raft: RaftConfig,
+    pub peer: PeerConfig,
+    pub cluster: ClusterConfig,
     pub storage: StorageConfig,
     pub default_volume: DefaultVolumeConfig,
     pub log: LogConfig,
@@ -64,6 +66,68 @@ pub struct RaftConfig {
     pub proposals_pending_max: usize,
     pub mailbox_capacity: usize,
     pub log_keep_entries: u64,
+    pub log_lag_entries_max: u64,
+    pub log_lag_bytes_max: u64,
+}
+
+/// The Raft peer transport of this node.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PeerConfig {
+    pub listen: SocketAddr,
+    /// Dial these members at another address than `cluster.members` gives (relays, NAT).
+    #[serde(default)]
+    pub connect_overrides: Vec<PeerAddressOverride>,
+    pub queue_messages_max: usize,
+    pub queue_bytes_max: u64,
+    pub frame_bytes_max: u32,
+    pub connect_timeout_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    pub snapshot_chunk_bytes: u32,
+    pub snapshot_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PeerAddressOverride {
+    pub id: u64,
+    pub address: String,
+}
+
+/// The initial members of the Raft group. Empty: a one-voter group of this node alone.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ClusterConfig {
+    #[serde(default)]
+    pub members: Vec<MemberConfig>,
+}
+
+/// One storage server: its Raft node id and the addresses others reach it at.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct MemberConfig {
+    pub id: u64,
+    pub peer: String,
+    pub nbd: String,
+    pub control: String,
+}
+
+impl Config {
+    /// The member record of this node, if the cluster is configured.
+    pub fn this_member(&self) -> Option<&MemberConfig> {
+        self.cluster
+            .members
+            .iter()
+            .find(|member| member.id == self.node.id)
+    }
+
+    /// Where this node dials member `id`: an override, else the member's peer address.
+    pub fn peer_dial_address(&self, id: u64) -> Option<String> {
+        if let Some(entry) = self.peer.connect_overrides.iter().find(|o| o.id == id) {
+            return Some(entry.address.clone());
+        }
+        self.cluster
+            .members
+            .iter()
+            .find(|member| member.id == id)
+            .map(|member| member.peer.clone())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +272,47 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.raft.log_lag_entries_max < self.raft.log_keep_entries
+            || self.raft.log_lag_bytes_max == 0
+        {
+            return Err(invalid(
+                "raft.log_lag_entries_max/log_lag_bytes_max",
+                "must be at least raft.log_keep_entries, and non-zero",
+            ));
+        }
+        if self.peer.queue_messages_max == 0 || self.peer.queue_bytes_max == 0 {
+            return Err(invalid(
+                "peer.queue_messages_max/queue_bytes_max",
+                "must be at least 1",
+            ));
+        }
+        if u64::from(self.peer.frame_bytes_max) < u64::from(self.nbd.request_max_bytes) + 65536 {
+            return Err(invalid(
+                "peer.frame_bytes_max",
+                "must exceed nbd.request_max_bytes by at least 64 KiB, or a maximal write \
+                 could never be replicated",
+            ));
+        }
+        if self.peer.snapshot_chunk_bytes < 4096
+            || u64::from(self.peer.snapshot_chunk_bytes) + 65536
+                > u64::from(self.peer.frame_bytes_max)
+        {
+            return Err(invalid(
+                "peer.snapshot_chunk_bytes",
+                "must be at least 4096 and fit in a frame (peer.frame_bytes_max - 64 KiB)",
+            ));
+        }
+        if self.peer.connect_timeout_ms == 0
+            || self.peer.reconnect_backoff_max_ms == 0
+            || self.peer.snapshot_timeout_ms == 0
+        {
+            return Err(invalid(
+                "peer.connect_timeout_ms/reconnect_backoff_max_ms/snapshot_timeout_ms",
+                "must be non-zero",
+            ));
+        }
+        self.validate_cluster()
+            .map_err(|problem| invalid("cluster.members", problem))?;
         if self.storage.checkpoint_interval_ms == 0 || self.storage.checkpoint_bytes == 0 {
             return Err(invalid(
                 "storage.checkpoint_interval_ms/checkpoint_bytes",
@@ -235,6 +340,52 @@ impl Config {
                     "log.level",
                     format!("'{other}' is not one of trace, debug, info, warning, error, critical"),
                 ))
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_cluster(&self) -> Result<(), String> {
+        let members = &self.cluster.members;
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for member in members {
+            if member.id == 0 || !ids.insert(member.id) {
+                return Err(format!("member id {} is zero or repeated", member.id));
+            }
+            for (what, address) in [
+                ("peer", &member.peer),
+                ("nbd", &member.nbd),
+                ("control", &member.control),
+            ] {
+                if address
+                    .rsplit_once(':')
+                    .and_then(|(_, port)| port.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return Err(format!(
+                        "member {} has {what} address '{address}', which is not host:port",
+                        member.id
+                    ));
+                }
+            }
+        }
+        if !ids.contains(&self.node.id) {
+            return Err(format!(
+                "this node (node.id = {}) is not one of the members {:?}",
+                self.node.id, ids
+            ));
+        }
+        for entry in &self.peer.connect_overrides {
+            if !ids.contains(&entry.id) {
+                return Err(format!(
+                    "peer.connect_overrides names unknown member {}",
+                    entry.id
+                ));
             }
         }
         Ok(())

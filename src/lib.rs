@@ -4,7 +4,9 @@
 //! - [`nbd`]: the NBD wire protocol as pure functions and a handshake state machine (no I/O).
 //! - [`storage`]: RocksDB (Raft log, state-machine metadata) beside sparse image files.
 //! - [`actors`]: the actix actors that move bytes between sockets, Raft and storage.
+//! - [`peer`]: the wire format between storage servers (pure functions, like [`nbd`]).
 //! - [`control`]: the HTTP control API (volumes, status).
+//! - [`dev`]: `raftblk dev`, a whole cluster and proxy on loopback as child processes.
 //! - [`server`]: wires a server process together; [`config`] and [`logging`] set it up.
 //!
 //! See ARCHITECTURE.md for the write path fsync by fsync and the invariants.
@@ -12,8 +14,10 @@
 pub mod actors;
 pub mod config;
 pub mod control;
+pub mod dev;
 pub mod logging;
 pub mod nbd;
+pub mod peer;
 pub mod server;
 pub mod storage;
 

@@ -1,5 +1,5 @@
-//! The `raftblk` command: `server` runs a storage server; `volume` manages volumes through a
-//! running server's control API.
+//! The `raftblk` command: `server` runs a storage server; `dev` a whole three-server cluster and
+//! a proxy on loopback; `volume` and `ctl` talk to running servers' control APIs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,10 +24,53 @@ struct Cli {
 enum CliCommand {
     /// Run a storage server (NBD on 127.0.0.1:10809, data in ./raftblk-data by default).
     Server(ServerArgs),
+    /// Run a 3-server cluster and a proxy on loopback, each its own process; clients use
+    /// nbd://127.0.0.1:10809/disk0. Data under ./raftblk-data; Ctrl-C stops it.
+    Dev(DevArgs),
     /// Create, list or delete volumes on a running server.
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// Inspect a running cluster.
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    /// Directory holding every server's data, configuration and log.
+    #[arg(long, default_value = "./raftblk-data")]
+    data_dir: PathBuf,
+    /// The proxy's NBD address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: String,
+    /// Server N listens on ports BASE+10N (NBD), +1 (control), +2 (peer).
+    #[arg(long, default_value_t = 10810)]
+    port_base: u16,
+    /// Size of disk0 when the cluster is created, e.g. 1G.
+    #[arg(long, default_value = "1G")]
+    size: String,
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+/// The control addresses of `raftblk dev`'s servers.
+const DEV_CONTROL_ADDRESSES: &str = "127.0.0.1:10821,127.0.0.1:10831,127.0.0.1:10841";
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// One row per server: role, term, commit and applied index, leader; then the leader's
+    /// view of each follower's replication progress.
+    Status {
+        /// Control API addresses, comma-separated.
+        #[arg(long, default_value = DEV_CONTROL_ADDRESSES, value_delimiter = ',')]
+        control: Vec<String>,
+        /// Print the servers' status documents as a JSON array.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -45,6 +88,12 @@ struct ServerArgs {
     /// Directory for RocksDB and the volume images.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Raft node id of this server (must be one of cluster.members, if configured).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Peer transport listen address.
+    #[arg(long)]
+    peer_listen: Option<String>,
     /// Once serving, write {"nbd","control","pid"} as JSON to this file.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -95,6 +144,12 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = args.data_dir {
         overrides.push(("node.data_dir", dir.display().to_string()));
+    }
+    if let Some(id) = args.node_id {
+        overrides.push(("node.id", id.to_string()));
+    }
+    if let Some(listen) = args.peer_listen {
+        overrides.push(("peer.listen", listen));
     }
     if let Some(format) = args.log_format {
         overrides.push(("log.format", format));
@@ -177,6 +232,123 @@ fn run_volume_command(command: VolumeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let volume_size_bytes = parse_size::Config::new()
+        .with_binary()
+        .parse_size(&args.size)
+        .map_err(|error| anyhow::anyhow!("invalid --size '{}': {error}", args.size))?;
+    raftblk::config::validate_volume_geometry(volume_size_bytes, 4096)
+        .map_err(|problem| anyhow::anyhow!("invalid --size: {problem}"))?;
+    let options = raftblk::dev::DevOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        port_base: args.port_base,
+        volume_size_bytes,
+        log_level: args.log_level,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(raftblk::dev::run_dev(options))
+}
+
+fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
+    match command {
+        CtlCommand::Status { control, json } => {
+            let statuses: Vec<(String, Result<serde_json::Value, String>)> = control
+                .iter()
+                .map(|address| {
+                    (
+                        address.clone(),
+                        ControlClient::new(address)
+                            .status()
+                            .map_err(|error| error.to_string()),
+                    )
+                })
+                .collect();
+            if json {
+                let documents: Vec<serde_json::Value> = statuses
+                    .iter()
+                    .map(|(address, status)| match status {
+                        Ok(document) => serde_json::json!({"control": address, "status": document}),
+                        Err(error) => serde_json::json!({"control": address, "error": error}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&documents)?);
+            } else {
+                print!("{}", format_status_table(&statuses));
+            }
+            if statuses.iter().all(|(_, status)| status.is_err()) {
+                anyhow::bail!("no server answered at {}", control.join(", "));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `raftblk ctl status` as text: a row per server, then the leader's peer progress.
+fn format_status_table(statuses: &[(String, Result<serde_json::Value, String>)]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<22} {:>4} {:<12} {:>6} {:>10} {:>10} {:>6}",
+        "CONTROL", "NODE", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER"
+    );
+    let mut leader_peers = None;
+    for (address, status) in statuses {
+        match status {
+            Ok(document) => {
+                let raft = &document["raft"];
+                let number = |key: &str| raft[key].as_u64().unwrap_or(0);
+                let role = raft["role"].as_str().unwrap_or("?");
+                let _ = writeln!(
+                    out,
+                    "{:<22} {:>4} {:<12} {:>6} {:>10} {:>10} {:>6}",
+                    address,
+                    number("node_id"),
+                    role,
+                    number("term"),
+                    number("commit_index"),
+                    number("applied_index"),
+                    number("leader_id")
+                );
+                if role == "Leader" {
+                    leader_peers = Some((number("node_id"), raft["peers"].clone()));
+                }
+            }
+            Err(error) => {
+                let _ = writeln!(out, "{address:<22} unreachable: {error}");
+            }
+        }
+    }
+    match leader_peers {
+        Some((leader, serde_json::Value::Array(peers))) if !peers.is_empty() => {
+            let _ = writeln!(out, "\nreplication from leader {leader}:");
+            let _ = writeln!(
+                out,
+                "{:>6} {:>10} {:>10} {:<10}",
+                "PEER", "MATCHED", "NEXT", "STATE"
+            );
+            for peer in peers {
+                let _ = writeln!(
+                    out,
+                    "{:>6} {:>10} {:>10} {:<10}",
+                    peer["id"].as_u64().unwrap_or(0),
+                    peer["matched"].as_u64().unwrap_or(0),
+                    peer["next_index"].as_u64().unwrap_or(0),
+                    peer["state"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Some(_) => {}
+        None => {
+            let _ = writeln!(out, "\nno leader among the servers that answered");
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     // Test builds read named fault-injection points from the FAILPOINTS environment variable
     // (e.g. `FAILPOINTS=storage_actor_apply=20*off->1*panic->off`); release builds have none.
@@ -185,7 +357,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         CliCommand::Server(args) => run_server(args),
+        CliCommand::Dev(args) => run_dev(args),
         CliCommand::Volume { command } => run_volume_command(command),
+        CliCommand::Ctl { command } => run_ctl_command(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

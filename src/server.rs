@@ -1,7 +1,12 @@
 //! Wires one server process together: opens RocksDB, starts the storage and Raft actors (each
-//! on its own arbiter, under an `actix::Supervisor`), creates the default volume on a new
-//! cluster, starts the NBD listener and the control API, announces readiness, and shuts down
-//! cleanly on SIGINT/SIGTERM (checkpoint, then stop every actor before RocksDB closes).
+//! on its own arbiter, under an `actix::Supervisor`) and the peer transport (on a third),
+//! creates the default volume on a new cluster, starts the NBD listener and the control API,
+//! announces readiness, and shuts down cleanly on SIGINT/SIGTERM (checkpoint, then stop every
+//! actor before RocksDB closes).
+//!
+//! A new cluster: every member bootstraps the same initial voter set (`cluster.members`, or
+//! this node alone when that is empty), and whichever member leads first creates the default
+//! volume; a racing member's duplicate is rejected by the state machine as `VolumeExists`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,7 @@ use raft::prelude::ConfState;
 
 use crate::actors::listener::NbdListenerActor;
 use crate::actors::messages::{Checkpoint, GetRaftStatus};
+use crate::actors::peer::{start_peer_transport, PeerContext, PeerNetwork, SnapshotInbox};
 use crate::actors::raft::{propose_until, RaftActor, RaftActorParams, ReadGate};
 use crate::actors::storage::{ConnectRaft, StorageActor, StorageActorParams, VolumeRegistry};
 use crate::actors::supervisor::{ActorKind, RestartCounters, Supervision};
@@ -31,6 +37,8 @@ use crate::DEFAULT_GROUP_ID;
 pub struct ReadyInfo {
     pub nbd: SocketAddr,
     pub control: SocketAddr,
+    /// The peer transport's address; absent in a one-voter group.
+    pub peer: Option<SocketAddr>,
     pub pid: u32,
 }
 
@@ -43,18 +51,45 @@ fn write_ready_file(path: &Path, info: &ReadyInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_leadership(raft: &Addr<RaftActor>, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
+/// Creates the default volume of a new cluster once a leader exists: proposed by this node
+/// only while it leads, so one member normally creates it; returns when it exists.
+async fn ensure_default_volume(
+    raft: Addr<RaftActor>,
+    registry: VolumeRegistry,
+    config: crate::config::DefaultVolumeConfig,
+    request_timeout: Duration,
+    logger: slog::Logger,
+) {
     loop {
-        if let Ok(status) = raft.send(GetRaftStatus).await {
-            if status.role == "Leader" && status.applied_index >= status.commit_index {
-                return Ok(());
+        if registry.get(&config.name).is_some() {
+            return;
+        }
+        let leads = matches!(raft.send(GetRaftStatus).await,
+            Ok(status) if status.role == "Leader" && status.applied_index >= status.commit_index);
+        if leads {
+            let command = encode_command(&Command::CreateVolume {
+                name: &config.name,
+                size_bytes: config.size_bytes,
+                block_size_bytes: config.block_size_bytes,
+            });
+            match propose_until(
+                &raft,
+                Bytes::from(command),
+                Instant::now() + request_timeout,
+            )
+            .await
+            {
+                Ok(outcome) => {
+                    slog::info!(logger, "default volume created"; "name" => &config.name,
+                        "size_bytes" => config.size_bytes, "outcome" => ?outcome);
+                }
+                Err(error) => {
+                    slog::warn!(logger, "creating the default volume failed; retrying";
+                        "error" => %error);
+                }
             }
         }
-        if Instant::now() >= deadline {
-            anyhow::bail!("this node did not become Raft leader within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -92,15 +127,29 @@ pub async fn run_server(
     .with_context(|| format!("opening RocksDB in {}", data_dir.display()))?;
     let log_store = RaftLogStore::open(db.clone(), DEFAULT_GROUP_ID)?;
     let new_cluster = !log_store.is_bootstrapped();
+    let voters: Vec<u64> = if config.cluster.members.is_empty() {
+        vec![config.node.id]
+    } else {
+        config
+            .cluster
+            .members
+            .iter()
+            .map(|member| member.id)
+            .collect()
+    };
+    let peer_ids: Vec<u64> = voters
+        .iter()
+        .copied()
+        .filter(|id| *id != config.node.id)
+        .collect();
     if new_cluster {
-        // A new one-voter group: this node is the whole cluster.
         let conf_state = ConfState {
-            voters: vec![config.node.id],
+            voters: voters.clone(),
             ..Default::default()
         };
         log_store.bootstrap(conf_state)?;
         slog::info!(logger, "new Raft group bootstrapped"; "group" => DEFAULT_GROUP_ID,
-            "node" => config.node.id);
+            "node" => config.node.id, "voters" => ?voters);
     }
 
     let restarts = RestartCounters::new();
@@ -111,6 +160,8 @@ pub async fn run_server(
     };
     let registry = VolumeRegistry::default();
     let applied_index = Arc::new(AtomicU64::new(0));
+    // Snapshots for lagging followers are taken at the applied index.
+    log_store.set_applied_index_source(applied_index.clone());
 
     let storage_arbiter = Arbiter::new();
     let storage_params = StorageActorParams {
@@ -135,6 +186,10 @@ pub async fn run_server(
         .map_err(|error| anyhow::anyhow!(error))?;
 
     let read_gate = ReadGate::default();
+    let peer_supervision = supervision(ActorKind::Peer);
+    let (network, peer_links) =
+        PeerNetwork::new(&peer_ids, &config.peer, peer_supervision.logger.clone());
+    let snapshots = SnapshotInbox::default();
     let raft_arbiter = Arbiter::new();
     let raft_params = RaftActorParams {
         group_id: DEFAULT_GROUP_ID,
@@ -146,35 +201,61 @@ pub async fn run_server(
         applied_index: applied_index.clone(),
         read_gate: read_gate.clone(),
         supervision: supervision(ActorKind::Raft),
+        network,
+        snapshots: snapshots.clone(),
     };
     let raft = actix::Supervisor::start_in_arbiter(&raft_arbiter.handle(), move |_| {
         RaftActor::new(raft_params)
     });
     storage.do_send(ConnectRaft(raft.clone()));
 
-    let election_timeout =
-        Duration::from_millis(config.raft.tick_interval_ms * config.raft.election_ticks as u64);
-    wait_for_leadership(&raft, election_timeout * 5 + Duration::from_secs(5)).await?;
+    let peer_arbiter = Arbiter::new();
+    let mut peer_address = None;
+    if !peer_ids.is_empty() {
+        let peer_listener = std::net::TcpListener::bind(config.peer.listen)
+            .with_context(|| format!("binding the peer transport to {}", config.peer.listen))?;
+        peer_listener.set_nonblocking(true)?;
+        peer_address = Some(peer_listener.local_addr()?);
+        let context = PeerContext {
+            node_id: config.node.id,
+            group_id: DEFAULT_GROUP_ID,
+            config: config.peer.clone(),
+            dial_addresses: peer_ids
+                .iter()
+                .filter_map(|id| config.peer_dial_address(*id).map(|address| (*id, address)))
+                .collect(),
+            images_dir: data_dir.join(crate::storage::IMAGES_DIRECTORY_NAME),
+            raft: raft.clone(),
+            storage: storage.clone(),
+            snapshots,
+            supervision: peer_supervision,
+        };
+        peer_arbiter.spawn(async move {
+            match tokio::net::TcpListener::from_std(peer_listener) {
+                Ok(listener) => start_peer_transport(listener, peer_links, context),
+                Err(error) => slog::crit!(context.supervision.logger,
+                    "the peer listener cannot be registered"; "error" => %error),
+            }
+        });
+    }
 
     let request_timeout = Duration::from_millis(config.nbd.request_timeout_ms);
-    if new_cluster
-        && config.default_volume.create
-        && registry.get(&config.default_volume.name).is_none()
-    {
-        let command = encode_command(&Command::CreateVolume {
-            name: &config.default_volume.name,
-            size_bytes: config.default_volume.size_bytes,
-            block_size_bytes: config.default_volume.block_size_bytes,
-        });
-        propose_until(
-            &raft,
-            Bytes::from(command),
-            Instant::now() + request_timeout,
-        )
-        .await
-        .map_err(|error| anyhow::anyhow!("creating the default volume failed: {error}"))?;
-        slog::info!(logger, "default volume created"; "name" => &config.default_volume.name,
-            "size_bytes" => config.default_volume.size_bytes);
+    if new_cluster && config.default_volume.create {
+        let creation = ensure_default_volume(
+            raft.clone(),
+            registry.clone(),
+            config.default_volume.clone(),
+            request_timeout,
+            logger.clone(),
+        );
+        if peer_ids.is_empty() {
+            // Alone, this node elects itself at once: be ready only with the volume there.
+            tokio::time::timeout(request_timeout, creation)
+                .await
+                .map_err(|_| anyhow::anyhow!("creating the default volume timed out"))?;
+        } else {
+            actix_rt::spawn(creation);
+        }
     }
 
     let nbd_listener = tokio::net::TcpListener::bind(config.nbd.listen)
@@ -198,6 +279,8 @@ pub async fn run_server(
         registry: registry.clone(),
         restarts: restarts.clone(),
         request_timeout,
+        storage: storage.clone(),
+        members: config.cluster.members.clone(),
     });
     let control_server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
@@ -227,6 +310,7 @@ pub async fn run_server(
             &ReadyInfo {
                 nbd: nbd_address,
                 control: control_address,
+                peer: peer_address,
                 pid: std::process::id(),
             },
         )?;
@@ -243,8 +327,10 @@ pub async fn run_server(
         Err(error) => slog::warn!(logger, "final checkpoint failed"; "error" => %error),
     }
     // Stop the actors (they hold RocksDB handles) before the database is dropped here.
+    peer_arbiter.stop();
     raft_arbiter.stop();
     storage_arbiter.stop();
+    let _ = peer_arbiter.join();
     let _ = raft_arbiter.join();
     let _ = storage_arbiter.join();
     drop(raft);

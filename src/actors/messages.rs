@@ -126,4 +126,51 @@ pub struct RaftStatus {
     pub first_log_index: u64,
     pub last_log_index: u64,
     pub proposals_pending: usize,
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
+    /// Replication progress of the other members, known only on the leader.
+    pub peers: Vec<PeerProgress>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub matched: u64,
+    pub next_index: u64,
+    /// "Probe", "Replicate" or "Snapshot".
+    pub state: String,
+}
+
+/// Peer transport → Raft actor: a message from another member.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StepPeerMessage(pub raft::prelude::Message);
+
+/// Peer transport → Raft actor: the connection to `peer_id` failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReportUnreachable {
+    pub peer_id: u64,
+}
+
+/// Peer transport → Raft actor: a snapshot transfer to `peer_id` ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReportSnapshot {
+    pub peer_id: u64,
+    pub finished: bool,
+}
+
+/// Peer transport → storage actor: capture the volumes for a snapshot transfer.
+#[derive(Message)]
+#[rtype(result = "Result<crate::storage::snapshot::SnapshotSource, String>")]
+pub struct OpenSnapshotSource;
+
+/// Raft actor → storage actor: switch to a received snapshot (Ready order: before any
+/// committed entry after it). Answers once the switch is durable.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct InstallSnapshot {
+    pub staged: crate::storage::snapshot::StagedSnapshot,
+    pub metadata: raft::prelude::SnapshotMetadata,
 }

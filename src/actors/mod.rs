@@ -5,12 +5,14 @@
 //! - [`session::NbdSessionActor`]: one per connection; dispatches requests.
 //! - [`raft::RaftActor`]: the Raft group; persists the log, orders writes.
 //! - [`storage::StorageActor`]: applies committed entries to the images; checkpoints.
+//! - [`peer`]: the Raft peer transport (links to the other members, snapshot transfers).
 //! - [`supervisor`]: turns handler panics into restarts, counts them.
 //!
 //! [`messages`] lists every message between them.
 
 pub mod listener;
 pub mod messages;
+pub mod peer;
 pub mod raft;
 pub mod session;
 pub mod storage;

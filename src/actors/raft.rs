@@ -12,6 +12,23 @@
 //! actix runs every message already in the mailbox before that notification, so all proposals
 //! that arrived while the previous fsync ran share the next one.
 //!
+//! Every node serves proposals and reads, not only the leader: a follower's proposal is
+//! forwarded to the leader by raft-rs and answered when this node applies the entry; a read
+//! barrier is a ReadIndex round through the leader. Each proposal's entry context names the
+//! proposing node, a proposal id and the term it was proposed in. An entry whose term differs
+//! from its proposal term was appended by a later leader from a delayed forward (the proposer
+//! has already been told to retry), so every replica applies it as a no-op: a retried write can
+//! never be overtaken by its stale twin.
+//!
+//! Snapshots: a follower too far behind receives one through the peer transport, which stages
+//! the data before stepping the `MsgSnapshot` in; the Ready that carries it asks the storage
+//! actor to switch to the staged data before anything else of that Ready is handled.
+//!
+//! Log compaction (on `DurableApplied`): never above the durable applied index, keeping
+//! `log_keep_entries` below it; on the leader also not above what a follower still needs,
+//! while that follower lags by at most `log_lag_entries_max` entries and
+//! `log_lag_bytes_max` bytes. Beyond that the laggard is sent a snapshot instead.
+//!
 //! Runs on its own arbiter (thread) because persisting a Ready blocks on fsync.
 
 use std::collections::{HashMap, VecDeque};
@@ -27,6 +44,7 @@ use raft::prelude::{
 use raft::{RawNode, StateRole, Storage as _};
 
 use super::messages::*;
+use super::peer::{PeerNetwork, SnapshotInbox};
 use super::storage::StorageActor;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::RaftConfig;
@@ -45,6 +63,10 @@ pub struct RaftActorParams {
     /// Published by this actor: whether reads may skip the ReadIndex round (see `ReadGate`).
     pub read_gate: ReadGate,
     pub supervision: Supervision,
+    /// Sends messages to the other members (none in a one-voter group).
+    pub network: PeerNetwork,
+    /// Snapshots received and staged by the peer transport.
+    pub snapshots: SnapshotInbox,
 }
 
 /// Whether a read on this node needs a ReadIndex round first.
@@ -73,6 +95,40 @@ impl ReadGate {
 struct PendingProposal {
     responder: ProposalResponder,
     proposed_at: Instant,
+    /// The term this node was in when it proposed; the entry must carry the same term.
+    term: u64,
+}
+
+/// The context of every proposal's entry: who proposed it, which proposal, in which term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProposalContext {
+    node_id: u64,
+    proposal_id: u64,
+    term: u64,
+}
+
+impl ProposalContext {
+    const BYTES: usize = 24;
+
+    fn encode(&self) -> Bytes {
+        let mut bytes = Vec::with_capacity(Self::BYTES);
+        bytes.extend_from_slice(&self.node_id.to_be_bytes());
+        bytes.extend_from_slice(&self.proposal_id.to_be_bytes());
+        bytes.extend_from_slice(&self.term.to_be_bytes());
+        Bytes::from(bytes)
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::BYTES {
+            return None;
+        }
+        let field = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        Some(ProposalContext {
+            node_id: field(0),
+            proposal_id: field(8),
+            term: field(16),
+        })
+    }
 }
 
 pub struct RaftActor {
@@ -91,7 +147,21 @@ pub struct RaftActor {
     /// Read barriers whose read index is known, waiting for `applied_index` to reach it.
     reads_waiting_for_apply: VecDeque<(u64, Vec<ReadBarrierResponder>)>,
     ready_scheduled: bool,
+    /// (term, leader id) last seen, to notice elections.
+    last_term_and_leader: (u64, u64),
+    /// (last index, cumulative bytes) of the entries appended per Ready: sizes the log a
+    /// lagging follower would need.
+    appended_bytes: VecDeque<(u64, u64)>,
+    appended_bytes_total: u64,
+    snapshots_sent: u64,
+    snapshots_installed: u64,
+    /// Set by a Ready that installed a snapshot; raft-rs learns it as applied after the
+    /// Ready is advanced.
+    snapshot_applied_index: Option<u64>,
 }
+
+/// Entries of appended-bytes history kept for compaction decisions.
+const APPENDED_BYTES_HISTORY_MAX: usize = 65536;
 
 impl RaftActor {
     pub fn new(params: RaftActorParams) -> Self {
@@ -106,7 +176,21 @@ impl RaftActor {
             reads_in_progress: HashMap::new(),
             reads_waiting_for_apply: VecDeque::new(),
             ready_scheduled: false,
+            last_term_and_leader: (0, 0),
+            appended_bytes: VecDeque::new(),
+            appended_bytes_total: 0,
+            snapshots_sent: 0,
+            snapshots_installed: 0,
+            snapshot_applied_index: None,
         }
+    }
+
+    /// How long a forwarded proposal or a read barrier waits before it is retried: a message
+    /// lost on the way to the leader is otherwise noticed only at the request deadline.
+    fn retry_interval(&self) -> Duration {
+        Duration::from_millis(
+            2 * self.params.config.tick_interval_ms * self.params.config.election_ticks as u64,
+        )
     }
 
     /// Rebuilds the `RawNode` from the log in RocksDB. Called at start and on every restart.
@@ -195,19 +279,23 @@ impl RaftActor {
             return;
         }
         let node = self.node();
-        if node.raft.state != StateRole::Leader {
-            let leader_id = node.raft.leader_id;
-            let _ = msg
-                .responder
-                .send(Err(ProposalError::NotLeader { leader_id }));
+        let term = node.raft.term;
+        if node.raft.state != StateRole::Leader && node.raft.leader_id == 0 {
+            // No leader to forward to (an election is running): the caller retries.
+            let _ = msg.responder.send(Err(ProposalError::Dropped));
             return;
         }
         let proposal_id = self.take_request_id();
+        let context = ProposalContext {
+            node_id: self.params.node_id,
+            proposal_id,
+            term,
+        };
         // Proposing through `step` lets the entry keep the caller's `Bytes` without a copy
         // (`RawNode::propose` takes a `Vec` and would copy up to 32 MiB).
         let entry = Entry {
             data: msg.command,
-            context: Bytes::copy_from_slice(&proposal_id.to_be_bytes()),
+            context: context.encode(),
             ..Default::default()
         };
         let mut message = RaftMessage::default();
@@ -222,6 +310,7 @@ impl RaftActor {
                     PendingProposal {
                         responder: msg.responder,
                         proposed_at: Instant::now(),
+                        term,
                     },
                 );
             }
@@ -246,13 +335,23 @@ impl RaftActor {
         for mut entry in entries {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
-                    if entry.context.len() == 8 {
-                        let mut id = [0u8; 8];
-                        id.copy_from_slice(&entry.context);
-                        if let Some(pending) =
-                            self.pending_proposals.remove(&u64::from_be_bytes(id))
-                        {
-                            responders.push((entry.index, pending.responder));
+                    if let Some(context) = ProposalContext::decode(&entry.context) {
+                        let stale = context.term != entry.term;
+                        if context.node_id == self.params.node_id {
+                            if let Some(pending) =
+                                self.pending_proposals.remove(&context.proposal_id)
+                            {
+                                if stale {
+                                    let _ = pending.responder.send(Err(ProposalError::Dropped));
+                                } else {
+                                    responders.push((entry.index, pending.responder));
+                                }
+                            }
+                        }
+                        if stale {
+                            // Deterministic on every replica: the entry's term and context
+                            // are part of the log.
+                            entry.data = Bytes::new();
                         }
                     }
                 }
@@ -346,10 +445,116 @@ impl RaftActor {
     }
 
     fn send_messages(&mut self, messages: Vec<RaftMessage>) {
-        // One voter: there are no peers yet. The peer transport plugs in here.
         for message in messages {
-            slog::debug!(self.params.supervision.logger, "dropping message to unknown peer";
-                "to" => message.to, "type" => ?message.get_msg_type());
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                self.snapshots_sent += 1;
+            }
+            self.params.network.send(message);
+        }
+    }
+
+    /// Switches the storage actor to the snapshot this Ready carries. The peer transport
+    /// staged its data before stepping the message in; if the data is gone (this actor
+    /// restarted in between), panicking restarts the Raft node from RocksDB, which forgets the
+    /// snapshot, and the leader sends it again.
+    fn install_snapshot(&mut self, snapshot: &raft::prelude::Snapshot) {
+        let metadata = snapshot.get_metadata().clone();
+        let Some(staged) = self.params.snapshots.take(metadata.index, metadata.term) else {
+            panic!(
+                "snapshot at index {} term {} arrived without staged data",
+                metadata.index, metadata.term
+            );
+        };
+        let index = metadata.index;
+        // Blocking this thread is intended: nothing else of this Ready may happen before the
+        // switch is durable, and the storage actor runs on its own thread.
+        let result = futures::executor::block_on(
+            self.params
+                .storage
+                .send(InstallSnapshot { staged, metadata }),
+        );
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("installing the snapshot at {index} failed: {error}"),
+            Err(error) => panic!("installing the snapshot at {index} failed: {error}"),
+        }
+        self.snapshots_installed += 1;
+        self.applied_index = self.applied_index.max(index);
+        self.delivered_index = self.delivered_index.max(index);
+        self.snapshot_applied_index = Some(index);
+        slog::info!(self.params.supervision.logger, "snapshot installed"; "index" => index);
+    }
+
+    /// Records the bytes of entries appended by a Ready (for compaction decisions).
+    fn record_appended(&mut self, entries: &[Entry]) {
+        let Some(last) = entries.last() else {
+            return;
+        };
+        let bytes: u64 = entries
+            .iter()
+            .map(|entry| (entry.data.len() + entry.context.len()) as u64)
+            .sum();
+        self.appended_bytes_total += bytes;
+        // A rewritten suffix (new leader) makes older records past it stale.
+        while self
+            .appended_bytes
+            .back()
+            .is_some_and(|(index, _)| *index >= last.index)
+        {
+            self.appended_bytes.pop_back();
+        }
+        self.appended_bytes
+            .push_back((last.index, self.appended_bytes_total));
+        if self.appended_bytes.len() > APPENDED_BYTES_HISTORY_MAX {
+            self.appended_bytes.pop_front();
+        }
+    }
+
+    /// Approximate bytes of the log between `low` and `high` (by recorded Ready sizes).
+    fn log_bytes_between(&self, low: u64, high: u64) -> u64 {
+        let at = |index: u64| {
+            self.appended_bytes
+                .iter()
+                .find(|(recorded, _)| *recorded >= index)
+                .map(|(_, cumulative)| *cumulative)
+                .unwrap_or(self.appended_bytes_total)
+        };
+        at(high).saturating_sub(at(low))
+    }
+
+    /// The highest index the log may be compacted to (entries below it dropped).
+    fn compaction_index(&mut self, durable_applied_index: u64) -> u64 {
+        let keep = self.params.config.log_keep_entries;
+        let wanted = durable_applied_index.saturating_sub(keep);
+        let node_id = self.params.node_id;
+        let node = self.node();
+        if node.raft.state != StateRole::Leader {
+            return wanted;
+        }
+        let mut needed = wanted;
+        for (id, progress) in node.raft.prs().iter() {
+            if *id == node_id {
+                continue;
+            }
+            // A follower being sent a snapshot needs the entries after it.
+            let next_needed = if progress.state == raft::ProgressState::Snapshot {
+                progress.pending_snapshot + 1
+            } else {
+                progress.matched + 1
+            };
+            needed = needed.min(next_needed);
+        }
+        if needed >= wanted {
+            return wanted;
+        }
+        let lag_entries = wanted - needed;
+        let lag_bytes = self.log_bytes_between(needed, wanted);
+        if lag_entries <= self.params.config.log_lag_entries_max
+            && lag_bytes <= self.params.config.log_lag_bytes_max
+        {
+            needed
+        } else {
+            wanted
         }
     }
 
@@ -372,8 +577,8 @@ impl RaftActor {
             self.send_messages(messages);
         }
         if !ready.snapshot().is_empty() {
-            // Snapshots arrive only from a leader once peers exist.
-            panic!("snapshot application is not supported by this version");
+            let snapshot = ready.snapshot().clone();
+            self.install_snapshot(&snapshot);
         }
         let committed = ready.take_committed_entries();
         self.deliver_committed(committed);
@@ -382,6 +587,7 @@ impl RaftActor {
         // The one synced write of this Ready: every entry and the hard state in one batch.
         // Nothing is acknowledged before this returns, because entries commit only once
         // persisted on a majority.
+        self.record_appended(ready.entries());
         if !ready.entries().is_empty() || ready.hs().is_some() {
             if let Err(error) =
                 self.params
@@ -397,6 +603,11 @@ impl RaftActor {
             self.send_messages(messages);
         }
         let mut light_ready = self.node().advance_append(ready);
+        if let Some(index) = self.snapshot_applied_index.take() {
+            if index > self.node().raft.raft_log.applied {
+                self.node().advance_apply_to(index);
+            }
+        }
         if let Some(commit_index) = light_ready.commit_index() {
             // The commit index may be persisted lazily: `rebuild` recovers it.
             let mut hard_state = self.params.log_store.hard_state();
@@ -417,12 +628,19 @@ impl RaftActor {
 
     /// Fails proposals and reads that waited too long so that their callers retry.
     fn expire_waiters(&mut self) {
-        let timeout = self.params.request_timeout;
+        let is_leader = self.node().raft.state == StateRole::Leader;
+        // A leader's own proposal sits in its log and cannot get lost; a forwarded one can.
+        let proposal_timeout = if is_leader {
+            self.params.request_timeout
+        } else {
+            self.retry_interval()
+        };
+        let timeout = self.retry_interval();
         let now = Instant::now();
         let expired: Vec<u64> = self
             .pending_proposals
             .iter()
-            .filter(|(_, pending)| now.duration_since(pending.proposed_at) > timeout)
+            .filter(|(_, pending)| now.duration_since(pending.proposed_at) > proposal_timeout)
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
@@ -461,15 +679,31 @@ impl RaftActor {
             slog::info!(self.params.supervision.logger, "raft role changed";
                 "role" => ?role, "term" => term, "leader" => leader_id);
         }
-        if previous == StateRole::Leader && role != StateRole::Leader {
-            for (_, pending) in self.pending_proposals.drain() {
-                let _ = pending
-                    .responder
-                    .send(Err(ProposalError::NotLeader { leader_id }));
+        if (term, leader_id) != self.last_term_and_leader {
+            if leader_id != 0 && leader_id != self.last_term_and_leader.1 {
+                slog::info!(self.params.supervision.logger, "leader changed";
+                    "term" => term, "leader" => leader_id);
+            }
+            self.last_term_and_leader = (term, leader_id);
+            // Proposals from an earlier term may be overwritten by the new leader, or were
+            // forwarded to a leader that is gone; read barriers were asked of the old leader.
+            // Their callers retry now instead of at the deadline. A retried write that also
+            // commits in its old term is harmless: both carry the same data and both commit
+            // before the client is answered, so nothing later can be overtaken.
+            let stale: Vec<u64> = self
+                .pending_proposals
+                .iter()
+                .filter(|(_, pending)| pending.term < term)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                if let Some(pending) = self.pending_proposals.remove(&id) {
+                    let _ = pending.responder.send(Err(ProposalError::Dropped));
+                }
             }
             for (_, (_, responders)) in self.reads_in_progress.drain() {
                 for responder in responders {
-                    let _ = responder.send(Err(ProposalError::NotLeader { leader_id }));
+                    let _ = responder.send(Err(ProposalError::Dropped));
                 }
             }
         }
@@ -517,6 +751,8 @@ impl actix::Supervised for RaftActor {
         self.ready_scheduled = false;
         self.node = None;
         self.params.read_gate.set_sole_voter_leader(false);
+        self.last_term_and_leader = (0, 0);
+        self.snapshot_applied_index = None;
         // `started` runs again next and rebuilds the node from RocksDB.
     }
 }
@@ -567,11 +803,9 @@ impl Handler<ReadBarrier> for RaftActor {
     fn handle(&mut self, msg: ReadBarrier, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
             let node = actor.node();
-            if node.raft.state != StateRole::Leader {
-                let leader_id = node.raft.leader_id;
-                let _ = msg
-                    .responder
-                    .send(Err(ProposalError::NotLeader { leader_id }));
+            if node.raft.state != StateRole::Leader && node.raft.leader_id == 0 {
+                // No leader to ask (an election is running): the caller retries.
+                let _ = msg.responder.send(Err(ProposalError::Dropped));
                 return;
             }
             actor.read_batch.push(msg.responder);
@@ -600,10 +834,9 @@ impl Handler<DurableApplied> for RaftActor {
     type Result = ();
     fn handle(&mut self, msg: DurableApplied, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, _| {
-            // Keep some entries below the durable applied index for lagging followers; never
-            // drop anything above it (the images do not hold it durably yet).
-            let keep = actor.params.config.log_keep_entries;
-            let compact_index = msg.index.saturating_sub(keep);
+            // Never drop anything above the durable applied index (the images do not hold it
+            // durably yet); keep what lagging followers need within the budget.
+            let compact_index = actor.compaction_index(msg.index);
             let first_index = actor.params.log_store.first_index().unwrap_or(1);
             if compact_index > first_index {
                 if let Err(error) = actor.params.log_store.compact(compact_index) {
@@ -645,6 +878,48 @@ impl Handler<StorageStarted> for RaftActor {
     }
 }
 
+impl Handler<StepPeerMessage> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: StepPeerMessage, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            let message = msg.0;
+            let from = message.from;
+            let kind = message.get_msg_type();
+            if let Err(error) = actor.node().step(message) {
+                // Responses from removed members and the like: nothing to do.
+                slog::debug!(actor.params.supervision.logger, "peer message not stepped";
+                    "from" => from, "type" => ?kind, "error" => %error);
+            }
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<ReportUnreachable> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReportUnreachable, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            actor.node().report_unreachable(msg.peer_id);
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<ReportSnapshot> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReportSnapshot, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            let status = if msg.finished {
+                raft::SnapshotStatus::Finish
+            } else {
+                raft::SnapshotStatus::Failure
+            };
+            actor.node().report_snapshot(msg.peer_id, status);
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
 impl Handler<GetRaftStatus> for RaftActor {
     type Result = MessageResult<GetRaftStatus>;
     fn handle(&mut self, _: GetRaftStatus, _ctx: &mut Context<Self>) -> Self::Result {
@@ -653,8 +928,30 @@ impl Handler<GetRaftStatus> for RaftActor {
         let group_id = self.params.group_id;
         let node_id = self.params.node_id;
         let store = self.params.log_store.clone();
+        let snapshots_sent = self.snapshots_sent;
+        let snapshots_installed = self.snapshots_installed;
         let status = match self.node.as_ref() {
             Some(node) => RaftStatus {
+                peers: if node.raft.state == StateRole::Leader {
+                    let mut peers: Vec<PeerProgress> = node
+                        .raft
+                        .prs()
+                        .iter()
+                        .filter(|(id, _)| **id != node_id)
+                        .map(|(id, progress)| PeerProgress {
+                            id: *id,
+                            matched: progress.matched,
+                            next_index: progress.next_idx,
+                            state: format!("{:?}", progress.state),
+                        })
+                        .collect();
+                    peers.sort_by_key(|peer| peer.id);
+                    peers
+                } else {
+                    Vec::new()
+                },
+                snapshots_sent,
+                snapshots_installed,
                 group_id,
                 node_id,
                 role: format!("{:?}", node.raft.state),
@@ -677,6 +974,9 @@ impl Handler<GetRaftStatus> for RaftActor {
                 first_log_index: 0,
                 last_log_index: 0,
                 proposals_pending,
+                snapshots_sent,
+                snapshots_installed,
+                peers: Vec::new(),
             },
         };
         MessageResult(status)

@@ -417,14 +417,21 @@ impl SessionBackend for RaftVolumeBackend {
         } = request;
         let volume_id = self.volume.info().id;
         let proposal = match header.command {
-            Command::Write => Some(encode_write_command(volume_id, header.offset, &payload)),
+            Command::Write => Some(encode_write_command(
+                volume_id,
+                self.writer_epoch,
+                header.offset,
+                &payload,
+            )),
             Command::Trim => Some(encode_command(&StateCommand::Trim {
                 volume_id,
+                writer_epoch: self.writer_epoch,
                 offset: header.offset,
                 length: u64::from(header.length),
             })),
             Command::WriteZeroes => Some(encode_command(&StateCommand::WriteZeroes {
                 volume_id,
+                writer_epoch: self.writer_epoch,
                 offset: header.offset,
                 length: u64::from(header.length),
                 may_punch_hole: header.flags & proto::NBD_CMD_FLAG_NO_HOLE == 0,
@@ -460,6 +467,8 @@ impl RaftVolumeBackend {
                 let errno = match rejection {
                     ApplyRejection::OutOfRange => Errno::NoSpc,
                     ApplyRejection::NoSuchVolume => Errno::Shutdown,
+                    // Another writer attached the volume: this session is fenced for good.
+                    ApplyRejection::Fenced => Errno::Perm,
                     _ => Errno::Inval,
                 };
                 BackendReply::Error {

@@ -27,6 +27,7 @@ use super::raft::RaftActor;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::StorageConfig;
 use crate::storage::raft_log::RaftLogStore;
+use crate::storage::snapshot::SnapshotSource;
 use crate::storage::state_machine::{
     ApplyOutcome, CheckpointTicket, StateMachine, VolumeInfo, VolumeReader,
 };
@@ -200,7 +201,10 @@ impl StorageActor {
         for ((index, _), outcome) in batch.iter().zip(outcomes) {
             if matches!(
                 outcome,
-                ApplyOutcome::VolumeCreated(_) | ApplyOutcome::VolumeDeleted(_)
+                ApplyOutcome::VolumeCreated(_)
+                    | ApplyOutcome::VolumeDeleted(_)
+                    | ApplyOutcome::Attached(_)
+                    | ApplyOutcome::Detached(_)
             ) {
                 volumes_changed = true;
             }
@@ -351,6 +355,116 @@ impl Handler<Checkpoint> for StorageActor {
     fn handle(&mut self, _: Checkpoint, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor, _| actor.checkpoint())
             .ok_or_else(|| "the storage actor crashed during the checkpoint".to_string())
+    }
+}
+
+impl Handler<OpenSnapshotSource> for StorageActor {
+    type Result = Result<SnapshotSource, String>;
+    fn handle(&mut self, _: OpenSnapshotSource, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |actor, _| {
+            actor
+                .machine()
+                .snapshot_source()
+                .map_err(|error| error.to_string())
+        })
+        .unwrap_or_else(|| Err("the storage actor crashed opening a snapshot".to_string()))
+    }
+}
+
+impl Handler<InstallSnapshot> for StorageActor {
+    type Result = Result<(), String>;
+    fn handle(&mut self, msg: InstallSnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |actor, _| {
+            let log_store = actor.params.log_store.clone();
+            // A background checkpoint of the old images must not record anything after the
+            // switch; the install records its own applied index durably.
+            actor.checkpoint_in_flight = None;
+            actor
+                .machine()
+                .install_snapshot(msg.staged, &log_store, &msg.metadata)
+                .map_err(|error| error.to_string())?;
+            let machine = actor.machine.as_ref().expect("opened in started()");
+            actor.params.registry.replace_all(machine);
+            let applied_index = machine.applied_index();
+            actor
+                .params
+                .applied_index
+                .store(applied_index, Ordering::Release);
+            actor.bytes_since_checkpoint = 0;
+            slog::info!(actor.params.supervision.logger, "snapshot installed";
+                "applied_index" => applied_index, "volumes" => machine.volumes().len());
+            Ok(())
+        })
+        .unwrap_or_else(|| Err("the storage actor crashed installing a snapshot".to_string()))
+    }
+}
+
+/// Control API → storage actor: a digest of this node's copy of a volume, at this node's
+/// applied index, to compare replicas. Reads the whole volume (holes cost nothing), blocking
+/// applies meanwhile: a diagnostic, not a data path.
+#[derive(Message)]
+#[rtype(result = "Result<VolumeDigest, String>")]
+pub struct ComputeVolumeDigest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VolumeDigest {
+    pub applied_index: u64,
+    pub size_bytes: u64,
+    /// crc32c of the volume's contents, as hex.
+    pub digest: String,
+    pub allocated_bytes: u64,
+}
+
+fn volume_digest(reader: &VolumeReader, applied_index: u64) -> Result<VolumeDigest, String> {
+    const WINDOW_BYTES: u64 = 1 << 20;
+    let size_bytes = reader.info().size_bytes;
+    let zeroes = vec![0u8; WINDOW_BYTES as usize];
+    let mut buffer = vec![0u8; WINDOW_BYTES as usize];
+    let mut crc = 0u32;
+    let mut allocated_bytes = 0u64;
+    let mut offset = 0u64;
+    while offset < size_bytes {
+        let length = WINDOW_BYTES.min(size_bytes - offset);
+        let extents = reader
+            .block_status(offset, length)
+            .map_err(|error| error.to_string())?;
+        let all_hole = extents.len() == 1 && extents[0].hole && extents[0].length_bytes >= length;
+        if all_hole {
+            crc = crc32c::crc32c_append(crc, &zeroes[..length as usize]);
+        } else {
+            allocated_bytes += length;
+            reader
+                .read(offset, &mut buffer[..length as usize])
+                .map_err(|error| error.to_string())?;
+            crc = crc32c::crc32c_append(crc, &buffer[..length as usize]);
+        }
+        offset += length;
+    }
+    Ok(VolumeDigest {
+        applied_index,
+        size_bytes,
+        digest: format!("{crc:08x}"),
+        allocated_bytes,
+    })
+}
+
+impl Handler<ComputeVolumeDigest> for StorageActor {
+    type Result = Result<VolumeDigest, String>;
+    fn handle(&mut self, msg: ComputeVolumeDigest, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |actor, _| {
+            let machine = actor.machine();
+            let applied_index = machine.applied_index();
+            let info = machine
+                .volume_by_name(&msg.name)
+                .ok_or_else(|| format!("no volume named {}", msg.name))?;
+            let reader = machine
+                .reader(info.id)
+                .ok_or_else(|| format!("no volume named {}", msg.name))?;
+            volume_digest(&reader, applied_index)
+        })
+        .unwrap_or_else(|| Err("the storage actor crashed computing a digest".to_string()))
     }
 }
 

@@ -27,6 +27,10 @@ pub enum ActorKind {
     Raft,
     Storage,
     Listener,
+    /// The Raft peer transport's tasks (listener, links, snapshot transfers).
+    Peer,
+    /// The proxy's read cache.
+    Cache,
 }
 
 impl ActorKind {
@@ -36,6 +40,8 @@ impl ActorKind {
             ActorKind::Raft => "raft",
             ActorKind::Storage => "storage",
             ActorKind::Listener => "listener",
+            ActorKind::Peer => "peer",
+            ActorKind::Cache => "cache",
         }
     }
 }
@@ -47,6 +53,8 @@ pub struct RestartCounters {
     raft: AtomicU64,
     storage: AtomicU64,
     listener: AtomicU64,
+    peer: AtomicU64,
+    cache: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -55,6 +63,8 @@ pub struct RestartCounts {
     pub raft: u64,
     pub storage: u64,
     pub listener: u64,
+    pub peer: u64,
+    pub cache: u64,
 }
 
 impl RestartCounters {
@@ -68,6 +78,8 @@ impl RestartCounters {
             ActorKind::Raft => &self.raft,
             ActorKind::Storage => &self.storage,
             ActorKind::Listener => &self.listener,
+            ActorKind::Peer => &self.peer,
+            ActorKind::Cache => &self.cache,
         }
     }
 
@@ -81,6 +93,8 @@ impl RestartCounters {
             raft: self.raft.load(Ordering::Relaxed),
             storage: self.storage.load(Ordering::Relaxed),
             listener: self.listener.load(Ordering::Relaxed),
+            peer: self.peer.load(Ordering::Relaxed),
+            cache: self.cache.load(Ordering::Relaxed),
         }
     }
 }

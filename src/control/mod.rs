@@ -1,10 +1,15 @@
 //! The HTTP control API of a server (actix-web), and the client the `raftblk volume …`
 //! commands use to call it.
 //!
-//! - `GET /health`: 200 while this node leads its Raft group (one voter today), 503 otherwise.
-//! - `GET /v1/status`: Raft state, volumes and actor restart counts as JSON.
+//! - `GET /health`: 200 while this node knows a leader of its Raft group, 503 otherwise.
+//! - `GET /v1/status`: Raft state (with the followers' progress on the leader), the cluster's
+//!   members and their addresses, volumes and actor restart counts as JSON.
 //! - `GET /v1/volumes`, `POST /v1/volumes` (`{"name", "size_bytes", "block_size_bytes"}`),
 //!   `DELETE /v1/volumes/{name}`: the volume table, changed through Raft like any write.
+//! - `POST /v1/volumes/{name}/attach` (`{"client", "force"}`) and
+//!   `DELETE /v1/volumes/{name}/attach?epoch=N`: the single read-write attachment of a volume
+//!   and its fencing epoch (see `storage::command::Command::Attach`).
+//! - `GET /v1/volumes/{name}/digest`: a checksum of this node's own copy, to compare replicas.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::actors::messages::{GetRaftStatus, RaftStatus};
 use crate::actors::raft::{propose_until, RaftActor};
-use crate::actors::storage::VolumeRegistry;
+use crate::actors::storage::{ComputeVolumeDigest, StorageActor, VolumeDigest, VolumeRegistry};
 use crate::actors::supervisor::{RestartCounters, RestartCounts};
-use crate::config::validate_volume_geometry;
+use crate::config::{validate_volume_geometry, MemberConfig};
 use crate::storage::command::{encode_command, Command};
 use crate::storage::state_machine::{ApplyOutcome, ApplyRejection, VolumeInfo};
 
@@ -28,6 +33,27 @@ pub struct ControlState {
     pub registry: VolumeRegistry,
     pub restarts: Arc<RestartCounters>,
     pub request_timeout: Duration,
+    pub storage: Addr<StorageActor>,
+    /// The configured members (empty for a one-voter group).
+    pub members: Vec<MemberConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub client: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachReply {
+    pub volume: VolumeInfo,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetachQuery {
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,6 +76,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusBody {
     pub raft: RaftStatus,
+    pub members: Vec<MemberConfig>,
     pub volumes: Vec<VolumeInfo>,
     pub actor_restarts: RestartCounts,
 }
@@ -80,7 +107,7 @@ async fn raft_status(state: &ControlState) -> Option<RaftStatus> {
 
 async fn health(state: web::Data<ControlState>) -> HttpResponse {
     match raft_status(&state).await {
-        Some(status) if status.role == "Leader" => HttpResponse::Ok().json(status),
+        Some(status) if status.leader_id != 0 => HttpResponse::Ok().json(status),
         Some(status) => HttpResponse::ServiceUnavailable().json(status),
         None => error_response(
             actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -93,6 +120,7 @@ async fn status(state: web::Data<ControlState>) -> HttpResponse {
     match raft_status(&state).await {
         Some(raft) => HttpResponse::Ok().json(StatusBody {
             raft,
+            members: state.members.clone(),
             volumes: state.registry.list(),
             actor_restarts: state.restarts.snapshot(),
         }),
@@ -173,6 +201,124 @@ async fn delete_volume(state: web::Data<ControlState>, name: web::Path<String>) 
     }
 }
 
+/// Client names are recorded in the volume table and shown to operators: printable, bounded.
+fn validate_client_name(client: &str) -> Result<(), String> {
+    if client.is_empty()
+        || client.len() > 255
+        || !client
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\')
+    {
+        return Err("a client id must be 1 to 255 printable ASCII characters".into());
+    }
+    Ok(())
+}
+
+async fn attach_volume(
+    state: web::Data<ControlState>,
+    name: web::Path<String>,
+    body: web::Json<AttachRequest>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    if let Err(problem) = validate_client_name(&body.client) {
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
+    if state.registry.get(&name).is_none() {
+        return error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"));
+    }
+    let command = encode_command(&Command::Attach {
+        name: &name,
+        client: &body.client,
+        force: body.force,
+    });
+    match propose(&state, command).await {
+        Ok(ApplyOutcome::Attached(volume)) => match volume.attachment.clone() {
+            Some(attachment) => HttpResponse::Ok().json(AttachReply {
+                epoch: attachment.epoch,
+                volume,
+            }),
+            None => error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "attached volume without an attachment",
+            ),
+        },
+        Ok(ApplyOutcome::Rejected(ApplyRejection::AttachedByOther)) => {
+            let holder = state
+                .registry
+                .get(&name)
+                .and_then(|reader| reader.info().attachment.clone());
+            let holder = holder
+                .map(|attachment| {
+                    format!(
+                        "client '{}' (epoch {})",
+                        attachment.client, attachment.epoch
+                    )
+                })
+                .unwrap_or_else(|| "another client".to_string());
+            error_response(
+                StatusCode::CONFLICT,
+                format!(
+                    "volume '{name}' is attached read-write by {holder}; detach it there \
+                     first, or attach with force to take it over (the old writer is fenced)"
+                ),
+            )
+        }
+        Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)) => {
+            error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"))
+        }
+        Ok(other) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected outcome {other:?}"),
+        ),
+        Err(response) => response,
+    }
+}
+
+async fn detach_volume(
+    state: web::Data<ControlState>,
+    name: web::Path<String>,
+    query: web::Query<DetachQuery>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let command = encode_command(&Command::Detach {
+        name: &name,
+        epoch: query.epoch,
+    });
+    match propose(&state, command).await {
+        Ok(ApplyOutcome::Detached(volume)) => HttpResponse::Ok().json(volume),
+        Ok(ApplyOutcome::Rejected(ApplyRejection::Fenced)) => error_response(
+            StatusCode::CONFLICT,
+            format!(
+                "epoch {} is not the current attachment of volume '{name}'",
+                query.epoch
+            ),
+        ),
+        Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)) => {
+            error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"))
+        }
+        Ok(other) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected outcome {other:?}"),
+        ),
+        Err(response) => response,
+    }
+}
+
+async fn volume_digest(state: web::Data<ControlState>, name: web::Path<String>) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    match state
+        .storage
+        .send(ComputeVolumeDigest {
+            name: name.into_inner(),
+        })
+        .await
+    {
+        Ok(Ok(digest)) => HttpResponse::Ok().json(digest),
+        Ok(Err(error)) => error_response(StatusCode::NOT_FOUND, error),
+        Err(error) => error_response(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    }
+}
+
 /// Registers the routes; used by the server and by tests.
 pub fn configure(config: &mut web::ServiceConfig) {
     config
@@ -180,7 +326,10 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .route("/v1/status", web::get().to(status))
         .route("/v1/volumes", web::get().to(list_volumes))
         .route("/v1/volumes", web::post().to(create_volume))
-        .route("/v1/volumes/{name}", web::delete().to(delete_volume));
+        .route("/v1/volumes/{name}", web::delete().to(delete_volume))
+        .route("/v1/volumes/{name}/attach", web::post().to(attach_volume))
+        .route("/v1/volumes/{name}/attach", web::delete().to(detach_volume))
+        .route("/v1/volumes/{name}/digest", web::get().to(volume_digest));
 }
 
 /// Errors of the control API client, phrased for the person at the terminal.
@@ -265,6 +414,36 @@ impl ControlClient {
             .call()
             .map_err(|error| self.map_error(error))?;
         Ok(())
+    }
+
+    pub fn attach(
+        &self,
+        name: &str,
+        request: &AttachRequest,
+    ) -> Result<AttachReply, ControlClientError> {
+        let response = self
+            .agent
+            .post(&self.url(&format!("/v1/volumes/{name}/attach")))
+            .send_json(request)
+            .map_err(|error| self.map_error(error))?;
+        response.into_json().map_err(|error| self.bad_reply(error))
+    }
+
+    pub fn detach(&self, name: &str, epoch: u64) -> Result<(), ControlClientError> {
+        self.agent
+            .delete(&self.url(&format!("/v1/volumes/{name}/attach?epoch={epoch}")))
+            .call()
+            .map_err(|error| self.map_error(error))?;
+        Ok(())
+    }
+
+    pub fn volume_digest(&self, name: &str) -> Result<VolumeDigest, ControlClientError> {
+        let response = self
+            .agent
+            .get(&self.url(&format!("/v1/volumes/{name}/digest")))
+            .call()
+            .map_err(|error| self.map_error(error))?;
+        response.into_json().map_err(|error| self.bad_reply(error))
     }
 
     pub fn status(&self) -> Result<serde_json::Value, ControlClientError> {

@@ -1,0 +1,668 @@
+//! The Raft peer transport: raft-rs messages between storage servers over TCP, in the frame
+//! format of [`crate::peer`].
+//!
+//! - **Outbound**, one link per peer: the Raft actor queues messages with [`PeerNetwork::send`]
+//!   (never blocking: a full queue drops the message, which Raft tolerates and repairs by
+//!   resending). A link task connects lazily, writes every queued message, batching whatever
+//!   is queued into one socket write, reconnects with capped exponential backoff, and reports
+//!   the peer unreachable to Raft when a connection fails, so Raft probes instead of
+//!   streaming into a dead socket. Messages queued while disconnected are dropped: they
+//!   would be stale by the time a connection exists.
+//! - **Snapshots** travel on their own connection so heartbeats keep flowing meanwhile: the
+//!   `MsgSnapshot` first, then the volume data in bounded chunks read from the storage layer
+//!   off the async threads, then an end frame; the receiver stages the chunks to disk and only
+//!   then steps the `MsgSnapshot` into Raft, whose Ready installs the staged data. The sender
+//!   reports the outcome to Raft (`report_snapshot`).
+//! - **Inbound**: one accept loop; each connection must open with a hello addressed to this
+//!   node from a configured member, and every frame is bounded by `peer.frame_bytes_max`.
+//!
+//! Every task runs on the transport's own arbiter. A panicking link task is restarted by its
+//! supervising loop (one-for-one, with backoff) and counted like an actor restart. The
+//! byte-stream is generic (`AsyncRead + AsyncWrite`), the seam where TLS will replace TCP.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::BytesMut;
+use futures::FutureExt as _;
+use raft::prelude::{Message as RaftMessage, MessageType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::messages::{OpenSnapshotSource, ReportSnapshot, ReportUnreachable, StepPeerMessage};
+use super::raft::RaftActor;
+use super::storage::StorageActor;
+use super::supervisor::{ActorKind, Supervision};
+use crate::config::PeerConfig;
+use crate::peer::{
+    decode_frame, decode_hello, decode_raft_message, encode_frame, encode_hello,
+    encode_raft_message, FrameKind, Hello, StreamKind, HELLO_BYTES,
+};
+use crate::storage::snapshot::{SnapshotStaging, StagedSnapshot};
+
+/// The sending side, held by the Raft actor. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    inner: Arc<NetworkInner>,
+}
+
+struct NetworkInner {
+    links: HashMap<u64, LinkQueue>,
+    logger: slog::Logger,
+    dropped_messages: AtomicU64,
+}
+
+struct LinkQueue {
+    sender: mpsc::Sender<RaftMessage>,
+    queued_bytes: Arc<AtomicU64>,
+    queue_bytes_max: u64,
+}
+
+/// The receiving halves of the link queues, consumed by [`start_peer_transport`].
+pub struct PeerLinks {
+    receivers: Vec<(u64, mpsc::Receiver<RaftMessage>, Arc<AtomicU64>)>,
+}
+
+/// A snapshot received and staged on disk, waiting for the Raft actor's Ready to install it.
+/// Only the newest one is kept.
+#[derive(Clone, Default)]
+pub struct SnapshotInbox {
+    staged: Arc<parking_lot::Mutex<Option<(u64, u64, StagedSnapshot)>>>,
+}
+
+impl SnapshotInbox {
+    fn put(&self, index: u64, term: u64, staged: StagedSnapshot) {
+        *self.staged.lock() = Some((index, term, staged));
+    }
+
+    /// Takes the staged snapshot for `index`/`term`, if that is the one received.
+    pub fn take(&self, index: u64, term: u64) -> Option<StagedSnapshot> {
+        let mut slot = self.staged.lock();
+        match slot.take() {
+            Some((staged_index, staged_term, staged))
+                if staged_index == index && staged_term == term =>
+            {
+                Some(staged)
+            }
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+}
+
+/// Approximate bytes a message holds in a queue.
+fn message_bytes(message: &RaftMessage) -> u64 {
+    let entries: usize = message
+        .get_entries()
+        .iter()
+        .map(|entry| entry.data.len() + entry.context.len() + 32)
+        .sum();
+    (entries + 64) as u64
+}
+
+impl PeerNetwork {
+    /// Creates one bounded queue per peer in `peer_ids`.
+    pub fn new(peer_ids: &[u64], config: &PeerConfig, logger: slog::Logger) -> (Self, PeerLinks) {
+        let mut links = HashMap::new();
+        let mut receivers = Vec::new();
+        for &id in peer_ids {
+            let (sender, receiver) = mpsc::channel(config.queue_messages_max);
+            let queued_bytes = Arc::new(AtomicU64::new(0));
+            links.insert(
+                id,
+                LinkQueue {
+                    sender,
+                    queued_bytes: queued_bytes.clone(),
+                    queue_bytes_max: config.queue_bytes_max,
+                },
+            );
+            receivers.push((id, receiver, queued_bytes));
+        }
+        (
+            PeerNetwork {
+                inner: Arc::new(NetworkInner {
+                    links,
+                    logger,
+                    dropped_messages: AtomicU64::new(0),
+                }),
+            },
+            PeerLinks { receivers },
+        )
+    }
+
+    /// Queues `message` for its peer. Returns false if it was dropped (unknown peer, queue
+    /// full): Raft resends what matters.
+    pub fn send(&self, message: RaftMessage) -> bool {
+        let Some(link) = self.inner.links.get(&message.to) else {
+            slog::debug!(self.inner.logger, "message to an unknown peer dropped";
+                "to" => message.to, "type" => ?message.get_msg_type());
+            return false;
+        };
+        let bytes = message_bytes(&message);
+        if link.queued_bytes.load(Ordering::Relaxed) + bytes > link.queue_bytes_max {
+            self.note_drop(message.to);
+            return false;
+        }
+        link.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        match link.sender.try_send(message) {
+            Ok(()) => true,
+            Err(error) => {
+                let message = match error {
+                    mpsc::error::TrySendError::Full(message)
+                    | mpsc::error::TrySendError::Closed(message) => message,
+                };
+                link.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.note_drop(message.to);
+                false
+            }
+        }
+    }
+
+    fn note_drop(&self, to: u64) {
+        let dropped = self.inner.dropped_messages.fetch_add(1, Ordering::Relaxed) + 1;
+        // One line per 1024 drops: a dead peer must not flood the log.
+        if dropped % 1024 == 1 {
+            slog::warn!(self.inner.logger, "peer queue full, dropping Raft messages";
+                "to" => to, "dropped_total" => dropped);
+        }
+    }
+
+    pub fn dropped_messages(&self) -> u64 {
+        self.inner.dropped_messages.load(Ordering::Relaxed)
+    }
+}
+
+/// What the transport tasks need besides their queues.
+#[derive(Clone)]
+pub struct PeerContext {
+    pub node_id: u64,
+    pub group_id: u64,
+    pub config: PeerConfig,
+    /// Dial address of every peer.
+    pub dial_addresses: HashMap<u64, String>,
+    pub images_dir: PathBuf,
+    pub raft: Addr<RaftActor>,
+    pub storage: Addr<StorageActor>,
+    pub snapshots: SnapshotInbox,
+    pub supervision: Supervision,
+}
+
+/// Starts the accept loop and one link task per peer on the current arbiter.
+pub fn start_peer_transport(listener: TcpListener, links: PeerLinks, context: PeerContext) {
+    let accept_context = context.clone();
+    actix_rt::spawn(supervised("peer listener", context.supervision.clone(), {
+        let listener = Arc::new(listener);
+        move || accept_loop(listener.clone(), accept_context.clone())
+    }));
+    for (to, receiver, queued_bytes) in links.receivers {
+        let Some(address) = context.dial_addresses.get(&to).cloned() else {
+            continue;
+        };
+        let link_context = context.clone();
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        actix_rt::spawn(supervised(
+            "peer link",
+            context.supervision.clone(),
+            move || {
+                run_link(
+                    to,
+                    address.clone(),
+                    receiver.clone(),
+                    queued_bytes.clone(),
+                    link_context.clone(),
+                )
+            },
+        ));
+    }
+}
+
+/// Runs `make()` again whenever it panics, with backoff, counting each restart.
+async fn supervised<F, Fut>(what: &'static str, supervision: Supervision, make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match std::panic::AssertUnwindSafe(make()).catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".to_string());
+                supervision.counters.record(ActorKind::Peer);
+                slog::error!(supervision.logger, "peer transport task panicked; restarting";
+                    "task" => what, "panic" => message, "backoff_ms" => backoff.as_millis() as u64);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn connect(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn run_link(
+    to: u64,
+    address: String,
+    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<RaftMessage>>>,
+    queued_bytes: Arc<AtomicU64>,
+    context: PeerContext,
+) {
+    let mut receiver = receiver.lock().await;
+    let logger = context.supervision.logger.new(slog::o!("peer" => to));
+    let backoff_max = Duration::from_millis(context.config.reconnect_backoff_max_ms);
+    let mut backoff = Duration::from_millis(20).min(backoff_max);
+    let mut snapshot_in_flight: Option<tokio::task::JoinHandle<()>> = None;
+    let mut connected_before = false;
+    loop {
+        // Connect lazily: only when there is something to say.
+        let Some(first) = receiver.recv().await else {
+            return;
+        };
+        queued_bytes.fetch_sub(message_bytes(&first), Ordering::Relaxed);
+        let stream = match connect(
+            &address,
+            Duration::from_millis(context.config.connect_timeout_ms),
+        )
+        .await
+        {
+            Ok(stream) => stream,
+            Err(error) => {
+                if connected_before {
+                    slog::warn!(logger, "peer unreachable"; "address" => &address, "error" => %error);
+                    connected_before = false;
+                }
+                context.raft.do_send(ReportUnreachable { peer_id: to });
+                // What was queued meanwhile is stale; Raft resends after probing.
+                while let Ok(message) = receiver.try_recv() {
+                    queued_bytes.fetch_sub(message_bytes(&message), Ordering::Relaxed);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(backoff_max);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20).min(backoff_max);
+        if !connected_before {
+            slog::info!(logger, "peer connected"; "address" => &address);
+            connected_before = true;
+        }
+        let result = write_messages(
+            stream,
+            first,
+            &mut receiver,
+            &queued_bytes,
+            &context,
+            to,
+            &address,
+            &mut snapshot_in_flight,
+        )
+        .await;
+        if let Err(error) = result {
+            slog::warn!(logger, "peer connection lost"; "address" => &address, "error" => %error);
+            connected_before = false;
+            context.raft.do_send(ReportUnreachable { peer_id: to });
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_messages<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    first: RaftMessage,
+    receiver: &mut mpsc::Receiver<RaftMessage>,
+    queued_bytes: &AtomicU64,
+    context: &PeerContext,
+    to: u64,
+    address: &str,
+    snapshot_in_flight: &mut Option<tokio::task::JoinHandle<()>>,
+) -> std::io::Result<()> {
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    encode_hello(
+        &Hello {
+            kind: StreamKind::Messages,
+            from: context.node_id,
+            to,
+        },
+        &mut buffer,
+    );
+    let mut next = Some(first);
+    // Batch what is already queued into one write, up to this many bytes.
+    const BATCH_BYTES_MAX: usize = 4 << 20;
+    loop {
+        while let Some(message) = next.take() {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                let busy = snapshot_in_flight
+                    .as_ref()
+                    .map(|task| !task.is_finished())
+                    .unwrap_or(false);
+                if busy {
+                    // One transfer per peer at a time; Raft asks again after this one ends.
+                    context.raft.do_send(ReportSnapshot {
+                        peer_id: to,
+                        finished: false,
+                    });
+                } else {
+                    *snapshot_in_flight = Some(tokio::task::spawn_local(send_snapshot_task(
+                        to,
+                        address.to_string(),
+                        message,
+                        context.clone(),
+                    )));
+                }
+            } else {
+                encode_raft_message(context.group_id, &message, &mut buffer);
+            }
+            if buffer.len() >= BATCH_BYTES_MAX {
+                break;
+            }
+            if let Ok(message) = receiver.try_recv() {
+                queued_bytes.fetch_sub(message_bytes(&message), Ordering::Relaxed);
+                next = Some(message);
+            }
+        }
+        if !buffer.is_empty() {
+            stream.write_all(&buffer).await?;
+            buffer.clear();
+        }
+        match receiver.recv().await {
+            Some(message) => {
+                queued_bytes.fetch_sub(message_bytes(&message), Ordering::Relaxed);
+                next = Some(message);
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SnapshotTransferError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the transfer took longer than {0:?}")]
+    TimedOut(Duration),
+}
+
+async fn send_snapshot_task(to: u64, address: String, message: RaftMessage, context: PeerContext) {
+    let logger = context.supervision.logger.new(slog::o!("peer" => to));
+    let index = message.get_snapshot().get_metadata().index;
+    slog::info!(logger, "sending snapshot"; "index" => index);
+    let timeout = Duration::from_millis(context.config.snapshot_timeout_ms);
+    let started = std::time::Instant::now();
+    let result =
+        match tokio::time::timeout(timeout, send_snapshot(&address, message, &context)).await {
+            Ok(result) => result,
+            Err(_) => Err(SnapshotTransferError::TimedOut(timeout)),
+        };
+    match &result {
+        Ok(bytes) => slog::info!(logger, "snapshot sent"; "index" => index, "bytes" => bytes,
+            "elapsed_ms" => started.elapsed().as_millis() as u64),
+        Err(error) => slog::warn!(logger, "snapshot transfer failed"; "index" => index,
+            "error" => %error),
+    }
+    context.raft.do_send(ReportSnapshot {
+        peer_id: to,
+        finished: result.is_ok(),
+    });
+}
+
+async fn send_snapshot(
+    address: &str,
+    message: RaftMessage,
+    context: &PeerContext,
+) -> Result<u64, SnapshotTransferError> {
+    let to = message.to;
+    let mut source = context
+        .storage
+        .send(OpenSnapshotSource)
+        .await
+        .map_err(|error| SnapshotTransferError::Storage(error.to_string()))?
+        .map_err(SnapshotTransferError::Storage)?;
+    let mut stream = connect(
+        address,
+        Duration::from_millis(context.config.connect_timeout_ms),
+    )
+    .await?;
+    let mut buffer = BytesMut::new();
+    encode_hello(
+        &Hello {
+            kind: StreamKind::Snapshot,
+            from: context.node_id,
+            to,
+        },
+        &mut buffer,
+    );
+    encode_raft_message(context.group_id, &message, &mut buffer);
+    stream.write_all(&buffer).await?;
+    let chunk_bytes = context.config.snapshot_chunk_bytes as usize;
+    let mut sent_bytes = 0u64;
+    loop {
+        // Reading the images blocks; keep it off the async thread.
+        let (chunk, returned) = tokio::task::spawn_blocking(move || {
+            let chunk = source.next_chunk(chunk_bytes);
+            (chunk, source)
+        })
+        .await
+        .map_err(|error| SnapshotTransferError::Storage(error.to_string()))?;
+        source = returned;
+        let chunk = chunk.map_err(|error| SnapshotTransferError::Storage(error.to_string()))?;
+        buffer.clear();
+        match chunk {
+            Some(chunk) => {
+                sent_bytes += chunk.len() as u64;
+                encode_frame(
+                    FrameKind::SnapshotChunk,
+                    context.group_id,
+                    &chunk,
+                    &mut buffer,
+                );
+                stream.write_all(&buffer).await?;
+            }
+            None => break,
+        }
+    }
+    buffer.clear();
+    encode_frame(FrameKind::SnapshotEnd, context.group_id, &[], &mut buffer);
+    stream.write_all(&buffer).await?;
+    // The receiver answers once the data is staged and fsync'd.
+    let mut input = BytesMut::with_capacity(64);
+    loop {
+        if let Some(frame) = decode_frame(&mut input, 1024)
+            .map_err(|error| SnapshotTransferError::Protocol(error.to_string()))?
+        {
+            return match (frame.kind, frame.body.first()) {
+                (FrameKind::SnapshotAck, Some(1)) => Ok(sent_bytes),
+                _ => Err(SnapshotTransferError::Protocol(
+                    "the receiver refused the snapshot".into(),
+                )),
+            };
+        }
+        if stream.read_buf(&mut input).await? == 0 {
+            return Err(SnapshotTransferError::Protocol(
+                "the receiver closed before acknowledging".into(),
+            ));
+        }
+    }
+}
+
+async fn accept_loop(listener: Arc<TcpListener>, context: PeerContext) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                let context = context.clone();
+                actix_rt::spawn(async move {
+                    if let Err(error) = serve_connection(stream, context.clone()).await {
+                        slog::debug!(context.supervision.logger, "peer connection closed";
+                            "remote" => %remote, "error" => %error);
+                    }
+                });
+            }
+            Err(error) => {
+                slog::warn!(context.supervision.logger, "accepting a peer connection failed";
+                    "error" => %error);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    input: &mut BytesMut,
+    frame_bytes_max: u32,
+) -> std::io::Result<Option<crate::peer::Frame>> {
+    loop {
+        match decode_frame(input, frame_bytes_max) {
+            Ok(Some(frame)) => return Ok(Some(frame)),
+            Ok(None) => {}
+            Err(error) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, error)),
+        }
+        if input.capacity() - input.len() < 64 * 1024 {
+            input.reserve(256 * 1024);
+        }
+        if stream.read_buf(input).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message.into())
+}
+
+async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::io::Result<()> {
+    let mut input = BytesMut::with_capacity(256 * 1024);
+    let hello = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match decode_hello(&input) {
+                Ok(Some(hello)) => return Ok(hello),
+                Ok(None) => {}
+                Err(error) => return Err(invalid(error.to_string())),
+            }
+            if stream.read_buf(&mut input).await? == 0 {
+                return Err(invalid("closed during the hello"));
+            }
+        }
+    })
+    .await
+    .map_err(|_| invalid("no hello within 10 s"))??;
+    let _ = input.split_to(HELLO_BYTES);
+    if hello.to != context.node_id || !context.dial_addresses.contains_key(&hello.from) {
+        return Err(invalid(format!(
+            "hello from {} to {} does not address this node ({}) from a member",
+            hello.from, hello.to, context.node_id
+        )));
+    }
+    let frame_bytes_max = context.config.frame_bytes_max;
+    match hello.kind {
+        StreamKind::Messages => loop {
+            let Some(frame) = read_frame(&mut stream, &mut input, frame_bytes_max).await? else {
+                return Ok(());
+            };
+            if frame.kind != FrameKind::RaftMessage || frame.group_id != context.group_id {
+                return Err(invalid("unexpected frame on a message stream"));
+            }
+            let message = decode_raft_message(&frame.body).map_err(invalid)?;
+            if message.to != context.node_id {
+                return Err(invalid("message addressed to another node"));
+            }
+            // A full mailbox drops the message; Raft repairs that like a lost packet.
+            let _ = context.raft.try_send(StepPeerMessage(message));
+        },
+        StreamKind::Snapshot => receive_snapshot(stream, input, hello.from, context).await,
+    }
+}
+
+async fn receive_snapshot(
+    mut stream: TcpStream,
+    mut input: BytesMut,
+    from: u64,
+    context: PeerContext,
+) -> std::io::Result<()> {
+    let frame_bytes_max = context.config.frame_bytes_max;
+    let Some(first) = read_frame(&mut stream, &mut input, frame_bytes_max).await? else {
+        return Ok(());
+    };
+    let message = decode_raft_message(&first.body).map_err(invalid)?;
+    if first.kind != FrameKind::RaftMessage
+        || message.get_msg_type() != MessageType::MsgSnapshot
+        || message.from != from
+    {
+        return Err(invalid("a snapshot stream must start with MsgSnapshot"));
+    }
+    let metadata = message.get_snapshot().get_metadata().clone();
+    let logger = context.supervision.logger.new(slog::o!("peer" => from));
+    slog::info!(logger, "receiving snapshot"; "index" => metadata.index, "term" => metadata.term);
+    let images_dir = context.images_dir.clone();
+    let group_id = context.group_id;
+    let index = metadata.index;
+    let mut staging =
+        tokio::task::spawn_blocking(move || SnapshotStaging::begin(&images_dir, group_id, index))
+            .await
+            .map_err(|error| invalid(error.to_string()))?
+            .map_err(|error| invalid(error.to_string()))?;
+    let outcome: std::io::Result<StagedSnapshot> = async {
+        loop {
+            let Some(frame) = read_frame(&mut stream, &mut input, frame_bytes_max).await? else {
+                return Err(invalid("the sender closed mid-snapshot"));
+            };
+            match frame.kind {
+                FrameKind::SnapshotChunk => {
+                    let (result, returned) = tokio::task::spawn_blocking(move || {
+                        let result = staging.stage(&frame.body);
+                        (result, staging)
+                    })
+                    .await
+                    .map_err(|error| invalid(error.to_string()))?;
+                    staging = returned;
+                    result.map_err(|error| invalid(error.to_string()))?;
+                }
+                FrameKind::SnapshotEnd => {
+                    return tokio::task::spawn_blocking(move || staging.finish())
+                        .await
+                        .map_err(|error| invalid(error.to_string()))?
+                        .map_err(|error| invalid(error.to_string()));
+                }
+                _ => return Err(invalid("unexpected frame in a snapshot stream")),
+            }
+        }
+    }
+    .await;
+    let mut reply = BytesMut::new();
+    match outcome {
+        Ok(staged) => {
+            context.snapshots.put(metadata.index, metadata.term, staged);
+            context.raft.do_send(StepPeerMessage(message));
+            encode_frame(FrameKind::SnapshotAck, context.group_id, &[1], &mut reply);
+            slog::info!(logger, "snapshot staged"; "index" => metadata.index);
+            stream.write_all(&reply).await?;
+            Ok(())
+        }
+        Err(error) => {
+            encode_frame(FrameKind::SnapshotAck, context.group_id, &[0], &mut reply);
+            let _ = stream.write_all(&reply).await;
+            Err(error)
+        }
+    }
+}
