@@ -1,10 +1,13 @@
-//! Benchmark: the same fio jobs (ioengine=nbd) against raftblk, `qemu-nbd --cache=writethrough`
-//! and `nbdkit file`, each on a fresh sparse 1 GiB image, printed as a markdown table with
-//! raftblk's ratio to each peer and appended to `bench/RESULTS.md` with the date and machine.
+//! Benchmark: the same fio jobs (ioengine=nbd) against raftblk on one node, raftblk with three
+//! replicas through `raftblk proxy` (every write committed on a majority before its reply),
+//! `qemu-nbd --cache=writethrough` and `nbdkit file`, each on a fresh sparse 1 GiB volume,
+//! printed as a markdown table with each raftblk variant's ratio to each peer and appended to
+//! `bench/RESULTS.md` with the date and machine.
 //!
 //! Run with `cargo bench --bench nbd_peers`. Each timed job runs `RAFTBLK_BENCH_SECONDS`
-//! seconds (default 10; `RAFTBLK_BENCH_SECONDS=2` for a smoke run). This is a program that
-//! prints numbers, not a test: nothing here asserts a timing.
+//! seconds (default 10; `RAFTBLK_BENCH_SECONDS=2` for a smoke run). `RAFTBLK_BENCH_PEERS`
+//! (comma-separated, default all of `raftblk,raftblk-3x-proxy,qemu-nbd,nbdkit`) picks the
+//! peers. This is a program that prints numbers, not a test: nothing here asserts a timing.
 //!
 //! Every process it starts is owned by a guard that kills it on drop, so an error anywhere
 //! still stops the servers.
@@ -111,9 +114,16 @@ struct Measurement {
     latency_p99_us: f64,
 }
 
+/// Every peer the benchmark knows, in table order.
+const PEER_NAMES: &[&str] = &["raftblk", "raftblk-3x-proxy", "qemu-nbd", "nbdkit"];
+/// The raftblk variants, compared with each of the other peers.
+const RAFTBLK_PEER_NAMES: &[&str] = &["raftblk", "raftblk-3x-proxy"];
+
 /// A server being measured; dropping it stops the process.
 enum Peer {
     Raftblk(ServerProcess),
+    /// Three replicas on loopback and the proxy in front of them.
+    Replicated(Box<(common::cluster::ProxyProcess, common::cluster::Cluster)>),
     External(BackgroundProcess, SocketAddr),
 }
 
@@ -121,6 +131,7 @@ impl Peer {
     fn uri(&self) -> String {
         match self {
             Peer::Raftblk(server) => server.uri(DEFAULT_EXPORT_NAME),
+            Peer::Replicated(parts) => parts.0.uri(DEFAULT_EXPORT_NAME),
             Peer::External(_, address) => format!("nbd://{address}/vol"),
         }
     }
@@ -132,6 +143,11 @@ impl Peer {
                 if !status.success() {
                     eprintln!("warning: raftblk exited with {status} on SIGTERM");
                 }
+            }
+            Peer::Replicated(parts) => {
+                let (mut proxy, cluster) = *parts;
+                proxy.stop();
+                drop(cluster);
             }
             Peer::External(mut process, _) => {
                 process.stop(Duration::from_secs(10));
@@ -150,6 +166,19 @@ fn sparse_image(directory: &Path, name: &str) -> PathBuf {
 fn start_peer(name: &str, directory: &Path) -> Peer {
     match name {
         "raftblk" => Peer::Raftblk(ServerProcess::start()),
+        "raftblk-3x-proxy" => {
+            let mut options = common::cluster::ClusterOptions {
+                volume_size_bytes: GIB,
+                ..Default::default()
+            };
+            // Production timing, not the tests' quick failover.
+            options = options
+                .set("raft", "tick_interval_ms", "100")
+                .set("nbd", "request_timeout_ms", "30000");
+            let cluster = common::cluster::Cluster::start(options);
+            let proxy = common::cluster::ProxyProcess::start(&cluster, "bench", &[]);
+            Peer::Replicated(Box::new((proxy, cluster)))
+        }
         "qemu-nbd" => {
             let image = sparse_image(directory, "qemu-nbd.img");
             let port = pick_free_port();
@@ -311,10 +340,21 @@ fn main() {
         .prefix("raftblk-bench-")
         .tempdir()
         .expect("create bench directory");
-    let peers = ["raftblk", "qemu-nbd", "nbdkit"];
+    let peers: Vec<&str> = match std::env::var("RAFTBLK_BENCH_PEERS") {
+        Ok(list) => PEER_NAMES
+            .iter()
+            .copied()
+            .filter(|name| list.split(',').any(|wanted| wanted.trim() == *name))
+            .collect(),
+        Err(_) => PEER_NAMES.to_vec(),
+    };
+    assert!(
+        !peers.is_empty(),
+        "RAFTBLK_BENCH_PEERS names none of {PEER_NAMES:?}"
+    );
     // results[peer][job]
     let mut results: Vec<Vec<Result<Measurement, String>>> = Vec::new();
-    for peer_name in peers {
+    for &peer_name in &peers {
         eprintln!("== {peer_name}");
         let peer = start_peer(peer_name, workspace.path());
         let uri = peer.uri();
@@ -332,39 +372,60 @@ fn main() {
     }
 
     let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "| job | raftblk IOPS | raftblk MB/s | raftblk p50 / p99 µs \
-         | qemu-nbd IOPS | qemu-nbd MB/s | qemu-nbd p50 / p99 µs \
-         | nbdkit IOPS | nbdkit MB/s | nbdkit p50 / p99 µs \
-         | raftblk/qemu-nbd | raftblk/nbdkit |"
-    );
-    let _ = writeln!(
-        table,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
+    let mut header_row = String::from("| job |");
+    let mut rule_row = String::from("|---|");
+    for peer_name in &peers {
+        let _ = write!(
+            header_row,
+            " {peer_name} IOPS | {peer_name} MB/s | {peer_name} p50 / p99 µs |"
+        );
+        rule_row.push_str("---:|---:|---:|");
+    }
+    // Each raftblk variant against each other peer, by IOPS.
+    let comparisons: Vec<(usize, usize)> = peers
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| RAFTBLK_PEER_NAMES.contains(name))
+        .flat_map(|(ours, _)| {
+            peers
+                .iter()
+                .enumerate()
+                .filter(|(_, name)| !RAFTBLK_PEER_NAMES.contains(name))
+                .map(move |(theirs, _)| (ours, theirs))
+        })
+        .collect();
+    for (ours, theirs) in &comparisons {
+        let _ = write!(header_row, " {}/{} |", peers[*ours], peers[*theirs]);
+        rule_row.push_str("---:|");
+    }
+    let _ = writeln!(table, "{header_row}");
+    let _ = writeln!(table, "{rule_row}");
     for (index, job) in JOBS.iter().enumerate() {
         if !job.reported {
             continue;
         }
-        let _ = writeln!(
-            table,
-            "| {} | {} | {} | {} | {} | {} |",
-            job.label,
-            format_measurement(&results[0][index]),
-            format_measurement(&results[1][index]),
-            format_measurement(&results[2][index]),
-            ratio(&results[0][index], &results[1][index]),
-            ratio(&results[0][index], &results[2][index]),
-        );
+        let mut row = format!("| {} |", job.label);
+        for peer_results in &results {
+            let _ = write!(row, " {} |", format_measurement(&peer_results[index]));
+        }
+        for (ours, theirs) in &comparisons {
+            let _ = write!(
+                row,
+                " {} |",
+                ratio(&results[*ours][index], &results[*theirs][index])
+            );
+        }
+        let _ = writeln!(table, "{row}");
     }
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
     let header = format!(
-        "## {date}\n\n{}; fio {}; {seconds} s per job; fio ioengine=nbd against raftblk \
-         (one node), qemu-nbd --cache=writethrough -e 16 -t, nbdkit file, each on a fresh \
-         sparse 1 GiB image. Ratios compare IOPS. Latency is fio's completion latency.\n",
+        "## {date}\n\n{}; fio {}; {seconds} s per job; fio ioengine=nbd against {}: raftblk \
+         is one node, raftblk-3x-proxy three replicas on loopback behind raftblk proxy, \
+         qemu-nbd --cache=writethrough -e 16 -t, nbdkit file, each on a fresh sparse 1 GiB \
+         volume. Ratios compare IOPS. Latency is fio's completion latency.\n",
         machine_description(),
         command_output("fio", &["--version"]),
+        peers.join(", "),
     );
     println!("\n{header}\n{table}");
 

@@ -683,3 +683,94 @@ fn a_second_proxy_is_refused_and_with_force_fences_the_first() {
         check.describe()
     );
 }
+
+/// The fault-injecting relay itself (the partition test is only as good as it is): bytes pass
+/// intact, a black hole delivers nothing while keeping the connection open and resumes intact
+/// after the heal, a delay delays, and `Close` ends open connections.
+#[test]
+fn relay_passes_black_holes_delays_and_closes() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    let echo_listener = TcpListener::bind("127.0.0.1:0").expect("bind the echo server");
+    let echo_address = echo_listener.local_addr().expect("echo address");
+    thread::spawn(move || {
+        for stream in echo_listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                while let Ok(count) = stream.read(&mut buffer) {
+                    if count == 0 || stream.write_all(&buffer[..count]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let relay = common::relay::Relay::start(echo_address);
+    let mut client = TcpStream::connect(relay.listen_address).expect("connect through the relay");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut echo = |client: &mut TcpStream, message: &[u8]| -> std::io::Result<Vec<u8>> {
+        client.write_all(message)?;
+        let mut answer = vec![0u8; message.len()];
+        client.read_exact(&mut answer)?;
+        Ok(answer)
+    };
+    assert_eq!(echo(&mut client, b"pass").expect("echo in Pass"), b"pass");
+
+    relay.set_mode(RelayMode::BlackHole);
+    client
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    client
+        .write_all(b"held")
+        .expect("the connection stays open");
+    let mut buffer = [0u8; 4];
+    let error = client
+        .read_exact(&mut buffer)
+        .expect_err("nothing crosses a black hole");
+    assert!(
+        matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "a black hole is silence, not a close: {error}"
+    );
+    relay.set_mode(RelayMode::Pass);
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    client
+        .read_exact(&mut buffer)
+        .expect("held bytes arrive after the heal");
+    assert_eq!(&buffer, b"held");
+
+    relay.set_mode(RelayMode::Delay(Duration::from_millis(300)));
+    let started = Instant::now();
+    assert_eq!(echo(&mut client, b"slow").expect("echo in Delay"), b"slow");
+    // Both directions are delayed: at least two delays for the round trip.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+
+    relay.set_mode(RelayMode::Close);
+    let mut rest = Vec::new();
+    let closed = client.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)) || closed.is_err(),
+        "Close ends the connection: {closed:?}"
+    );
+    relay.set_mode(RelayMode::Pass);
+    let mut again = TcpStream::connect(relay.listen_address).expect("reconnect");
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert_eq!(
+        echo(&mut again, b"back").expect("echo after Close"),
+        b"back"
+    );
+}
