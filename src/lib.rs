@@ -5,6 +5,7 @@
 //! - [`storage`]: RocksDB (Raft log, state-machine metadata) beside sparse image files.
 //! - [`actors`]: the actix actors that move bytes between sockets, Raft and storage.
 //! - [`control`]: the HTTP control API (volumes, status).
+//! - [`proxy`]: the client-side proxy (`raftblk proxy`): leader following, reissue, cache.
 //! - [`server`]: wires a server process together; [`config`] and [`logging`] set it up.
 //!
 //! See ARCHITECTURE.md for the write path fsync by fsync and the invariants.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod logging;
 pub mod nbd;
+pub mod proxy;
 pub mod server;
 pub mod storage;
 
