@@ -7,54 +7,72 @@
 //! Wire format (all integers big-endian):
 //!
 //! ```text
-//! version: u8 = 1, tag: u8, then by tag:
-//!   1 Write         volume_id u64, offset u64, data (the rest of the entry)
-//!   2 Trim          volume_id u64, offset u64, length u64
-//!   3 WriteZeroes   volume_id u64, offset u64, length u64, flags u8 (bit 0: may_punch_hole)
+//! version: u8 = 2, tag: u8, then by tag:
+//!   1 Write         volume_id u64, writer_epoch u64, offset u64, data (the rest of the entry)
+//!   2 Trim          volume_id u64, writer_epoch u64, offset u64, length u64
+//!   3 WriteZeroes   volume_id u64, writer_epoch u64, offset u64, length u64,
+//!                   flags u8 (bit 0: may_punch_hole)
 //!   4 CreateVolume  size_bytes u64, block_size_bytes u32, name_length u16, name (UTF-8)
 //!   5 DeleteVolume  name_length u16, name (UTF-8)
+//!   6 Attach        flags u8 (bit 0: force), name_length u16, name, client_length u16, client
+//!   7 Detach        epoch u64, name_length u16, name (UTF-8)
 //! ```
+//!
+//! Version 1 (before writer fencing) is the same without `writer_epoch` and without tags 6 and
+//! 7. It still decodes, with `writer_epoch = 0`, because Raft logs written by version 1 may
+//! still hold such entries; only version 2 is ever encoded.
 //!
 //! Every command except `Write` must end exactly where its fields end, so two encodings of the
 //! same command are byte-identical (replicas compare nothing else, but tests and fuzzers can).
 
-/// The only format version so far; a future format bumps it and keeps decoding this one.
-pub const COMMAND_FORMAT_VERSION: u8 = 1;
+/// The format every command is encoded in. Version 2 added `writer_epoch` (writer fencing).
+pub const COMMAND_FORMAT_VERSION: u8 = 2;
+/// The format before writer fencing, still decoded (see the module doc).
+const COMMAND_FORMAT_VERSION_UNFENCED: u8 = 1;
 
 /// Longest volume name a command may carry (the NBD export name of the volume).
 pub const VOLUME_NAME_LENGTH_BYTES_MAX: usize = 255;
+/// Longest client id an `Attach` may carry.
+pub const CLIENT_ID_LENGTH_BYTES_MAX: usize = 255;
 
 const TAG_WRITE: u8 = 1;
 const TAG_TRIM: u8 = 2;
 const TAG_WRITE_ZEROES: u8 = 3;
 const TAG_CREATE_VOLUME: u8 = 4;
 const TAG_DELETE_VOLUME: u8 = 5;
+const TAG_ATTACH: u8 = 6;
+const TAG_DETACH: u8 = 7;
 
 const FLAG_MAY_PUNCH_HOLE: u8 = 0x01;
+const FLAG_FORCE: u8 = 0x01;
 
-/// Bytes before the data of a `Write`: version, tag, volume id, offset.
-pub const WRITE_COMMAND_HEADER_BYTES: usize = 2 + 8 + 8;
+/// Bytes before the data of a `Write`: version, tag, volume id, writer epoch, offset.
+pub const WRITE_COMMAND_HEADER_BYTES: usize = 2 + 8 + 8 + 8;
 
 /// A state-machine command. Commands that address data carry the volume id (the Raft index of
 /// the volume's `CreateVolume` entry), never its name, so a command keeps meaning the same
 /// volume even if a volume of the same name is deleted and created again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command<'a> {
-    /// `NBD_CMD_WRITE`.
+    /// `NBD_CMD_WRITE`. `writer_epoch` is the epoch of the writer's attachment (0 for a
+    /// session without one); the state machine fences a write whose epoch is not current.
     Write {
         volume_id: u64,
+        writer_epoch: u64,
         offset: u64,
         data: &'a [u8],
     },
     /// `NBD_CMD_TRIM`: the range reads as zeroes afterwards (holes are punched).
     Trim {
         volume_id: u64,
+        writer_epoch: u64,
         offset: u64,
         length: u64,
     },
     /// `NBD_CMD_WRITE_ZEROES`; `may_punch_hole` is false when the client set `NBD_CMD_FLAG_NO_HOLE`.
     WriteZeroes {
         volume_id: u64,
+        writer_epoch: u64,
         offset: u64,
         length: u64,
         may_punch_hole: bool,
@@ -67,6 +85,15 @@ pub enum Command<'a> {
     },
     /// Deletes a volume, its checksums and its image file.
     DeleteVolume { name: &'a str },
+    /// Attaches the volume read-write to `client`; the new epoch is the index of this entry.
+    /// Refused while another client holds it, unless `force` (which fences that client).
+    Attach {
+        name: &'a str,
+        client: &'a str,
+        force: bool,
+    },
+    /// Ends the attachment of the given epoch (refused as fenced for any other epoch).
+    Detach { name: &'a str, epoch: u64 },
 }
 
 /// Why a byte string is not a command. Deterministic: every replica rejects the same entry.
@@ -92,6 +119,10 @@ pub enum CommandDecodeError {
     NameTooLong { length_bytes: usize },
     #[error("volume name is not UTF-8")]
     NameNotUtf8,
+    #[error("client id of {length_bytes} bytes is longer than {CLIENT_ID_LENGTH_BYTES_MAX}")]
+    ClientTooLong { length_bytes: usize },
+    #[error("client id is not UTF-8")]
+    ClientNotUtf8,
 }
 
 /// Encodes any command. For block data prefer [`encode_write_command`], which is the same bytes.
@@ -99,30 +130,35 @@ pub fn encode_command(command: &Command<'_>) -> Vec<u8> {
     match command {
         Command::Write {
             volume_id,
+            writer_epoch,
             offset,
             data,
-        } => encode_write_command(*volume_id, *offset, data),
+        } => encode_write_command(*volume_id, *writer_epoch, *offset, data),
         Command::Trim {
             volume_id,
+            writer_epoch,
             offset,
             length,
         } => {
-            let mut bytes = Vec::with_capacity(2 + 24);
+            let mut bytes = Vec::with_capacity(2 + 32);
             bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_TRIM]);
             bytes.extend_from_slice(&volume_id.to_be_bytes());
+            bytes.extend_from_slice(&writer_epoch.to_be_bytes());
             bytes.extend_from_slice(&offset.to_be_bytes());
             bytes.extend_from_slice(&length.to_be_bytes());
             bytes
         }
         Command::WriteZeroes {
             volume_id,
+            writer_epoch,
             offset,
             length,
             may_punch_hole,
         } => {
-            let mut bytes = Vec::with_capacity(2 + 25);
+            let mut bytes = Vec::with_capacity(2 + 33);
             bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_WRITE_ZEROES]);
             bytes.extend_from_slice(&volume_id.to_be_bytes());
+            bytes.extend_from_slice(&writer_epoch.to_be_bytes());
             bytes.extend_from_slice(&offset.to_be_bytes());
             bytes.extend_from_slice(&length.to_be_bytes());
             bytes.push(if *may_punch_hole {
@@ -152,14 +188,42 @@ pub fn encode_command(command: &Command<'_>) -> Vec<u8> {
             push_name(&mut bytes, name);
             bytes
         }
+        Command::Attach {
+            name,
+            client,
+            force,
+        } => {
+            let name = truncated_name(name);
+            let client = truncated_client(client);
+            let mut bytes = Vec::with_capacity(2 + 5 + name.len() + client.len());
+            bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_ATTACH]);
+            bytes.push(if *force { FLAG_FORCE } else { 0 });
+            push_name(&mut bytes, name);
+            push_name(&mut bytes, client);
+            bytes
+        }
+        Command::Detach { name, epoch } => {
+            let name = truncated_name(name);
+            let mut bytes = Vec::with_capacity(2 + 10 + name.len());
+            bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_DETACH]);
+            bytes.extend_from_slice(&epoch.to_be_bytes());
+            push_name(&mut bytes, name);
+            bytes
+        }
     }
 }
 
 /// Encodes a `Write` with one allocation, copying `data` once (the hot path of every NBD write).
-pub fn encode_write_command(volume_id: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+pub fn encode_write_command(
+    volume_id: u64,
+    writer_epoch: u64,
+    offset: u64,
+    data: &[u8],
+) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(WRITE_COMMAND_HEADER_BYTES + data.len());
     bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_WRITE]);
     bytes.extend_from_slice(&volume_id.to_be_bytes());
+    bytes.extend_from_slice(&writer_epoch.to_be_bytes());
     bytes.extend_from_slice(&offset.to_be_bytes());
     bytes.extend_from_slice(data);
     bytes
@@ -169,18 +233,27 @@ pub fn encode_write_command(volume_id: u64, offset: u64, data: &[u8]) -> Vec<u8>
 /// the encoder stays infallible (callers validate names before proposing, see
 /// [`VOLUME_NAME_LENGTH_BYTES_MAX`]).
 fn truncated_name(name: &str) -> &str {
-    if name.len() <= VOLUME_NAME_LENGTH_BYTES_MAX {
-        return name;
+    truncated_at_char_boundary(name, VOLUME_NAME_LENGTH_BYTES_MAX)
+}
+
+/// The same for client ids ([`CLIENT_ID_LENGTH_BYTES_MAX`]).
+fn truncated_client(client: &str) -> &str {
+    truncated_at_char_boundary(client, CLIENT_ID_LENGTH_BYTES_MAX)
+}
+
+fn truncated_at_char_boundary(text: &str, length_bytes_max: usize) -> &str {
+    if text.len() <= length_bytes_max {
+        return text;
     }
-    let mut end = VOLUME_NAME_LENGTH_BYTES_MAX;
-    while !name.is_char_boundary(end) {
+    let mut end = length_bytes_max;
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    &name[..end]
+    &text[..end]
 }
 
 fn push_name(bytes: &mut Vec<u8>, name: &str) {
-    // `truncated_name` bounds the length by 255, which fits a u16.
+    // `truncated_name` and `truncated_client` bound the length by 255, which fits a u16.
     let length = u16::try_from(name.len()).unwrap_or(u16::MAX);
     bytes.extend_from_slice(&length.to_be_bytes());
     bytes.extend_from_slice(name.as_bytes());
@@ -238,6 +311,23 @@ impl<'a> Fields<'a> {
         std::str::from_utf8(self.take(length_bytes)?).map_err(|_| CommandDecodeError::NameNotUtf8)
     }
 
+    fn client(&mut self) -> Result<&'a str, CommandDecodeError> {
+        let length_bytes = usize::from(self.u16()?);
+        if length_bytes > CLIENT_ID_LENGTH_BYTES_MAX {
+            return Err(CommandDecodeError::ClientTooLong { length_bytes });
+        }
+        std::str::from_utf8(self.take(length_bytes)?).map_err(|_| CommandDecodeError::ClientNotUtf8)
+    }
+
+    /// The writer epoch of a data command: absent (0) in the unfenced version 1 format.
+    fn writer_epoch(&mut self, version: u8) -> Result<u64, CommandDecodeError> {
+        if version == COMMAND_FORMAT_VERSION_UNFENCED {
+            Ok(0)
+        } else {
+            self.u64()
+        }
+    }
+
     fn finish(self) -> Result<(), CommandDecodeError> {
         if self.bytes.is_empty() {
             Ok(())
@@ -253,7 +343,7 @@ impl<'a> Fields<'a> {
 /// Decodes one command; a `Write` borrows its data from `data`.
 pub fn decode_command(data: &[u8]) -> Result<Command<'_>, CommandDecodeError> {
     let (&version, rest) = data.split_first().ok_or(CommandDecodeError::Empty)?;
-    if version != COMMAND_FORMAT_VERSION {
+    if version != COMMAND_FORMAT_VERSION && version != COMMAND_FORMAT_VERSION_UNFENCED {
         return Err(CommandDecodeError::UnsupportedVersion { version });
     }
     let (&tag, body) = rest.split_first().ok_or(CommandDecodeError::Truncated {
@@ -269,22 +359,26 @@ pub fn decode_command(data: &[u8]) -> Result<Command<'_>, CommandDecodeError> {
     let command = match tag {
         TAG_WRITE => {
             let volume_id = fields.u64()?;
+            let writer_epoch = fields.writer_epoch(version)?;
             let offset = fields.u64()?;
             // The data is the rest of the entry: nothing can trail it.
             let data = std::mem::take(&mut fields.bytes);
             Command::Write {
                 volume_id,
+                writer_epoch,
                 offset,
                 data,
             }
         }
         TAG_TRIM => Command::Trim {
             volume_id: fields.u64()?,
+            writer_epoch: fields.writer_epoch(version)?,
             offset: fields.u64()?,
             length: fields.u64()?,
         },
         TAG_WRITE_ZEROES => {
             let volume_id = fields.u64()?;
+            let writer_epoch = fields.writer_epoch(version)?;
             let offset = fields.u64()?;
             let length = fields.u64()?;
             let flags = fields.u8()?;
@@ -293,6 +387,7 @@ pub fn decode_command(data: &[u8]) -> Result<Command<'_>, CommandDecodeError> {
             }
             Command::WriteZeroes {
                 volume_id,
+                writer_epoch,
                 offset,
                 length,
                 may_punch_hole: flags & FLAG_MAY_PUNCH_HOLE != 0,
@@ -311,6 +406,26 @@ pub fn decode_command(data: &[u8]) -> Result<Command<'_>, CommandDecodeError> {
         TAG_DELETE_VOLUME => Command::DeleteVolume {
             name: fields.name()?,
         },
+        TAG_ATTACH if version == COMMAND_FORMAT_VERSION => {
+            let flags = fields.u8()?;
+            if flags & !FLAG_FORCE != 0 {
+                return Err(CommandDecodeError::ReservedFlags { flags });
+            }
+            let name = fields.name()?;
+            let client = fields.client()?;
+            Command::Attach {
+                name,
+                client,
+                force: flags & FLAG_FORCE != 0,
+            }
+        }
+        TAG_DETACH if version == COMMAND_FORMAT_VERSION => {
+            let epoch = fields.u64()?;
+            Command::Detach {
+                epoch,
+                name: fields.name()?,
+            }
+        }
         tag => return Err(CommandDecodeError::UnknownTag { tag }),
     };
     fields.finish()?;
@@ -322,40 +437,41 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn command_strategy() -> impl Strategy<Value = (u8, u64, u64, u64, bool, Vec<u8>, String)> {
+    /// (tag, three integers, the writer epoch, a flag, data, a name, a client id).
+    type CommandParts = (u8, u64, u64, u64, u64, bool, Vec<u8>, String, String);
+
+    fn command_strategy() -> impl Strategy<Value = CommandParts> {
         (
-            1u8..=5,
+            1u8..=7,
+            any::<u64>(),
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
             any::<bool>(),
             proptest::collection::vec(any::<u8>(), 0..600),
             "\\PC{0,40}",
+            "\\PC{0,40}",
         )
     }
 
-    fn build<'a>(
-        tag: u8,
-        a: u64,
-        b: u64,
-        c: u64,
-        flag: bool,
-        data: &'a [u8],
-        name: &'a str,
-    ) -> Command<'a> {
+    fn build<'a>(parts: &'a CommandParts) -> Command<'a> {
+        let (tag, a, b, c, writer_epoch, flag, ref data, ref name, ref client) = *parts;
         match tag {
             1 => Command::Write {
                 volume_id: a,
+                writer_epoch,
                 offset: b,
                 data,
             },
             2 => Command::Trim {
                 volume_id: a,
+                writer_epoch,
                 offset: b,
                 length: c,
             },
             3 => Command::WriteZeroes {
                 volume_id: a,
+                writer_epoch,
                 offset: b,
                 length: c,
                 may_punch_hole: flag,
@@ -365,7 +481,13 @@ mod tests {
                 size_bytes: a,
                 block_size_bytes: b as u32,
             },
-            _ => Command::DeleteVolume { name },
+            5 => Command::DeleteVolume { name },
+            6 => Command::Attach {
+                name,
+                client,
+                force: flag,
+            },
+            _ => Command::Detach { name, epoch: a },
         }
     }
 
@@ -373,8 +495,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         #[test]
-        fn every_command_round_trips((tag, a, b, c, flag, data, name) in command_strategy()) {
-            let command = build(tag, a, b, c, flag, &data, &name);
+        fn every_command_round_trips(parts in command_strategy()) {
+            let command = build(&parts);
             let encoded = encode_command(&command);
             prop_assert_eq!(decode_command(&encoded), Ok(command));
         }
@@ -390,6 +512,7 @@ mod tests {
             let mut bytes = vec![COMMAND_FORMAT_VERSION, tag];
             bytes.extend_from_slice(&rest);
             if let Ok(command) = decode_command(&bytes) {
+                // (Version 1 entries decode too, but are never encoded; this header is v2.)
                 // Whatever decodes must encode back to the same bytes: the format has one
                 // encoding per command.
                 prop_assert_eq!(encode_command(&command), bytes);
@@ -397,10 +520,10 @@ mod tests {
         }
 
         #[test]
-        fn every_strict_prefix_of_a_fixed_size_command_is_rejected((tag, a, b, c, flag, data, name) in command_strategy()) {
-            let command = build(tag, a, b, c, flag, &data, &name);
+        fn every_strict_prefix_of_a_fixed_size_command_is_rejected(parts in command_strategy()) {
+            let command = build(&parts);
             let encoded = encode_command(&command);
-            let minimum = if tag == 1 { WRITE_COMMAND_HEADER_BYTES } else { encoded.len() };
+            let minimum = if parts.0 == 1 { WRITE_COMMAND_HEADER_BYTES } else { encoded.len() };
             for length in 0..minimum {
                 prop_assert!(decode_command(&encoded[..length]).is_err());
             }
@@ -409,10 +532,15 @@ mod tests {
 
     #[test]
     fn write_command_borrows_its_data() {
-        let encoded = encode_write_command(9, 4096, b"hello");
+        let encoded = encode_write_command(9, 3, 4096, b"hello");
         assert_eq!(encoded.len(), WRITE_COMMAND_HEADER_BYTES + 5);
         match decode_command(&encoded) {
-            Ok(Command::Write { data, .. }) => {
+            Ok(Command::Write {
+                volume_id: 9,
+                writer_epoch: 3,
+                offset: 4096,
+                data,
+            }) => {
                 // Zero-copy: the decoded slice points into the entry.
                 assert_eq!(
                     data.as_ptr(),
@@ -427,15 +555,16 @@ mod tests {
     fn specific_errors() {
         assert_eq!(decode_command(&[]), Err(CommandDecodeError::Empty));
         assert_eq!(
-            decode_command(&[2, TAG_WRITE]),
-            Err(CommandDecodeError::UnsupportedVersion { version: 2 })
+            decode_command(&[3, TAG_WRITE]),
+            Err(CommandDecodeError::UnsupportedVersion { version: 3 })
         );
         assert_eq!(
-            decode_command(&[1, 99]),
+            decode_command(&[2, 99]),
             Err(CommandDecodeError::UnknownTag { tag: 99 })
         );
         let mut trim = encode_command(&Command::Trim {
             volume_id: 1,
+            writer_epoch: 0,
             offset: 2,
             length: 3,
         });
@@ -449,6 +578,7 @@ mod tests {
         );
         let mut zeroes = encode_command(&Command::WriteZeroes {
             volume_id: 1,
+            writer_epoch: 0,
             offset: 2,
             length: 3,
             may_punch_hole: true,
@@ -459,15 +589,76 @@ mod tests {
             decode_command(&zeroes),
             Err(CommandDecodeError::ReservedFlags { flags: 0x81 })
         );
-        let bad_name = [1, TAG_DELETE_VOLUME, 0, 1, 0xff];
+        let bad_name = [2, TAG_DELETE_VOLUME, 0, 1, 0xff];
         assert_eq!(
             decode_command(&bad_name),
             Err(CommandDecodeError::NameNotUtf8)
         );
-        let long_name = [1, TAG_DELETE_VOLUME, 1, 0];
+        let long_name = [2, TAG_DELETE_VOLUME, 1, 0];
         assert_eq!(
             decode_command(&long_name),
             Err(CommandDecodeError::NameTooLong { length_bytes: 256 })
+        );
+        let bad_client = [2, TAG_ATTACH, 0, 0, 1, b'd', 0, 1, 0xff];
+        assert_eq!(
+            decode_command(&bad_client),
+            Err(CommandDecodeError::ClientNotUtf8)
+        );
+        let long_client = [2, TAG_ATTACH, 0, 0, 1, b'd', 1, 0];
+        assert_eq!(
+            decode_command(&long_client),
+            Err(CommandDecodeError::ClientTooLong { length_bytes: 256 })
+        );
+        let mut attach = encode_command(&Command::Attach {
+            name: "d",
+            client: "c",
+            force: true,
+        });
+        attach[2] = 0x03;
+        assert_eq!(
+            decode_command(&attach),
+            Err(CommandDecodeError::ReservedFlags { flags: 0x03 })
+        );
+    }
+
+    /// Entries written before writer fencing (format version 1) decode with epoch 0; the
+    /// fencing commands did not exist in that format.
+    #[test]
+    fn version_1_data_commands_decode_with_writer_epoch_zero() {
+        let mut write = vec![1, TAG_WRITE];
+        write.extend_from_slice(&7u64.to_be_bytes());
+        write.extend_from_slice(&512u64.to_be_bytes());
+        write.extend_from_slice(b"abc");
+        assert_eq!(
+            decode_command(&write),
+            Ok(Command::Write {
+                volume_id: 7,
+                writer_epoch: 0,
+                offset: 512,
+                data: b"abc"
+            })
+        );
+        let mut zeroes = vec![1, TAG_WRITE_ZEROES];
+        for value in [7u64, 512, 4096] {
+            zeroes.extend_from_slice(&value.to_be_bytes());
+        }
+        zeroes.push(FLAG_MAY_PUNCH_HOLE);
+        assert_eq!(
+            decode_command(&zeroes),
+            Ok(Command::WriteZeroes {
+                volume_id: 7,
+                writer_epoch: 0,
+                offset: 512,
+                length: 4096,
+                may_punch_hole: true
+            })
+        );
+        let mut detach = vec![1, TAG_DETACH];
+        detach.extend_from_slice(&5u64.to_be_bytes());
+        detach.extend_from_slice(&[0, 1, b'd']);
+        assert_eq!(
+            decode_command(&detach),
+            Err(CommandDecodeError::UnknownTag { tag: TAG_DETACH })
         );
     }
 

@@ -67,12 +67,13 @@ fn encoded_command_of(index: u64) -> Vec<u8> {
     if fill == 0 {
         encode_command(&Command::WriteZeroes {
             volume_id: VOLUME_ID,
+            writer_epoch: 0,
             offset,
             length,
             may_punch_hole: punch,
         })
     } else {
-        encode_write_command(VOLUME_ID, offset, &vec![fill; length as usize])
+        encode_write_command(VOLUME_ID, 0, offset, &vec![fill; length as usize])
     }
 }
 

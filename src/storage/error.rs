@@ -86,6 +86,33 @@ pub enum StorageError {
     #[error("volume {volume_id} has been deleted")]
     VolumeDeleted { volume_id: u64 },
 
+    /// A read through a reader whose volume was replaced by an installed snapshot: get a new
+    /// reader from the state machine.
+    #[error("volume {volume_id} has been replaced by a snapshot")]
+    VolumeReplaced { volume_id: u64 },
+
+    /// A snapshot chunk is malformed (bytes from the network: never trusted).
+    #[error("snapshot chunk: {0}")]
+    SnapshotChunk(#[from] super::snapshot::SnapshotChunkDecodeError),
+
+    /// A well-formed snapshot chunk that does not fit the stream received so far (order,
+    /// undeclared volume, range, counts, group or index).
+    #[error("snapshot stream of group {group_id} at index {snapshot_index}: {detail}")]
+    SnapshotStream {
+        group_id: u64,
+        snapshot_index: u64,
+        detail: String,
+    },
+
+    /// `install_snapshot` was given a staged snapshot that does not match the metadata, the
+    /// group, or is not newer than the applied state.
+    #[error("cannot install snapshot at index {snapshot_index} in group {group_id}: {detail}")]
+    SnapshotInstall {
+        group_id: u64,
+        snapshot_index: u64,
+        detail: String,
+    },
+
     /// A read outside the volume (the caller should have checked).
     #[error("range {offset}+{length_bytes} is outside volume {volume_id} of {size_bytes} bytes")]
     OutOfRange {

@@ -249,6 +249,31 @@ impl ImageFile {
         Ok(extents)
     }
 
+    /// The first allocated range `[start, end)` at or after `position` (SEEK_DATA, then
+    /// SEEK_HOLE from there), clamped to `limit`; `None` when only holes follow. What a
+    /// snapshot copies: holes are skipped.
+    pub fn next_data_range(
+        &self,
+        position: u64,
+        limit: u64,
+    ) -> Result<Option<(u64, u64)>, StorageError> {
+        if position >= limit {
+            return Ok(None);
+        }
+        let Some(data_start) = self.seek(position, libc::SEEK_DATA)? else {
+            return Ok(None);
+        };
+        if data_start >= limit {
+            return Ok(None);
+        }
+        // There is always a virtual hole at the end of the file.
+        let hole_start = self
+            .seek(data_start, libc::SEEK_HOLE)?
+            .unwrap_or(limit)
+            .clamp(data_start + 1, limit);
+        Ok(Some((data_start, hole_start)))
+    }
+
     /// `lseek(fd, position, whence)`; `None` on ENXIO (no data/hole at or after `position`).
     fn seek(&self, position: u64, whence: libc::c_int) -> Result<Option<u64>, StorageError> {
         let Ok(position_signed) = libc::off_t::try_from(position) else {
@@ -427,6 +452,26 @@ mod tests {
         assert!(buf[100 + 2 * MIB as usize + 50..]
             .iter()
             .all(|&byte| byte == 9));
+    }
+
+    #[test]
+    fn next_data_range_skips_holes() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 4 * MIB).unwrap();
+        assert_eq!(image.next_data_range(0, 4 * MIB).unwrap(), None);
+        image.write_all_at(MIB, &vec![1u8; 8192]).unwrap();
+        image.write_all_at(3 * MIB, &vec![2u8; 4096]).unwrap();
+        let (start, end) = image.next_data_range(0, 4 * MIB).unwrap().unwrap();
+        assert!(
+            start <= MIB && (MIB + 8192..=3 * MIB).contains(&end),
+            "{start}..{end}"
+        );
+        let (start, end) = image.next_data_range(end, 4 * MIB).unwrap().unwrap();
+        assert!(start <= 3 * MIB && end >= 3 * MIB + 4096, "{start}..{end}");
+        assert_eq!(image.next_data_range(end, 4 * MIB).unwrap(), None);
+        // The limit clamps the range.
+        let (_, end) = image.next_data_range(0, MIB + 4096).unwrap().unwrap();
+        assert_eq!(end, MIB + 4096);
     }
 
     #[test]

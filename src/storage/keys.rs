@@ -13,6 +13,7 @@
 //! | `meta`            | group, 0x03                           | truncated index, term (2×u64)  |
 //! | `meta`            | group, 0x04                           | index of the conf state (u64)  |
 //! | `meta`            | group, 0x10                           | durable applied index (u64)    |
+//! | `meta`            | group, 0x12                           | snapshot covered index (u64)   |
 //! | `meta`            | group, 0x11, volume id                | `VolumeInfo` (JSON)            |
 //! | `block_checksums` | group, volume id, block index         | crc32c of the block (u32)      |
 
@@ -32,6 +33,7 @@ const META_TRUNCATED_STATE: u8 = 0x03;
 const META_CONF_STATE_INDEX: u8 = 0x04;
 const META_APPLIED_INDEX: u8 = 0x10;
 const META_VOLUME: u8 = 0x11;
+const META_SNAPSHOT_COVERED_INDEX: u8 = 0x12;
 
 fn group_and_u64(group_id: u64, value: u64) -> [u8; 16] {
     let mut key = [0u8; 16];
@@ -76,6 +78,26 @@ pub(crate) fn conf_state_index_key(group_id: u64) -> [u8; 9] {
 
 pub(crate) fn applied_index_key(group_id: u64) -> [u8; 9] {
     meta_key(group_id, META_APPLIED_INDEX)
+}
+
+/// Entries up to this index are contained in the installed snapshot state (see
+/// `state_machine`, "Snapshots").
+pub(crate) fn snapshot_covered_index_key(group_id: u64) -> [u8; 9] {
+    meta_key(group_id, META_SNAPSHOT_COVERED_INDEX)
+}
+
+/// `[lower, upper)` bounds of every log entry of `group_id`.
+pub(crate) fn raft_log_key_range(group_id: u64) -> ([u8; 16], [u8; 16]) {
+    (raft_log_key(group_id, 0), raft_log_key(group_id, u64::MAX))
+}
+
+/// `[lower, upper)` bounds of every block checksum of every volume of `group_id` (volume ids
+/// are entry indexes, never `u64::MAX`).
+pub(crate) fn block_checksum_group_range(group_id: u64) -> ([u8; 24], [u8; 24]) {
+    (
+        block_checksum_key(group_id, 0, 0),
+        block_checksum_key(group_id, u64::MAX, u64::MAX),
+    )
 }
 
 /// Key of the volume-table row of `volume_id` in [`CF_META`].

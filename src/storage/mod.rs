@@ -5,7 +5,11 @@
 //! - [`command`]: pure encode/decode of the state-machine commands carried in Raft entries.
 //! - [`raft_log`]: the Raft log and Raft state of one group in RocksDB ([`raft::Storage`]).
 //! - [`image`]: one sparse image file (pwrite/pread, hole punching, allocation map).
-//! - [`state_machine`]: applies committed commands to the images and RocksDB, serves reads.
+//! - [`state_machine`]: applies committed commands to the images and RocksDB, serves reads,
+//!   installs snapshots.
+//! - [`snapshot`]: snapshot streaming for followers behind the log (fuzzy copy + log replay):
+//!   pure chunk encoding, the sending [`snapshot::SnapshotSource`] and the receiving
+//!   [`snapshot::SnapshotStaging`].
 //! - `keys`: the RocksDB column families and key encodings, all prefixed by the Raft group id.
 //!
 //! Whom it talks to: the Raft actor owns a [`raft_log::RaftLogStore`], the storage actor owns the
@@ -24,12 +28,15 @@ mod error;
 pub mod image;
 mod keys;
 pub mod raft_log;
+pub mod snapshot;
 pub mod state_machine;
 
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod snapshot_tests;
 
 use std::path::Path;
 use std::sync::Arc;

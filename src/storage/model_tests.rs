@@ -327,16 +327,18 @@ impl Harness {
             let volume_id = self.volume_ids[volume];
             commands.push(match *op {
                 DataOp::Write { seed, .. } => {
-                    encode_write_command(volume_id, offset, &pattern(seed, offset, length))
+                    encode_write_command(volume_id, 0, offset, &pattern(seed, offset, length))
                 }
                 DataOp::Trim { .. } => encode_command(&Command::Trim {
                     volume_id,
+                    writer_epoch: 0,
                     offset,
                     length,
                 }),
                 DataOp::WriteZeroes { may_punch_hole, .. } => {
                     encode_command(&Command::WriteZeroes {
                         volume_id,
+                        writer_epoch: 0,
                         offset,
                         length,
                         may_punch_hole,

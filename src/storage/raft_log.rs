@@ -13,15 +13,17 @@
 //!   has succeeded, under the same lock, so readers never see a state RocksDB does not hold.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use protobuf::Message;
-use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState};
 use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
 
 use super::keys;
+use super::snapshot::SnapshotDescriptor;
 use super::{column_family, StorageError};
 
 /// Default bound of the recent-entry cache.
@@ -43,6 +45,9 @@ struct Shared {
     group_id: u64,
     entry_cache_bytes_max: usize,
     state: RwLock<LogState>,
+    /// The state machine's applied index, published by its owner: the index a snapshot is
+    /// taken at (see [`RaftLogStore::set_applied_index_source`]).
+    applied_index_source: parking_lot::Mutex<Option<Arc<AtomicU64>>>,
 }
 
 struct LogState {
@@ -165,6 +170,7 @@ impl RaftLogStore {
                     entry_cache: VecDeque::new(),
                     entry_cache_bytes: 0,
                 }),
+                applied_index_source: parking_lot::Mutex::new(None),
             }),
         })
     }
@@ -442,6 +448,113 @@ impl RaftLogStore {
         Ok(())
     }
 
+    /// Where [`raft::Storage::snapshot`] reads the state machine's applied index (X0 of the
+    /// snapshot module doc). Until set, snapshots are temporarily unavailable.
+    pub fn set_applied_index_source(&self, applied_index: Arc<AtomicU64>) {
+        *self.shared.applied_index_source.lock() = Some(applied_index);
+    }
+
+    /// The Raft part of installing a snapshot at `metadata.index`: adds to the caller's batch
+    /// the deletion of every log entry, the truncated index/term = the snapshot's, its conf
+    /// state (recorded as produced at the snapshot index), and the hard state with
+    /// `commit = max(commit, index)`; writes the batch synced; then updates the in-memory
+    /// view, under the lock, so readers never see a state RocksDB does not hold.
+    pub(crate) fn write_snapshot_install(
+        &self,
+        mut batch: WriteBatch,
+        metadata: &SnapshotMetadata,
+    ) -> Result<(), StorageError> {
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let mut state = self.shared.state.write();
+        let raft_log = column_family(db, keys::CF_RAFT_LOG)?;
+        let meta = column_family(db, keys::CF_META)?;
+        let conf_state = metadata.get_conf_state().clone();
+        let mut hard_state = state.hard_state.clone();
+        hard_state.commit = hard_state.commit.max(metadata.index);
+        hard_state.term = hard_state.term.max(metadata.term);
+        let (lower, upper) = keys::raft_log_key_range(group_id);
+        // Every entry goes, also those after the snapshot index: raft-rs restores its own log
+        // to exactly the snapshot and appends what the leader sends next.
+        batch.delete_range_cf(raft_log, lower, upper);
+        batch.put_cf(
+            meta,
+            keys::truncated_state_key(group_id),
+            keys::join_u64_pair(metadata.index, metadata.term),
+        );
+        batch.put_cf(
+            meta,
+            keys::conf_state_key(group_id),
+            encode_protobuf("raft conf state", &conf_state)?,
+        );
+        batch.put_cf(
+            meta,
+            keys::conf_state_index_key(group_id),
+            metadata.index.to_be_bytes(),
+        );
+        batch.put_cf(
+            meta,
+            keys::hard_state_key(group_id),
+            encode_protobuf("raft hard state", &hard_state)?,
+        );
+        // fsync: after this the node is a member at the snapshot index, and the state machine
+        // part of the batch names the new image files.
+        db.write_opt(batch, &write_options(true))?;
+        state.hard_state = hard_state;
+        state.conf_state = conf_state;
+        state.conf_state_index = metadata.index;
+        state.truncated_index = metadata.index;
+        state.truncated_term = metadata.term;
+        state.last_index = metadata.index;
+        state.entry_cache.clear();
+        state.entry_cache_bytes = 0;
+        Ok(())
+    }
+
+    /// The metadata of a snapshot at the published applied index, or why there is none now
+    /// (see the snapshot module doc).
+    fn snapshot_now(&self, request_index: u64) -> Result<Snapshot, SnapshotUnavailable> {
+        let applied_index = self
+            .shared
+            .applied_index_source
+            .lock()
+            .as_ref()
+            .map(|source| source.load(Ordering::Acquire))
+            .ok_or(SnapshotUnavailable::NoAppliedIndexSource)?;
+        let state = self.shared.state.read();
+        if applied_index == 0 {
+            // raft-rs treats a snapshot at index 0 as fatal ("need non-empty snapshot").
+            return Err(SnapshotUnavailable::NothingApplied);
+        }
+        if request_index > applied_index {
+            return Err(SnapshotUnavailable::RequestedNewer);
+        }
+        if state.conf_state_index > applied_index {
+            // The conf state we hold is newer than the data: it would not match the index.
+            return Err(SnapshotUnavailable::ConfStateNewer);
+        }
+        if applied_index < state.truncated_index || applied_index > state.last_index {
+            return Err(SnapshotUnavailable::TermUnknown);
+        }
+        let term = self
+            .term_locked(&state, applied_index)
+            .map_err(|_| SnapshotUnavailable::TermUnknown)?;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(
+            SnapshotDescriptor {
+                group_id: self.shared.group_id,
+                snapshot_index: applied_index,
+            }
+            .encode()
+            .into(),
+        );
+        let metadata = snapshot.mut_metadata();
+        metadata.index = applied_index;
+        metadata.term = term;
+        metadata.set_conf_state(state.conf_state.clone());
+        Ok(snapshot)
+    }
+
     /// The last persisted hard state.
     pub fn hard_state(&self) -> HardState {
         self.shared.state.read().hard_state.clone()
@@ -606,13 +719,23 @@ impl raft::Storage for RaftLogStore {
         Ok(self.shared.state.read().last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshot streaming (RocksDB key ranges of the group + image files) comes later; until
-        // then a follower that fell behind the compacted log waits, and raft-rs retries.
-        Err(raft::Error::Store(
-            raft::StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// Metadata only (the bytes are streamed by the transport, see the snapshot module doc).
+    /// Every failure is `SnapshotTemporarilyUnavailable`: raft-rs treats any other error here
+    /// as fatal, and retries this one later.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        self.snapshot_now(request_index)
+            .map_err(|_| raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
     }
+}
+
+/// Why [`RaftLogStore`] cannot describe a snapshot right now (all temporary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SnapshotUnavailable {
+    NoAppliedIndexSource,
+    NothingApplied,
+    RequestedNewer,
+    ConfStateNewer,
+    TermUnknown,
 }
 
 #[cfg(test)]
@@ -900,16 +1023,160 @@ mod tests {
         assert_eq!(store.conf_state_index(), 7);
     }
 
+    fn unavailable() -> raft::Result<Snapshot> {
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+
+    /// raft-rs `Storage::snapshot`: "If snapshot is temporarily unavailable, it should return
+    /// SnapshotTemporarilyUnavailable"; every case where this store cannot describe a
+    /// snapshot at the applied index is that error, never another one (which raft-rs treats
+    /// as fatal).
     #[test]
-    fn snapshot_is_not_available_yet() {
+    fn snapshot_metadata_is_the_applied_index_or_temporarily_unavailable() {
         with_both_cache_settings(|open| {
             let (_directory, store) = open();
+            assert_eq!(store.snapshot(0, 2), unavailable());
             assert_eq!(
-                store.snapshot(0, 2),
-                Err(raft::Error::Store(
-                    raft::StorageError::SnapshotTemporarilyUnavailable
-                ))
+                store.snapshot_now(0),
+                Err(SnapshotUnavailable::NoAppliedIndexSource)
+            );
+            let applied_index = Arc::new(AtomicU64::new(0));
+            store.set_applied_index_source(applied_index.clone());
+            assert_eq!(
+                store.snapshot_now(0),
+                Err(SnapshotUnavailable::NothingApplied)
+            );
+            let conf_state = ConfState {
+                voters: vec![1, 2, 3],
+                ..Default::default()
+            };
+            store.bootstrap(conf_state.clone()).unwrap();
+            let entries: Vec<Entry> = (1..=10)
+                .map(|index| entry(index, if index <= 5 { 1 } else { 2 }, b"x"))
+                .collect();
+            store.persist_ready(&entries, None, true).unwrap();
+            applied_index.store(7, Ordering::Release);
+            let snapshot = store.snapshot(0, 2).unwrap();
+            assert_eq!(snapshot.get_metadata().index, 7);
+            assert_eq!(snapshot.get_metadata().term, 2);
+            assert_eq!(snapshot.get_metadata().get_conf_state(), &conf_state);
+            assert_eq!(
+                SnapshotDescriptor::decode(snapshot.get_data()),
+                Ok(SnapshotDescriptor {
+                    group_id: 1,
+                    snapshot_index: 7
+                })
+            );
+            assert_eq!(store.snapshot(7, 2).unwrap().get_metadata().index, 7);
+            assert_eq!(
+                store.snapshot_now(8),
+                Err(SnapshotUnavailable::RequestedNewer)
+            );
+            assert_eq!(store.snapshot(8, 2), unavailable());
+            store.set_conf_state_at(&conf_state, 9).unwrap();
+            assert_eq!(
+                store.snapshot_now(0),
+                Err(SnapshotUnavailable::ConfStateNewer)
+            );
+            store.set_conf_state_at(&conf_state, 7).unwrap();
+            assert!(store.snapshot(0, 2).is_ok());
+            store.compact(9).unwrap();
+            assert_eq!(
+                store.snapshot_now(0),
+                Err(SnapshotUnavailable::TermUnknown),
+                "index 7 was compacted away"
+            );
+            applied_index.store(11, Ordering::Release);
+            assert_eq!(
+                store.snapshot_now(0),
+                Err(SnapshotUnavailable::TermUnknown),
+                "index 11 is not in the log yet"
+            );
+            assert_eq!(store.snapshot(0, 2), unavailable());
+            applied_index.store(8, Ordering::Release);
+            let snapshot = store.snapshot(0, 2).unwrap();
+            assert_eq!(
+                (snapshot.get_metadata().index, snapshot.get_metadata().term),
+                (8, 2),
+                "the truncated index keeps its term"
             );
         });
+    }
+
+    /// Installing a snapshot leaves the log empty after the snapshot index, remembers its
+    /// term for the log-matching check (Raft paper section 7: "the snapshot ... includes the
+    /// last included index and term"), and survives a reopen.
+    #[test]
+    fn installing_a_snapshot_replaces_the_log() {
+        let directory = tempfile::tempdir().unwrap();
+        let voters = ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let mut metadata = SnapshotMetadata {
+            index: 20,
+            term: 3,
+            ..Default::default()
+        };
+        metadata.set_conf_state(voters.clone());
+        let check = |store: &RaftLogStore| {
+            assert_eq!(store.first_index().unwrap(), 21);
+            assert_eq!(store.last_index().unwrap(), 20);
+            assert_eq!(store.term(20).unwrap(), 3);
+            assert_eq!(
+                store.term(5),
+                Err(raft::Error::Store(raft::StorageError::Compacted))
+            );
+            assert_eq!(
+                store.entries(5, 6, None, GetEntriesContext::empty(false)),
+                Err(raft::Error::Store(raft::StorageError::Compacted))
+            );
+            let hard_state = store.hard_state();
+            assert_eq!(
+                (hard_state.commit, hard_state.term, hard_state.vote),
+                (20, 3, 1)
+            );
+            assert_eq!(store.conf_state(), voters);
+            assert_eq!(store.conf_state_index(), 20);
+        };
+        {
+            let db = open_db(directory.path(), &small_options()).unwrap();
+            let store = RaftLogStore::open(db, 1).unwrap();
+            store
+                .bootstrap(ConfState {
+                    voters: vec![1],
+                    ..Default::default()
+                })
+                .unwrap();
+            let entries: Vec<Entry> = (1..=25).map(|index| entry(index, 1, b"old")).collect();
+            let hard_state = HardState {
+                term: 1,
+                vote: 1,
+                commit: 5,
+                ..Default::default()
+            };
+            store
+                .persist_ready(&entries, Some(&hard_state), true)
+                .unwrap();
+            store
+                .write_snapshot_install(WriteBatch::default(), &metadata)
+                .unwrap();
+            check(&store);
+            assert_eq!(store.entry_cache_bytes(), 0);
+            // The leader's entries after the snapshot append normally.
+            store
+                .persist_ready(&[entry(21, 3, b"new")], None, true)
+                .unwrap();
+            assert_eq!(terms(&store, 21, 22), vec![3]);
+        }
+        let db = open_db(directory.path(), &small_options()).unwrap();
+        let store = RaftLogStore::open(db, 1).unwrap();
+        assert_eq!(store.last_index().unwrap(), 21);
+        assert_eq!(terms(&store, 21, 22), vec![3]);
+        store.compact(1).unwrap();
+        assert_eq!(store.first_index().unwrap(), 21);
+        assert_eq!(store.term(20).unwrap(), 3);
     }
 }

@@ -24,6 +24,32 @@
 //! table as of the durable applied index, and a replayed command meets the same table it met
 //! the first time (same outcome, same volume).
 //!
+//! Writer fencing (two writers would corrupt a file system): a volume is attached read-write to
+//! at most one client. `Attach` by the holder (or on a free volume) starts a new epoch, the
+//! index of the `Attach` entry; by another client it is refused as `AttachedByOther` unless
+//! `force`, which takes the volume over and so fences the old epoch. `Detach` succeeds only for
+//! the current epoch (otherwise `Fenced`). A Write/Trim/WriteZeroes is applied iff the volume
+//! is unattached and its `writer_epoch` is 0, or attached and its `writer_epoch` is the
+//! current epoch; otherwise it is rejected as `Fenced`. Every rule reads only the volume table
+//! as of the previous entry, so every replica decides the same. The attachment is part of the
+//! volume row and changes only in a checkpoint batch, like create and delete.
+//!
+//! Snapshots (a follower too far behind the leader's log; the streaming format and why a fuzzy
+//! copy is correct are in the `snapshot` module doc): the follower installs a staged copy at
+//! the snapshot index X0 whose volume table and images were captured at a later "covered
+//! index" A >= X0. The applied index becomes X0 (the Raft log restarts right after it), and
+//! apply skips entries up to A as already applied, because their effects are in the copy;
+//! A is recorded in RocksDB beside the applied index. Installing is crash-safe by image file
+//! GENERATIONS: the staged images are renamed to new names
+//! (`images/group-G-volume-V-gen-N.img`, N in the volume row) and the directory synced; then
+//! ONE synced RocksDB batch replaces the volume table, the group's checksums, the applied
+//! index, the covered index and the Raft log state; only then are the old generation's files
+//! deleted. A crash before the batch leaves the old rows naming the old files (the new files
+//! are unreferenced); after it the new rows name the new files. `open` deletes every image
+//! file no row names and every leftover staging directory, so either way no stray file
+//! survives. Known limit: the batch holds one checksum per non-zero block of the snapshot in
+//! memory (about 40 bytes per block).
+//!
 //! Concurrency between apply and reads: each volume has striped reader-writer locks over its
 //! regions. Apply takes the write locks covering a batch's ranges, in ascending order, around
 //! the pwrites *and* the RocksDB write of their checksums; a read takes the read locks of its
@@ -36,11 +62,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockWriteGuard};
+use raft::prelude::SnapshotMetadata;
 use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use super::command::{decode_command, Command};
 use super::image::{sync_directory, ImageFile, EXTENTS_MAX};
+use super::raft_log::RaftLogStore;
+use super::snapshot::{is_staging_directory_of, SnapshotSource, StagedSnapshot};
 use super::{column_family, keys, StorageError};
 
 /// Smallest volume block size: the NBD minimum block size.
@@ -67,6 +96,20 @@ pub struct VolumeInfo {
     pub name: String,
     pub size_bytes: u64,
     pub block_size_bytes: u32,
+    /// The client attached read-write, if any (see "Writer fencing" in the module doc).
+    /// Rows written before fencing existed have no such field: unattached.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+}
+
+/// The read-write attachment of a volume to one client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// Who attached (an opaque id chosen by the client, e.g. its host name).
+    pub client: String,
+    /// The Raft index of the `Attach` entry: unique, and larger for every later attachment,
+    /// so a writer holding an older epoch is fenced.
+    pub epoch: u64,
 }
 
 /// What applying one committed entry did.
@@ -76,6 +119,10 @@ pub enum ApplyOutcome {
     Applied,
     VolumeCreated(VolumeInfo),
     VolumeDeleted(VolumeInfo),
+    /// The volume is now attached; the epoch is in `attachment`.
+    Attached(VolumeInfo),
+    /// The attachment ended; `attachment` is `None`.
+    Detached(VolumeInfo),
     /// The command was refused, the same way on every replica; the state is unchanged.
     Rejected(ApplyRejection),
     /// The index is at or below [`StateMachine::applied_index`]: it was applied before (for
@@ -90,8 +137,14 @@ pub enum ApplyRejection {
     NoSuchVolume,
     VolumeExists,
     OutOfRange,
-    /// Undecodable, or a `CreateVolume` with an invalid name, size or block size.
+    /// Undecodable, or a `CreateVolume` with an invalid name, size or block size, or an
+    /// `Attach` with an empty client id.
     InvalidCommand,
+    /// `Attach` without `force` while another client holds the volume.
+    AttachedByOther,
+    /// A data command whose writer epoch is not the volume's current one (0 when unattached),
+    /// or a `Detach` of an epoch that is not current.
+    Fenced,
 }
 
 /// One extent of a `BLOCK_STATUS` reply for `base:allocation`.
@@ -106,7 +159,11 @@ pub struct Extent {
 
 /// State of one volume shared between the state machine and its readers.
 struct VolumeShared {
+    /// Geometry and name; its `attachment` is not maintained (see `attachment`).
     info: VolumeInfo,
+    /// The current attachment. Written only by apply (the single writer); a mutex rather than
+    /// part of `info` because readers hold this struct across attachments.
+    attachment: parking_lot::Mutex<Option<Attachment>>,
     group_id: u64,
     db: Arc<DB>,
     image: ImageFile,
@@ -116,13 +173,52 @@ struct VolumeShared {
     /// Set (under all write locks) when the volume is deleted; readers check it under their
     /// read locks and fail instead of checking data against deleted checksums.
     deleted: AtomicBool,
+    /// Set (under all write locks) when an installed snapshot replaced the whole state;
+    /// readers fail with `VolumeReplaced` and must ask the state machine for a new reader.
+    replaced: AtomicBool,
+    /// Generation of the image file name (0 until a snapshot installed this volume): see
+    /// "Snapshots" in the module doc.
+    image_generation: u64,
     /// crc32c of an all-zero block, what a block without a checksum key must match.
     zero_block_crc32c: u32,
 }
 
 impl VolumeShared {
+    /// The row as of now, attachment included.
+    fn info_now(&self) -> VolumeInfo {
+        VolumeInfo {
+            attachment: self.attachment.lock().clone(),
+            ..self.info.clone()
+        }
+    }
+
+    /// Whether a data command carrying `writer_epoch` may change this volume: the writer
+    /// fencing rule of the module doc.
+    fn admits_writer_epoch(&self, writer_epoch: u64) -> bool {
+        match &*self.attachment.lock() {
+            None => writer_epoch == 0,
+            Some(attachment) => writer_epoch == attachment.epoch,
+        }
+    }
+
     fn block_size(&self) -> u64 {
         u64::from(self.info.block_size_bytes)
+    }
+
+    /// `VolumeDeleted` or `VolumeReplaced` once the volume is gone (checked under the locks
+    /// by reads, whose checksums would otherwise be looked up in a table that moved on).
+    fn check_live(&self) -> Result<(), StorageError> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(StorageError::VolumeDeleted {
+                volume_id: self.info.id,
+            });
+        }
+        if self.replaced.load(Ordering::Acquire) {
+            return Err(StorageError::VolumeReplaced {
+                volume_id: self.info.id,
+            });
+        }
+        Ok(())
     }
 
     /// The stripes guarding `[start, end)` (non-empty range), ascending: the lock order.
@@ -329,8 +425,9 @@ impl std::fmt::Debug for VolumeReader {
 }
 
 impl VolumeReader {
-    pub fn info(&self) -> &VolumeInfo {
-        &self.volume.info
+    /// The volume's row as of now (the attachment changes while the reader lives).
+    pub fn info(&self) -> VolumeInfo {
+        self.volume.info_now()
     }
 
     fn check_range(&self, offset: u64, length_bytes: u64) -> Result<(), StorageError> {
@@ -391,11 +488,7 @@ impl VolumeReader {
             .iter()
             .map(|&stripe| volume.stripes[stripe].read())
             .collect();
-        if volume.deleted.load(Ordering::Acquire) {
-            return Err(StorageError::VolumeDeleted {
-                volume_id: volume.info.id,
-            });
-        }
+        volume.check_live()?;
         if aligned_start == offset && aligned_end == offset + length {
             if !read_image(offset, buf)? {
                 return Ok(false);
@@ -414,6 +507,17 @@ impl VolumeReader {
         Ok(true)
     }
 
+    /// The first allocated range at or after `position` (see
+    /// [`ImageFile::next_data_range`]); what a snapshot source copies.
+    pub(crate) fn next_data_range(
+        &self,
+        position: u64,
+        limit: u64,
+    ) -> Result<Option<(u64, u64)>, StorageError> {
+        self.volume.check_live()?;
+        self.volume.image.next_data_range(position, limit)
+    }
+
     /// Allocation map for `base:allocation`: extents covering `[offset, offset + length)` in
     /// order (or a prefix of it, when more than [`EXTENTS_MAX`] extents would be needed).
     /// Holes are `hole + zero`; allocated blocks without a checksum (zeroed in place) are
@@ -421,11 +525,7 @@ impl VolumeReader {
     pub fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, StorageError> {
         self.check_range(offset, length)?;
         let volume = &self.volume;
-        if volume.deleted.load(Ordering::Acquire) {
-            return Err(StorageError::VolumeDeleted {
-                volume_id: volume.info.id,
-            });
-        }
+        volume.check_live()?;
         let block_size = volume.block_size();
         let mut extents: Vec<Extent> = Vec::new();
         let push =
@@ -485,6 +585,9 @@ struct PlannedDataCommand<'a> {
 /// on any thread.
 pub struct CheckpointTicket {
     applied_index: u64,
+    /// [`StateMachine::snapshot_installs`] when the ticket was taken: a ticket from before an
+    /// installed snapshot describes images that no longer exist, and records nothing.
+    snapshot_installs: u64,
     volume_ids: BTreeSet<u64>,
     images: Vec<Arc<VolumeShared>>,
 }
@@ -520,6 +623,13 @@ pub struct StateMachine {
     /// checkpoint recorded inline meanwhile (`make_durable`, volume create/delete) syncs them
     /// too, because the index it records covers their writes.
     volumes_in_background_checkpoint: BTreeSet<u64>,
+    /// Entries up to this index are already contained in the state (an installed snapshot
+    /// copied the table and images as of this index or later): applying them is skipped.
+    /// 0 when no snapshot was ever installed.
+    snapshot_covered_index: u64,
+    /// Snapshots installed since open; lets a checkpoint ticket taken before an install be
+    /// recognised and ignored.
+    snapshot_installs: u64,
 }
 
 fn write_options(sync: bool) -> WriteOptions {
@@ -528,21 +638,58 @@ fn write_options(sync: bool) -> WriteOptions {
     options
 }
 
-fn image_file_name(group_id: u64, volume_id: u64) -> String {
-    format!("group-{group_id}-volume-{volume_id}.img")
+/// The image file name of a volume: generation 0 (created by `CreateVolume`) keeps the name
+/// used before snapshots existed; each snapshot install writes a new generation.
+fn image_file_name(group_id: u64, volume_id: u64, image_generation: u64) -> String {
+    if image_generation == 0 {
+        format!("group-{group_id}-volume-{volume_id}.img")
+    } else {
+        format!("group-{group_id}-volume-{volume_id}-gen-{image_generation}.img")
+    }
 }
 
-/// The volume id of an image file name of `group_id`, if it is one.
-fn parse_image_file_name(group_id: u64, file_name: &str) -> Option<u64> {
-    file_name
+/// The (volume id, generation) of an image file name of `group_id`, if it is one.
+fn parse_image_file_name(group_id: u64, file_name: &str) -> Option<(u64, u64)> {
+    let stem = file_name
         .strip_prefix(&format!("group-{group_id}-volume-"))?
-        .strip_suffix(".img")?
-        .parse()
-        .ok()
+        .strip_suffix(".img")?;
+    match stem.split_once("-gen-") {
+        None => Some((stem.parse().ok()?, 0)),
+        Some((volume_id, generation)) => {
+            let generation = generation.parse().ok()?;
+            // Generation 0 is never spelled out: such a name is not ours.
+            (generation != 0).then_some((volume_id.parse().ok()?, generation))
+        }
+    }
 }
 
-/// Why a `CreateVolume` is invalid, if it is.
-fn valid_volume_geometry(name: &str, size_bytes: u64, block_size_bytes: u32) -> bool {
+/// A row of the volume table as stored: the public row plus where its image is.
+#[derive(Serialize, Deserialize)]
+struct StoredVolumeRow {
+    #[serde(flatten)]
+    info: VolumeInfo,
+    /// Absent in rows written before snapshots existed (generation 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    image_generation: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+fn encode_volume_row(info: &VolumeInfo, image_generation: u64) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(&StoredVolumeRow {
+        info: info.clone(),
+        image_generation,
+    })
+    .map_err(|error| StorageError::Corruption {
+        what: "volume row",
+        detail: format!("cannot encode: {error}"),
+    })
+}
+
+/// Whether a `CreateVolume` (or a volume declared by a snapshot) has a valid name and geometry.
+pub(crate) fn valid_volume_geometry(name: &str, size_bytes: u64, block_size_bytes: u32) -> bool {
     !name.is_empty()
         && block_size_bytes.is_power_of_two()
         && (BLOCK_SIZE_BYTES_MIN..=BLOCK_SIZE_BYTES_MAX).contains(&block_size_bytes)
@@ -572,7 +719,17 @@ impl StateMachine {
             None => 0,
         };
 
-        let mut infos = Vec::new();
+        let snapshot_covered_index = match db
+            .get_pinned_cf(meta, keys::snapshot_covered_index_key(group_id))?
+        {
+            Some(bytes) => keys::decode_u64(&bytes).ok_or_else(|| StorageError::Corruption {
+                what: "snapshot covered index",
+                detail: format!("{} bytes", bytes.len()),
+            })?,
+            None => 0,
+        };
+
+        let mut rows = Vec::new();
         {
             let (lower, upper) = keys::volume_key_range(group_id);
             let mut read_options = ReadOptions::default();
@@ -581,20 +738,24 @@ impl StateMachine {
             let mut iterator = db.raw_iterator_cf_opt(meta, read_options);
             iterator.seek_to_first();
             while let Some(value) = iterator.value() {
-                let info: VolumeInfo =
+                let row: StoredVolumeRow =
                     serde_json::from_slice(value).map_err(|error| StorageError::Corruption {
                         what: "volume row",
                         detail: error.to_string(),
                     })?;
-                infos.push(info);
+                rows.push(row);
                 iterator.next();
             }
             iterator.status()?;
         }
 
         let mut volumes = BTreeMap::new();
-        for info in infos {
-            let path = images_dir.join(image_file_name(group_id, info.id));
+        for StoredVolumeRow {
+            info,
+            image_generation,
+        } in rows
+        {
+            let path = images_dir.join(image_file_name(group_id, info.id, image_generation));
             let image = ImageFile::open(&path)?;
             let file_size_bytes = image.size_bytes()?;
             if file_size_bytes != info.size_bytes {
@@ -609,23 +770,41 @@ impl StateMachine {
             }
             volumes.insert(
                 info.id,
-                Arc::new(Self::volume_shared(&db, group_id, info, image)),
+                Arc::new(Self::volume_shared(
+                    &db,
+                    group_id,
+                    info,
+                    image,
+                    image_generation,
+                )),
             );
         }
 
+        // Image files no row names: left by a crash inside a create, a delete or a snapshot
+        // install (either generation), and staging directories of unfinished snapshots.
         let mut removed_orphans = false;
         let entries =
             std::fs::read_dir(images_dir).map_err(|error| StorageError::io(images_dir, error))?;
         for entry in entries {
             let entry = entry.map_err(|error| StorageError::io(images_dir, error))?;
             let file_name = entry.file_name();
-            let Some(volume_id) = file_name
-                .to_str()
-                .and_then(|name| parse_image_file_name(group_id, name))
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            if is_staging_directory_of(group_id, file_name) {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|error| StorageError::io(&path, error))?;
+                removed_orphans = true;
+                continue;
+            }
+            let Some((volume_id, image_generation)) = parse_image_file_name(group_id, file_name)
             else {
                 continue;
             };
-            if !volumes.contains_key(&volume_id) {
+            let referenced = volumes
+                .get(&volume_id)
+                .is_some_and(|volume| volume.image_generation == image_generation);
+            if !referenced {
                 let path = entry.path();
                 std::fs::remove_file(&path).map_err(|error| StorageError::io(&path, error))?;
                 removed_orphans = true;
@@ -644,6 +823,8 @@ impl StateMachine {
             durable_applied_index,
             volumes_written_since_checkpoint: BTreeSet::new(),
             volumes_in_background_checkpoint: BTreeSet::new(),
+            snapshot_covered_index,
+            snapshot_installs: 0,
         })
     }
 
@@ -652,13 +833,17 @@ impl StateMachine {
         group_id: u64,
         info: VolumeInfo,
         image: ImageFile,
+        image_generation: u64,
     ) -> VolumeShared {
         let block_size_bytes = u64::from(info.block_size_bytes);
         VolumeShared {
+            attachment: parking_lot::Mutex::new(info.attachment.clone()),
             zero_block_crc32c: crc32c::crc32c(&vec![0u8; info.block_size_bytes as usize]),
             region_bytes: LOCK_REGION_BYTES.max(block_size_bytes),
             stripes: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             deleted: AtomicBool::new(false),
+            replaced: AtomicBool::new(false),
+            image_generation,
             group_id,
             db: db.clone(),
             image,
@@ -722,6 +907,11 @@ impl StateMachine {
                 });
             }
             last_index = index;
+            if index <= self.snapshot_covered_index {
+                // Its effect is already in the state an installed snapshot copied.
+                outcomes.push(ApplyOutcome::AlreadyApplied);
+                continue;
+            }
             if data.is_empty() {
                 outcomes.push(ApplyOutcome::Applied);
                 continue;
@@ -736,12 +926,14 @@ impl StateMachine {
             match command {
                 Command::Write {
                     volume_id,
+                    writer_epoch,
                     offset,
                     data,
                 } => {
                     outcomes.push(self.plan_data_command(
                         &mut segment,
                         volume_id,
+                        writer_epoch,
                         offset,
                         data.len() as u64,
                         command,
@@ -749,11 +941,13 @@ impl StateMachine {
                 }
                 Command::Trim {
                     volume_id,
+                    writer_epoch,
                     offset,
                     length,
                 }
                 | Command::WriteZeroes {
                     volume_id,
+                    writer_epoch,
                     offset,
                     length,
                     ..
@@ -761,6 +955,7 @@ impl StateMachine {
                     outcomes.push(self.plan_data_command(
                         &mut segment,
                         volume_id,
+                        writer_epoch,
                         offset,
                         length,
                         command,
@@ -778,6 +973,18 @@ impl StateMachine {
                     self.apply_segment(&mut segment, index - 1)?;
                     outcomes.push(self.delete_volume(index, name)?);
                 }
+                Command::Attach {
+                    name,
+                    client,
+                    force,
+                } => {
+                    self.apply_segment(&mut segment, index - 1)?;
+                    outcomes.push(self.attach(index, name, client, force)?);
+                }
+                Command::Detach { name, epoch } => {
+                    self.apply_segment(&mut segment, index - 1)?;
+                    outcomes.push(self.detach(index, name, epoch)?);
+                }
             }
         }
         self.apply_segment(&mut segment, last_index)?;
@@ -789,6 +996,7 @@ impl StateMachine {
         &self,
         segment: &mut Vec<PlannedDataCommand<'a>>,
         volume_id: u64,
+        writer_epoch: u64,
         offset: u64,
         length: u64,
         command: Command<'a>,
@@ -796,6 +1004,11 @@ impl StateMachine {
         let Some(volume) = self.volumes.get(&volume_id) else {
             return ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume);
         };
+        // Checked when the entry is reached, against the attachment as of the entries before
+        // it: attach and detach flush the pending segment first, so the order is the log's.
+        if !volume.admits_writer_epoch(writer_epoch) {
+            return ApplyOutcome::Rejected(ApplyRejection::Fenced);
+        }
         match offset.checked_add(length) {
             Some(end) if end <= volume.info.size_bytes => {}
             _ => return ApplyOutcome::Rejected(ApplyRejection::OutOfRange),
@@ -829,7 +1042,7 @@ impl StateMachine {
                 Command::Write { offset, data, .. } => (offset, data.len() as u64),
                 Command::Trim { offset, length, .. }
                 | Command::WriteZeroes { offset, length, .. } => (offset, length),
-                Command::CreateVolume { .. } | Command::DeleteVolume { .. } => continue,
+                _ => continue,
             };
             let volume = &planned.volume;
             let block_size = volume.block_size();
@@ -872,7 +1085,7 @@ impl StateMachine {
                         length,
                         may_punch_hole,
                     )?,
-                    Command::CreateVolume { .. } | Command::DeleteVolume { .. } => {}
+                    _ => {}
                 }
             }
             // Not synced: the images are not synced either. Both become durable at the next
@@ -973,6 +1186,7 @@ impl StateMachine {
         self.volumes_in_background_checkpoint = volume_ids.clone();
         Some(CheckpointTicket {
             applied_index: self.applied_index,
+            snapshot_installs: self.snapshot_installs,
             volume_ids,
             images,
         })
@@ -982,6 +1196,10 @@ impl StateMachine {
     /// A ticket overtaken by a later checkpoint (volume create/delete checkpoint inline)
     /// records nothing: the durable applied index never goes backwards.
     pub fn finish_checkpoint(&mut self, ticket: CheckpointTicket) -> Result<u64, StorageError> {
+        if ticket.snapshot_installs != self.snapshot_installs {
+            // Taken before a snapshot install, which cleared the background set itself.
+            return Ok(self.durable_applied_index);
+        }
         if ticket.applied_index <= self.durable_applied_index {
             self.volumes_in_background_checkpoint.clear();
             return Ok(self.durable_applied_index);
@@ -996,6 +1214,9 @@ impl StateMachine {
 
     /// Gives a failed ticket's images back to the next checkpoint.
     pub fn abort_checkpoint(&mut self, ticket: CheckpointTicket) {
+        if ticket.snapshot_installs != self.snapshot_installs {
+            return;
+        }
         self.volumes_in_background_checkpoint.clear();
         self.volumes_written_since_checkpoint
             .extend(ticket.volume_ids.iter().copied());
@@ -1010,7 +1231,7 @@ impl StateMachine {
     ) -> Result<ApplyOutcome, StorageError> {
         if let Some(existing) = self.volumes.get(&index) {
             // Only reachable if this entry was applied before: the volume id is its index.
-            let info = existing.info.clone();
+            let info = existing.info_now();
             self.applied_index = index;
             return Ok(ApplyOutcome::VolumeCreated(info));
         }
@@ -1031,6 +1252,7 @@ impl StateMachine {
             name: name.to_string(),
             size_bytes,
             block_size_bytes,
+            attachment: None,
         };
         // A checkpoint first, so that the synced batch below may record `index` as the durable
         // applied index: every earlier image write is on disk.
@@ -1038,14 +1260,13 @@ impl StateMachine {
         // Replaces any orphan file of the same id (a create interrupted before its row was
         // written), and is durable (file and directory entry) before the row names it.
         let image = ImageFile::create(
-            &self.images_dir.join(image_file_name(self.group_id, index)),
+            &self
+                .images_dir
+                .join(image_file_name(self.group_id, index, 0)),
             size_bytes,
         )?;
         let meta = column_family(&self.db, keys::CF_META)?;
-        let row = serde_json::to_vec(&info).map_err(|error| StorageError::Corruption {
-            what: "volume row",
-            detail: format!("cannot encode: {error}"),
-        })?;
+        let row = encode_volume_row(&info, 0)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, keys::volume_key(self.group_id, index), row);
         batch.put_cf(
@@ -1063,6 +1284,7 @@ impl StateMachine {
                 self.group_id,
                 info.clone(),
                 image,
+                0,
             )),
         );
         self.applied_index = index;
@@ -1115,14 +1337,283 @@ impl StateMachine {
             Err(error) => return Err(StorageError::io(&path, error)),
         }
         sync_directory(&self.images_dir)?;
-        Ok(ApplyOutcome::VolumeDeleted(volume.info.clone()))
+        Ok(ApplyOutcome::VolumeDeleted(volume.info_now()))
+    }
+
+    /// `Attach`: see "Writer fencing" in the module doc for the rules.
+    fn attach(
+        &mut self,
+        index: u64,
+        name: &str,
+        client: &str,
+        force: bool,
+    ) -> Result<ApplyOutcome, StorageError> {
+        let Some(volume) = self
+            .volumes
+            .values()
+            .find(|volume| volume.info.name == name)
+            .cloned()
+        else {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
+        };
+        let held_by_other = volume
+            .attachment
+            .lock()
+            .as_ref()
+            .is_some_and(|attachment| attachment.client != client);
+        let rejection = if client.is_empty() {
+            Some(ApplyRejection::InvalidCommand)
+        } else if held_by_other && !force {
+            Some(ApplyRejection::AttachedByOther)
+        } else {
+            None
+        };
+        if let Some(rejection) = rejection {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(rejection));
+        }
+        let attachment = Some(Attachment {
+            client: client.to_string(),
+            epoch: index,
+        });
+        let info = self.record_attachment(index, &volume, attachment)?;
+        Ok(ApplyOutcome::Attached(info))
+    }
+
+    /// `Detach`: only the current epoch may detach; anything else is fenced.
+    fn detach(&mut self, index: u64, name: &str, epoch: u64) -> Result<ApplyOutcome, StorageError> {
+        let Some(volume) = self
+            .volumes
+            .values()
+            .find(|volume| volume.info.name == name)
+            .cloned()
+        else {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
+        };
+        let current = volume
+            .attachment
+            .lock()
+            .as_ref()
+            .is_some_and(|attachment| attachment.epoch == epoch);
+        if !current {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::Fenced));
+        }
+        let info = self.record_attachment(index, &volume, None)?;
+        Ok(ApplyOutcome::Detached(info))
+    }
+
+    /// Writes the volume row with `attachment` and `index` as the durable applied index in one
+    /// synced batch (a checkpoint, like create and delete: the table on disk stays the table
+    /// as of the durable applied index, so a replayed data command meets the attachment it met
+    /// the first time), then makes it visible to apply.
+    fn record_attachment(
+        &mut self,
+        index: u64,
+        volume: &VolumeShared,
+        attachment: Option<Attachment>,
+    ) -> Result<VolumeInfo, StorageError> {
+        let info = VolumeInfo {
+            attachment,
+            ..volume.info.clone()
+        };
+        // Every image write before this entry must be durable before `index` is recorded.
+        self.sync_written_images(None)?;
+        let meta = column_family(&self.db, keys::CF_META)?;
+        let row = encode_volume_row(&info, volume.image_generation)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, keys::volume_key(self.group_id, info.id), row);
+        batch.put_cf(
+            meta,
+            keys::applied_index_key(self.group_id),
+            index.to_be_bytes(),
+        );
+        self.db.write_opt(batch, &write_options(true))?;
+        *volume.attachment.lock() = info.attachment.clone();
+        self.applied_index = index;
+        self.durable_applied_index = index;
+        Ok(info)
+    }
+
+    /// Entries up to this index are contained in the installed snapshot state and skipped by
+    /// apply (0 when no snapshot was ever installed); see "Snapshots" in the module doc.
+    pub fn snapshot_covered_index(&self) -> u64 {
+        self.snapshot_covered_index
+    }
+
+    /// The sending side of a snapshot (see the `snapshot` module doc): captures the volume
+    /// table as of [`Self::applied_index`] (its covered index) and the open images. Cheap:
+    /// no data is read until [`SnapshotSource::next_chunk`].
+    pub fn snapshot_source(&self) -> Result<SnapshotSource, StorageError> {
+        let volumes = self
+            .volumes
+            .values()
+            .map(|volume| {
+                (
+                    volume.info_now(),
+                    VolumeReader {
+                        volume: volume.clone(),
+                    },
+                )
+            })
+            .collect();
+        Ok(SnapshotSource::new(
+            self.group_id,
+            self.applied_index,
+            volumes,
+        ))
+    }
+
+    /// Switches to a staged snapshot at `metadata.index` (see "Snapshots" in the module doc):
+    /// one synced RocksDB batch replaces the volume table, the group's checksums, the applied
+    /// index, the covered index and the Raft log state (through `log_store`); the staged
+    /// images, renamed to a new generation before the batch, become the images after it.
+    /// Readers handed out before fail with `VolumeReplaced`. After an `Err` the state machine
+    /// and the log store must be dropped and reopened (as after a failed apply): on disk,
+    /// either the old or the new state is complete.
+    pub fn install_snapshot(
+        &mut self,
+        staged: StagedSnapshot,
+        log_store: &RaftLogStore,
+        metadata: &SnapshotMetadata,
+    ) -> Result<(), StorageError> {
+        let refuse = |detail: String| StorageError::SnapshotInstall {
+            group_id: self.group_id,
+            snapshot_index: metadata.index,
+            detail,
+        };
+        if staged.group_id() != self.group_id || log_store.group_id() != self.group_id {
+            return Err(refuse(format!(
+                "staged for group {}, log of group {}",
+                staged.group_id(),
+                log_store.group_id()
+            )));
+        }
+        if staged.snapshot_index() != metadata.index {
+            return Err(refuse(format!(
+                "staged for index {}",
+                staged.snapshot_index()
+            )));
+        }
+        if staged.covered_index() < metadata.index {
+            return Err(refuse(format!(
+                "the staged state covers index {} only",
+                staged.covered_index()
+            )));
+        }
+        if metadata.index <= self.applied_index {
+            // The applied index never goes backwards.
+            return Err(refuse(format!(
+                "not newer than the applied index {}",
+                self.applied_index
+            )));
+        }
+        // A background checkpoint in flight syncs images that are about to be replaced and
+        // would record an index of the old state: its ticket is recognised by this counter and
+        // ignored.
+        self.snapshot_installs += 1;
+        self.volumes_in_background_checkpoint.clear();
+        self.volumes_written_since_checkpoint.clear();
+
+        let image_generation = self
+            .volumes
+            .values()
+            .map(|volume| volume.image_generation)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let mut new_volumes = BTreeMap::new();
+        for info in staged.volumes() {
+            let staged_path = staged.image_path(info.id);
+            let path =
+                self.images_dir
+                    .join(image_file_name(self.group_id, info.id, image_generation));
+            // A new name: the old generation stays intact until the batch has switched.
+            std::fs::rename(&staged_path, &path)
+                .map_err(|error| StorageError::io(&staged_path, error))?;
+            let image = ImageFile::open(&path)?;
+            new_volumes.insert(
+                info.id,
+                Arc::new(Self::volume_shared(
+                    &self.db,
+                    self.group_id,
+                    info.clone(),
+                    image,
+                    image_generation,
+                )),
+            );
+        }
+        // fsync of the directory: the renames must be durable before a row names the files.
+        sync_directory(&self.images_dir)?;
+
+        let meta = column_family(&self.db, keys::CF_META)?;
+        let checksums = column_family(&self.db, keys::CF_BLOCK_CHECKSUMS)?;
+        let mut batch = WriteBatch::default();
+        let (rows_lower, rows_upper) = keys::volume_key_range(self.group_id);
+        batch.delete_range_cf(meta, rows_lower, rows_upper);
+        for info in staged.volumes() {
+            batch.put_cf(
+                meta,
+                keys::volume_key(self.group_id, info.id),
+                encode_volume_row(info, image_generation)?,
+            );
+        }
+        let (checksums_lower, checksums_upper) = keys::block_checksum_group_range(self.group_id);
+        batch.delete_range_cf(checksums, checksums_lower, checksums_upper);
+        let group_id = self.group_id;
+        staged.for_each_checksum(|volume_id, block_index, crc32c| {
+            batch.put_cf(
+                checksums,
+                keys::block_checksum_key(group_id, volume_id, block_index),
+                crc32c.to_be_bytes(),
+            );
+        })?;
+        batch.put_cf(
+            meta,
+            keys::applied_index_key(self.group_id),
+            metadata.index.to_be_bytes(),
+        );
+        batch.put_cf(
+            meta,
+            keys::snapshot_covered_index_key(self.group_id),
+            staged.covered_index().to_be_bytes(),
+        );
+        // The one synced write that switches: before it the old state is complete on disk,
+        // after it the new one.
+        log_store.write_snapshot_install(batch, metadata)?;
+
+        let old_volumes = std::mem::replace(&mut self.volumes, new_volumes);
+        for volume in old_volumes.values() {
+            // Under every write lock: no read is in flight, and later reads see the flag.
+            let _guards: Vec<_> = volume.stripes.iter().map(|stripe| stripe.write()).collect();
+            volume.replaced.store(true, Ordering::Release);
+        }
+        self.applied_index = metadata.index;
+        self.durable_applied_index = metadata.index;
+        self.snapshot_covered_index = staged.covered_index();
+
+        // The old generation: unreferenced now (`open` would remove it after a crash here).
+        for volume in old_volumes.values() {
+            let path = volume.image.path();
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io(path, error)),
+            }
+        }
+        sync_directory(&self.images_dir)?;
+        // Dropping `staged` removes the (now image-less) staging directory.
+        drop(staged);
+        Ok(())
     }
 
     /// Every volume, by id.
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         self.volumes
             .values()
-            .map(|volume| volume.info.clone())
+            .map(|volume| volume.info_now())
             .collect()
     }
 
@@ -1130,7 +1621,7 @@ impl StateMachine {
         self.volumes
             .values()
             .find(|volume| volume.info.name == name)
-            .map(|volume| volume.info.clone())
+            .map(|volume| volume.info_now())
     }
 
     /// A reader of the volume, to hand to other threads.
@@ -1215,7 +1706,7 @@ mod tests {
             self.directory
                 .path()
                 .join("images")
-                .join(image_file_name(1, volume_id))
+                .join(image_file_name(1, volume_id, 0))
         }
     }
 
@@ -1241,7 +1732,7 @@ mod tests {
             .map(|value| (value % 253) as u8 + 1)
             .collect();
         assert_eq!(
-            fixture.apply(&encode_write_command(info.id, 3000, &data)),
+            fixture.apply(&encode_write_command(info.id, 0, 3000, &data)),
             ApplyOutcome::Applied
         );
         let reader = fixture.state_machine.reader(info.id).unwrap();
@@ -1258,7 +1749,7 @@ mod tests {
     fn background_checkpoint_never_moves_the_durable_index_backwards() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 256 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &[7u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[7u8; 4096]));
         let ticket = fixture
             .state_machine
             .begin_checkpoint()
@@ -1270,7 +1761,7 @@ mod tests {
         );
         // More writes while the ticket's images sync, then an inline checkpoint: it covers the
         // ticket's images too and records the later index.
-        fixture.apply(&encode_write_command(info.id, 8192, &[9u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 8192, &[9u8; 4096]));
         let inline = fixture.state_machine.make_durable().unwrap();
         assert!(inline > captured);
         ticket.sync_images().unwrap();
@@ -1280,10 +1771,10 @@ mod tests {
         );
         assert_eq!(fixture.state_machine.durable_applied_index(), inline);
         // A normal cycle records exactly the captured index.
-        fixture.apply(&encode_write_command(info.id, 0, &[1u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[1u8; 4096]));
         let ticket = fixture.state_machine.begin_checkpoint().unwrap();
         let captured = ticket.applied_index();
-        fixture.apply(&encode_write_command(info.id, 4096, &[2u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 4096, &[2u8; 4096]));
         ticket.sync_images().unwrap();
         assert_eq!(
             fixture.state_machine.finish_checkpoint(ticket).unwrap(),
@@ -1301,7 +1792,7 @@ mod tests {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 256 * KIB, 4096);
         let data: Vec<u8> = (0..20_000u32).map(|value| (value % 251) as u8).collect();
-        fixture.apply(&encode_write_command(info.id, 1000, &data));
+        fixture.apply(&encode_write_command(info.id, 0, 1000, &data));
         let reader = fixture.state_machine.reader(info.id).unwrap();
         // Just written, so in the page cache: served, and equal to the blocking read.
         let mut cached = vec![0u8; 20_000];
@@ -1323,16 +1814,17 @@ mod tests {
         let info = fixture.create("disk", 64 * KIB, 4096);
         let rejected = |rejection| ApplyOutcome::Rejected(rejection);
         assert_eq!(
-            fixture.apply(&encode_write_command(99, 0, b"x")),
+            fixture.apply(&encode_write_command(99, 0, 0, b"x")),
             rejected(ApplyRejection::NoSuchVolume)
         );
         assert_eq!(
-            fixture.apply(&encode_write_command(info.id, 64 * KIB, b"x")),
+            fixture.apply(&encode_write_command(info.id, 0, 64 * KIB, b"x")),
             rejected(ApplyRejection::OutOfRange)
         );
         assert_eq!(
             fixture.apply(&encode_command(&Command::Trim {
                 volume_id: info.id,
+                writer_epoch: 0,
                 offset: u64::MAX,
                 length: 2
             })),
@@ -1379,6 +1871,270 @@ mod tests {
         assert_eq!(fixture.state_machine.volumes(), vec![info]);
     }
 
+    fn attach(fixture: &mut Fixture, client: &str, force: bool) -> ApplyOutcome {
+        fixture.apply(&encode_command(&Command::Attach {
+            name: "disk",
+            client,
+            force,
+        }))
+    }
+
+    fn attached_epoch(outcome: &ApplyOutcome) -> u64 {
+        match outcome {
+            ApplyOutcome::Attached(VolumeInfo {
+                attachment: Some(attachment),
+                ..
+            }) => attachment.epoch,
+            other => panic!("attach returned {other:?}"),
+        }
+    }
+
+    fn write_with_epoch(
+        fixture: &mut Fixture,
+        volume_id: u64,
+        epoch: u64,
+        fill: u8,
+    ) -> ApplyOutcome {
+        fixture.apply(&encode_write_command(volume_id, epoch, 0, &[fill; 4096]))
+    }
+
+    fn zeroing_commands(volume_id: u64, writer_epoch: u64) -> [Vec<u8>; 2] {
+        [
+            encode_command(&Command::Trim {
+                volume_id,
+                writer_epoch,
+                offset: 0,
+                length: 4096,
+            }),
+            encode_command(&Command::WriteZeroes {
+                volume_id,
+                writer_epoch,
+                offset: 0,
+                length: 4096,
+                may_punch_hole: false,
+            }),
+        ]
+    }
+
+    /// Fencing rule: an unattached volume takes data commands with writer epoch 0 only.
+    #[test]
+    fn unattached_volume_admits_only_epoch_zero() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        assert_eq!(info.attachment, None);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 0, 1),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 5, 2),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        for command in zeroing_commands(info.id, 5) {
+            assert_eq!(
+                fixture.apply(&command),
+                ApplyOutcome::Rejected(ApplyRejection::Fenced)
+            );
+        }
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(
+            read(&reader, 0, 4096),
+            vec![1u8; 4096],
+            "fenced commands change nothing"
+        );
+    }
+
+    /// Fencing rules: the epoch is the index of the Attach entry; only that epoch may write;
+    /// the same client attaching again gets a new epoch and fences its own old one.
+    #[test]
+    fn attached_volume_admits_only_the_current_epoch() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let attach_index = fixture.next_index;
+        let outcome = attach(&mut fixture, "host-a", false);
+        let epoch = attached_epoch(&outcome);
+        assert_eq!(
+            epoch, attach_index,
+            "the epoch is the index of the Attach entry"
+        );
+        assert_eq!(
+            fixture
+                .state_machine
+                .volume_by_name("disk")
+                .unwrap()
+                .attachment,
+            Some(Attachment {
+                client: "host-a".to_string(),
+                epoch
+            })
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 0, 1),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced),
+            "an anonymous writer is fenced on an attached volume"
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, epoch, 2),
+            ApplyOutcome::Applied
+        );
+        for command in zeroing_commands(info.id, epoch + 1) {
+            assert_eq!(
+                fixture.apply(&command),
+                ApplyOutcome::Rejected(ApplyRejection::Fenced)
+            );
+        }
+        // Re-attach by the same client: a new epoch, the old one is fenced.
+        let second = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert!(second > epoch);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, epoch, 3),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        for command in zeroing_commands(info.id, second) {
+            assert_eq!(fixture.apply(&command), ApplyOutcome::Applied);
+        }
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(read(&reader, 0, 4096), vec![0u8; 4096]);
+        assert_eq!(reader.info().attachment.map(|a| a.epoch), Some(second));
+    }
+
+    /// Fencing rules: another client is refused unless it forces, which fences the old epoch.
+    #[test]
+    fn another_client_needs_force_and_then_fences_the_old_writer() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let old_epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert_eq!(
+            attach(&mut fixture, "host-b", false),
+            ApplyOutcome::Rejected(ApplyRejection::AttachedByOther)
+        );
+        assert_eq!(
+            fixture
+                .state_machine
+                .volume_by_name("disk")
+                .unwrap()
+                .attachment
+                .unwrap()
+                .client,
+            "host-a",
+            "a refused attach changes nothing"
+        );
+        let new_epoch = attached_epoch(&attach(&mut fixture, "host-b", true));
+        assert!(new_epoch > old_epoch);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, old_epoch, 1),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, new_epoch, 2),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            attach(&mut fixture, "", false),
+            ApplyOutcome::Rejected(ApplyRejection::InvalidCommand)
+        );
+        assert_eq!(
+            fixture.apply(&encode_command(&Command::Attach {
+                name: "nope",
+                client: "host-a",
+                force: true
+            })),
+            ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)
+        );
+    }
+
+    /// Fencing rules: Detach succeeds only for the current epoch; afterwards the volume is
+    /// unattached again (epoch 0 writes, anyone may attach).
+    #[test]
+    fn detach_needs_the_current_epoch() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let old_epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        let epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        let detach = |epoch| {
+            encode_command(&Command::Detach {
+                name: "disk",
+                epoch,
+            })
+        };
+        assert_eq!(
+            fixture.apply(&detach(old_epoch)),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        match fixture.apply(&detach(epoch)) {
+            ApplyOutcome::Detached(detached) => {
+                assert_eq!(detached.attachment, None);
+                assert_eq!(detached.id, info.id);
+            }
+            other => panic!("detach returned {other:?}"),
+        }
+        assert_eq!(
+            fixture.apply(&detach(epoch)),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced),
+            "detaching an unattached volume is fenced"
+        );
+        assert_eq!(
+            fixture.apply(&encode_command(&Command::Detach {
+                name: "nope",
+                epoch
+            })),
+            ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, 0, 1),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, epoch, 1),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        attached_epoch(&attach(&mut fixture, "host-b", false));
+    }
+
+    /// The attachment is in the volume row and recorded with its index as a checkpoint, so a
+    /// restart (and replay of the entries after it) fences exactly as before.
+    #[test]
+    fn attachment_survives_restart_and_replay_decides_the_same() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let epoch = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert_eq!(fixture.state_machine.durable_applied_index(), epoch);
+        let stale = encode_write_command(info.id, 0, 0, &[9u8; 4096]);
+        let current = encode_write_command(info.id, epoch, 4096, &[8u8; 4096]);
+        assert_eq!(
+            fixture.apply(&stale),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        assert_eq!(fixture.apply(&current), ApplyOutcome::Applied);
+        let mut fixture = fixture.reopen();
+        assert_eq!(fixture.state_machine.applied_index(), epoch);
+        assert_eq!(
+            fixture.state_machine.volumes()[0].attachment,
+            Some(Attachment {
+                client: "host-a".to_string(),
+                epoch
+            })
+        );
+        // Replay of the two entries after the checkpoint.
+        assert_eq!(
+            fixture.apply(&stale),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        assert_eq!(fixture.apply(&current), ApplyOutcome::Applied);
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(read(&reader, 0, 4096), vec![0u8; 4096]);
+        assert_eq!(read(&reader, 4096, 4096), vec![8u8; 4096]);
+    }
+
+    /// Rows written before fencing existed have no `attachment` field: they read as unattached.
+    #[test]
+    fn volume_rows_without_attachment_decode_as_unattached() {
+        let row = br#"{"id":3,"name":"old","size_bytes":8192,"block_size_bytes":4096}"#;
+        let info: VolumeInfo = serde_json::from_slice(row).unwrap();
+        assert_eq!(info.attachment, None);
+        assert_eq!(info.id, 3);
+    }
+
     #[test]
     fn indexes_must_follow_the_applied_index() {
         let mut fixture = Fixture::new();
@@ -1414,15 +2170,22 @@ mod tests {
     fn trim_punches_holes_and_block_status_reports_them() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 1024 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![7u8; 1024 * 1024]));
+        fixture.apply(&encode_write_command(
+            info.id,
+            0,
+            0,
+            &vec![7u8; 1024 * 1024],
+        ));
         fixture.apply(&encode_command(&Command::Trim {
             volume_id: info.id,
+            writer_epoch: 0,
             offset: 256 * KIB,
             length: 256 * KIB,
         }));
         // Zeroed in place (NO_HOLE): allocated, but reported as zero.
         fixture.apply(&encode_command(&Command::WriteZeroes {
             volume_id: info.id,
+            writer_epoch: 0,
             offset: 768 * KIB,
             length: 128 * KIB,
             may_punch_hole: false,
@@ -1477,9 +2240,10 @@ mod tests {
     fn unaligned_zeroing_keeps_the_edge_blocks_verifiable() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![5u8; 64 * 1024]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &vec![5u8; 64 * 1024]));
         fixture.apply(&encode_command(&Command::Trim {
             volume_id: info.id,
+            writer_epoch: 0,
             offset: 1000,
             length: 10_000,
         }));
@@ -1494,7 +2258,7 @@ mod tests {
     fn corruption_behind_our_back_is_a_checksum_mismatch() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![1u8; 8192]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &vec![1u8; 8192]));
         fixture.state_machine.make_durable().unwrap();
         // Flip a byte in block 1, and write into block 5, which has no checksum (a hole).
         let image = ImageFile::open(&fixture.image_path(info.id)).unwrap();
@@ -1526,7 +2290,7 @@ mod tests {
     fn delete_removes_row_checksums_and_image() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 0, &vec![1u8; 8192]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &vec![1u8; 8192]));
         let reader = fixture.state_machine.reader(info.id).unwrap();
         assert_eq!(
             fixture.apply(&encode_command(&Command::DeleteVolume { name: "disk" })),
@@ -1555,9 +2319,9 @@ mod tests {
     fn reopen_keeps_durable_state_and_removes_orphan_images() {
         let mut fixture = Fixture::new();
         let info = fixture.create("disk", 64 * KIB, 4096);
-        fixture.apply(&encode_write_command(info.id, 4096, &[3u8; 4096]));
+        fixture.apply(&encode_write_command(info.id, 0, 4096, &[3u8; 4096]));
         assert_eq!(fixture.state_machine.make_durable().unwrap(), 2);
-        fixture.apply(&encode_write_command(info.id, 0, &[4u8; 100]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[4u8; 100]));
         // An orphan left by a create interrupted before its row was written.
         let orphan = fixture.image_path(77);
         std::fs::write(&orphan, b"junk").unwrap();
@@ -1570,7 +2334,7 @@ mod tests {
         assert!(!orphan.exists());
         assert!(foreign.exists());
         // Replay of entry 3 (not covered by the checkpoint) is idempotent.
-        fixture.apply(&encode_write_command(info.id, 0, &[4u8; 100]));
+        fixture.apply(&encode_write_command(info.id, 0, 0, &[4u8; 100]));
         let reader = fixture.state_machine.reader(info.id).unwrap();
         assert_eq!(read(&reader, 0, 100), vec![4u8; 100]);
         assert_eq!(read(&reader, 4096, 4096), vec![3u8; 4096]);
@@ -1614,11 +2378,17 @@ mod tests {
             if round % 7 == 0 {
                 fixture.apply(&encode_command(&Command::Trim {
                     volume_id: info.id,
+                    writer_epoch: 0,
                     offset,
                     length: 8192,
                 }));
             } else {
-                fixture.apply(&encode_write_command(info.id, offset, &vec![value; 8192]));
+                fixture.apply(&encode_write_command(
+                    info.id,
+                    0,
+                    offset,
+                    &vec![value; 8192],
+                ));
             }
             round += 1;
         }

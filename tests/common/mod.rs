@@ -9,12 +9,19 @@
 //!   specification (`doc/proto.md` of NetworkBlockDevice/nbd), able to send malformed input and
 //!   to pipeline many requests while recording which were acknowledged.
 //! - [`SplitMix64`]: a seeded generator so every random test prints a seed that replays it.
+//! - [`cluster`]: several servers forming one Raft group, and the client-side proxy;
+//!   [`relay`]: the fault-injecting TCP relay between them; [`verified`]: a write load whose
+//!   every acknowledged write can be checked after crashes.
 //!
 //! Invariant: nothing here sleeps and hopes; every wait polls a condition against a deadline
 //! and fails with a message that says what it waited for.
 
 // Each integration test is its own crate and uses a different part of this module.
 #![allow(dead_code)]
+
+pub mod cluster;
+pub mod relay;
+pub mod verified;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -46,9 +53,14 @@ pub const SERVER_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// test instead of hanging it.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The server binary under test. Switching the whole suite to another build is this one line.
+/// The server binary under test: `RAFTBLK_BIN` at run time if set (several worktrees share one
+/// build directory, so a test run can pin a copy of the binary it was built with), else the
+/// binary Cargo built for this test crate.
 pub fn server_program() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_raftblk"))
+    match std::env::var_os("RAFTBLK_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_raftblk")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
