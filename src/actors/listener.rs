@@ -147,7 +147,13 @@ impl ExportCatalog for VolumeCatalog {
         let export_name = parse_export_name(name);
         let volume = self.registry.get(export_name.volume_name)?;
         let info = volume.info();
-        let transmission_flags = EXPORT_TRANSMISSION_FLAGS;
+        // An anonymous session on a volume attached by a writer may only read: its writes
+        // would be fenced anyway, and saying so up front lets clients mount read-only.
+        let transmission_flags = if export_name.writer_epoch == 0 && info.attachment.is_some() {
+            EXPORT_TRANSMISSION_FLAGS | proto::NBD_FLAG_READ_ONLY
+        } else {
+            EXPORT_TRANSMISSION_FLAGS
+        };
         Some(ExportDescription {
             name: if export_name.writer_epoch == 0 {
                 info.name.clone()

@@ -416,22 +416,23 @@ impl SessionBackend for RaftVolumeBackend {
             deadline,
         } = request;
         let volume_id = self.volume.info().id;
+        let writer_epoch = self.writer_epoch;
         let proposal = match header.command {
             Command::Write => Some(encode_write_command(
                 volume_id,
-                self.writer_epoch,
+                writer_epoch,
                 header.offset,
                 &payload,
             )),
             Command::Trim => Some(encode_command(&StateCommand::Trim {
                 volume_id,
-                writer_epoch: self.writer_epoch,
+                writer_epoch,
                 offset: header.offset,
                 length: u64::from(header.length),
             })),
             Command::WriteZeroes => Some(encode_command(&StateCommand::WriteZeroes {
                 volume_id,
-                writer_epoch: self.writer_epoch,
+                writer_epoch,
                 offset: header.offset,
                 length: u64::from(header.length),
                 may_punch_hole: header.flags & proto::NBD_CMD_FLAG_NO_HOLE == 0,
@@ -464,17 +465,18 @@ impl RaftVolumeBackend {
     async fn propose(&self, command_bytes: Vec<u8>, deadline: Instant) -> BackendReply {
         match propose_until(&self.raft, Bytes::from(command_bytes), deadline).await {
             Ok(ApplyOutcome::Rejected(rejection)) => {
-                let errno = match rejection {
-                    ApplyRejection::OutOfRange => Errno::NoSpc,
-                    ApplyRejection::NoSuchVolume => Errno::Shutdown,
-                    // Another writer attached the volume: this session is fenced for good.
-                    ApplyRejection::Fenced => Errno::Perm,
-                    _ => Errno::Inval,
+                let (errno, message) = match rejection {
+                    ApplyRejection::OutOfRange => (Errno::NoSpc, "write past the end"),
+                    ApplyRejection::NoSuchVolume => (Errno::Shutdown, "the volume is gone"),
+                    // Another writer holds the volume now (or this session is anonymous on an
+                    // attached volume): final, never retried.
+                    ApplyRejection::Fenced => (
+                        Errno::Perm,
+                        "fenced: the volume is attached by another writer epoch",
+                    ),
+                    _ => (Errno::Inval, "write rejected"),
                 };
-                BackendReply::Error {
-                    errno,
-                    message: "write rejected",
-                }
+                BackendReply::Error { errno, message }
             }
             Ok(_) => BackendReply::Done,
             Err(error) => {

@@ -69,7 +69,11 @@ impl BlockCache {
         BlockCache {
             capacity_bytes,
             block_size_bytes: u64::from(block_size_bytes.max(1)),
-            range_max_bytes: (capacity_bytes / 4).min(1 << 20),
+            // A single read may fill at most a quarter of the cache (so one large scan cannot
+            // flush it), but always at least one block.
+            range_max_bytes: (capacity_bytes / 4)
+                .min(1 << 20)
+                .max(u64::from(block_size_bytes)),
             tickets_max: 4096,
             entries: HashMap::new(),
             recency: BTreeMap::new(),
