@@ -172,9 +172,11 @@ fn start_peer(name: &str, directory: &Path) -> Peer {
                 ..Default::default()
             };
             // Production timing, not the tests' quick failover.
-            options = options
-                .set("raft", "tick_interval_ms", "100")
-                .set("nbd", "request_timeout_ms", "30000");
+            options = options.set("raft", "tick_interval_ms", "100").set(
+                "nbd",
+                "request_timeout_ms",
+                "30000",
+            );
             let cluster = common::cluster::Cluster::start(options);
             let proxy = common::cluster::ProxyProcess::start(&cluster, "bench", &[]);
             Peer::Replicated(Box::new((proxy, cluster)))

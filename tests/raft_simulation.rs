@@ -491,7 +491,12 @@ type Checked<T> = Result<T, String>;
 impl History {
     /// Log Matching, as entries are written or read back: the same (index, term) means the same
     /// data and the same predecessor term.
-    fn check_log_entry(&mut self, node_id: u64, entry: &Entry, previous_term: Option<u64>) -> Checked<()> {
+    fn check_log_entry(
+        &mut self,
+        node_id: u64,
+        entry: &Entry,
+        previous_term: Option<u64>,
+    ) -> Checked<()> {
         let digest = entry_digest(entry);
         let key = (entry.index, entry.term);
         match self.log_entries.get_mut(&key) {
@@ -849,7 +854,10 @@ impl Simulation {
                 self.apply_some(index)?;
                 self.process_ready(index)?;
             }
-            if self.rng.chance(self.chaos.checkpoint_per_million, 1_000_000) {
+            if self
+                .rng
+                .chance(self.chaos.checkpoint_per_million, 1_000_000)
+            {
                 self.checkpoint(index)?;
             }
         }
@@ -1048,7 +1056,9 @@ impl Simulation {
                 .compact(compact_index)
                 .map_err(|error| storage_failure(node_id, "compact", error))?;
             self.compactions += 1;
-            self.event(|| format!("node {node_id} durable {durable_index}, compacted below {compact_index}"));
+            self.event(|| {
+                format!("node {node_id} durable {durable_index}, compacted below {compact_index}")
+            });
         }
         Ok(())
     }
@@ -1057,7 +1067,8 @@ impl Simulation {
         for node in &self.nodes {
             if let Some(live) = &node.live {
                 if live.raw_node.raft.state == StateRole::Leader {
-                    self.history.check_leader(node.id, live.raw_node.raft.term)?;
+                    self.history
+                        .check_leader(node.id, live.raw_node.raft.term)?;
                 }
             }
         }
@@ -1222,7 +1233,12 @@ impl Simulation {
                 continue;
             }
             let mut entries = store
-                .entries(last_index, last_index + 1, None, GetEntriesContext::empty(false))
+                .entries(
+                    last_index,
+                    last_index + 1,
+                    None,
+                    GetEntriesContext::empty(false),
+                )
                 .map_err(|error| storage_failure(node.id, "read the newest entry", error))?;
             let Some(mut entry) = entries.pop() else {
                 continue;
@@ -1268,11 +1284,7 @@ impl Simulation {
             }
         }
         let (name, size_bytes, _) = VOLUMES[self.rng.below(VOLUMES.len() as u64) as usize];
-        let volume_id = self
-            .history
-            .model
-            .volume_id(name)
-            .expect("created above");
+        let volume_id = self.history.model.volume_id(name).expect("created above");
         let length = self.rng.between(1, 2048).min(size_bytes);
         let mut offset = self.rng.below(size_bytes - length + 1);
         if self.rng.chance(1, 50) {
@@ -1427,7 +1439,11 @@ impl Simulation {
                 .history
                 .committed
                 .get((index - 1) as usize)
-                .ok_or_else(|| format!("proposal {proposal_id} acknowledged at {index}, beyond the committed log"))?;
+                .ok_or_else(|| {
+                    format!(
+                        "proposal {proposal_id} acknowledged at {index}, beyond the committed log"
+                    )
+                })?;
             let proposed_digest = self.history.proposals[&proposal_id];
             if committed.digest != proposed_digest {
                 return Err(format!(
@@ -1494,7 +1510,12 @@ fn lose_entries_above_durable_applied_index(node_id: u64, live: &LiveNode) -> Ch
         return Ok(());
     }
     let kept = store
-        .entries(keep_index, keep_index + 1, None, GetEntriesContext::empty(false))
+        .entries(
+            keep_index,
+            keep_index + 1,
+            None,
+            GetEntriesContext::empty(false),
+        )
         .map_err(|error| storage_failure(node_id, "read the entry to keep", error))?;
     let mut hard_state = store.hard_state();
     hard_state.commit = hard_state.commit.min(keep_index);
