@@ -31,6 +31,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub default_volume: DefaultVolumeConfig,
     pub log: LogConfig,
+    pub proxy: ProxyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -333,6 +334,7 @@ impl Config {
         if self.default_volume.name.is_empty() || self.default_volume.name.len() > 4096 {
             return Err(invalid("default_volume.name", "must be 1 to 4096 bytes"));
         }
+        self.proxy.validate()?;
         match self.log.level.as_str() {
             "trace" | "debug" | "info" | "warning" | "error" | "critical" => {}
             other => {
@@ -420,6 +422,131 @@ pub fn validate_volume_geometry(size_bytes: u64, block_size_bytes: u32) -> Resul
     Ok(())
 }
 
+/// `[proxy]`: the client-side proxy (`raftblk proxy`). Handshake limits and the largest request
+/// come from `[nbd]`, shared with the server.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProxyConfig {
+    /// Local NBD endpoint.
+    pub listen: SocketAddr,
+    /// Control API addresses of the servers, each optionally `CONTROL=NBD` to name the server's
+    /// NBD address when its status does not list cluster members.
+    pub servers: Vec<String>,
+    /// Who attaches volumes; empty means this machine's host name.
+    pub client_id: String,
+    /// Take a volume over even when another client has it attached (fencing that client).
+    pub force_attach: bool,
+    /// Bytes of block data the read cache may hold (0 disables the cache).
+    pub cache_bytes: u64,
+    /// Granularity of the cache (a power of two, 512..=65536).
+    pub cache_block_size_bytes: u32,
+    /// An upstream request without a reply for this long fails the upstream connection.
+    pub upstream_reply_timeout_ms: u64,
+    /// How long a request is retried across upstream failures before the client gets EIO.
+    pub request_deadline_ms: u64,
+    /// How often the servers' status is polled to follow the leader.
+    pub status_poll_interval_ms: u64,
+    /// Timeout of one control API call (status, attach, detach).
+    pub control_timeout_ms: u64,
+    pub connections_max: usize,
+    pub requests_in_flight_per_session_max: usize,
+    pub bytes_in_flight_per_session_max: u64,
+    pub bytes_in_flight_max: u64,
+    /// Requests queued towards one volume's upstream connection (all sessions together).
+    pub upstream_queue_max: usize,
+}
+
+impl ProxyConfig {
+    /// The client id actually used: the configured one, or the host name.
+    pub fn effective_client_id(&self) -> String {
+        if !self.client_id.is_empty() {
+            return self.client_id.clone();
+        }
+        let mut buffer = [0u8; 256];
+        // SAFETY: gethostname writes at most `buffer.len()` bytes into the buffer it is given.
+        let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+        let length = buffer.iter().position(|byte| *byte == 0).unwrap_or(0);
+        if result == 0 && length > 0 {
+            String::from_utf8_lossy(&buffer[..length]).into_owned()
+        } else {
+            "raftblk-proxy".to_string()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            }
+        }
+        for server in &self.servers {
+            let (control, nbd) = match server.split_once('=') {
+                Some((control, nbd)) => (control, Some(nbd)),
+                None => (server.as_str(), None),
+            };
+            if control.parse::<SocketAddr>().is_err()
+                || nbd.is_some_and(|nbd| nbd.parse::<SocketAddr>().is_err())
+            {
+                return Err(invalid(
+                    "proxy.servers",
+                    format!("'{server}' is not CONTROL_ADDRESS or CONTROL_ADDRESS=NBD_ADDRESS (ip:port)"),
+                ));
+            }
+        }
+        if self.client_id.len() > 255 || self.client_id.chars().any(char::is_control) {
+            return Err(invalid(
+                "proxy.client_id",
+                "must be at most 255 printable characters",
+            ));
+        }
+        if self.cache_block_size_bytes < 512
+            || self.cache_block_size_bytes > 65536
+            || !self.cache_block_size_bytes.is_power_of_two()
+        {
+            return Err(invalid(
+                "proxy.cache_block_size_bytes",
+                "must be a power of two between 512 and 65536",
+            ));
+        }
+        if self.upstream_reply_timeout_ms == 0
+            || self.request_deadline_ms == 0
+            || self.status_poll_interval_ms == 0
+            || self.control_timeout_ms == 0
+        {
+            return Err(invalid(
+                "proxy.*_ms",
+                "timeouts and intervals must be non-zero",
+            ));
+        }
+        if self.request_deadline_ms < self.upstream_reply_timeout_ms {
+            return Err(invalid(
+                "proxy.request_deadline_ms",
+                "must be at least proxy.upstream_reply_timeout_ms, or no request survives one failover",
+            ));
+        }
+        if self.connections_max == 0
+            || self.requests_in_flight_per_session_max == 0
+            || self.upstream_queue_max == 0
+        {
+            return Err(invalid(
+                "proxy.connections_max/requests_in_flight_per_session_max/upstream_queue_max",
+                "must be at least 1",
+            ));
+        }
+        if self.bytes_in_flight_per_session_max < u64::from(REQUEST_MAX_BYTES_LIMIT)
+            || self.bytes_in_flight_max < self.bytes_in_flight_per_session_max
+            || self.bytes_in_flight_max > u64::from(u32::MAX)
+        {
+            return Err(invalid(
+                "proxy.bytes_in_flight_max/bytes_in_flight_per_session_max",
+                "per session at least 32 MiB (a maximal request), in total at least the per-session \
+                 limit and at most 4 GiB - 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,5 +585,30 @@ mod tests {
         assert!(validate_volume_geometry(1 << 20, 3000).is_err());
         assert!(validate_volume_geometry(1 << 20, 256).is_err());
         assert!(validate_volume_geometry(1 << 45, 4096).is_err());
+    }
+
+    #[test]
+    fn proxy_defaults_are_valid_and_bad_proxy_settings_name_their_key() {
+        let config = Config::load(None, &[]).expect("defaults load");
+        assert_eq!(config.proxy.listen.to_string(), "127.0.0.1:10809");
+        assert_eq!(config.proxy.cache_bytes, 64 << 20);
+        assert_eq!(config.proxy.upstream_reply_timeout_ms, 5000);
+        assert_eq!(config.proxy.request_deadline_ms, 60000);
+        assert!(!config.proxy.force_attach);
+        assert!(!config.proxy.effective_client_id().is_empty());
+        let mut bad = config.proxy.clone();
+        bad.servers = vec!["nonsense".to_string()];
+        let error = bad
+            .validate()
+            .expect_err("a server that is not ip:port is refused");
+        assert!(error.to_string().contains("proxy.servers"), "{error}");
+        bad.servers = vec!["127.0.0.1:10810=127.0.0.1:10809".to_string()];
+        assert!(bad.validate().is_ok());
+        let error = Config::load(None, &[("proxy.request_deadline_ms", "10".to_string())])
+            .expect_err("a deadline shorter than one reply timeout is refused");
+        assert!(
+            error.to_string().contains("proxy.request_deadline_ms"),
+            "{error}"
+        );
     }
 }

@@ -97,7 +97,15 @@ impl ChildProcess {
             .append(true)
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
-        let child = Command::new(executable)
+        let mut command = Command::new(executable);
+        // If `raftblk dev` itself dies, its children must not outlive it holding the ports.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command
             .args(&self.arguments)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

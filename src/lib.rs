@@ -7,6 +7,7 @@
 //! - [`peer`]: the wire format between storage servers (pure functions, like [`nbd`]).
 //! - [`control`]: the HTTP control API (volumes, status).
 //! - [`dev`]: `raftblk dev`, a whole cluster and proxy on loopback as child processes.
+//! - [`proxy`]: the client-side proxy (`raftblk proxy`): leader following, reissue, cache.
 //! - [`server`]: wires a server process together; [`config`] and [`logging`] set it up.
 //!
 //! See ARCHITECTURE.md for the write path fsync by fsync and the invariants.
@@ -18,6 +19,7 @@ pub mod dev;
 pub mod logging;
 pub mod nbd;
 pub mod peer;
+pub mod proxy;
 pub mod server;
 pub mod storage;
 

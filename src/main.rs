@@ -27,6 +27,9 @@ enum CliCommand {
     /// Run a 3-server cluster and a proxy on loopback, each its own process; clients use
     /// nbd://127.0.0.1:10809/disk0. Data under ./raftblk-data; Ctrl-C stops it.
     Dev(DevArgs),
+    /// Run the client-side proxy: a local NBD endpoint for the cluster's volumes that follows
+    /// the leader and hides server crashes.
+    Proxy(ProxyArgs),
     /// Create, list or delete volumes on a running server.
     Volume {
         #[command(subcommand)]
@@ -103,6 +106,72 @@ struct ServerArgs {
     /// trace, debug, info, warning, error or critical.
     #[arg(long)]
     log_level: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// TOML file overriding the built-in defaults (config/default.toml, section [proxy]).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Local NBD listen address (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Servers' control API addresses, comma-separated; `CONTROL=NBD` also names a server's
+    /// NBD address.
+    #[arg(long, value_delimiter = ',')]
+    servers: Option<Vec<String>>,
+    /// Client id used to attach volumes (default: the host name).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Take volumes over even if another client has them attached (fences that client).
+    #[arg(long)]
+    force_attach: bool,
+    /// Once serving, write {"nbd","pid","client_id"} as JSON to this file.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// terminal or json.
+    #[arg(long)]
+    log_format: Option<String>,
+    /// trace, debug, info, warning, error or critical.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let mut overrides = Vec::new();
+    if let Some(listen) = args.listen {
+        overrides.push(("proxy.listen", listen));
+    }
+    if let Some(client_id) = args.client_id {
+        overrides.push(("proxy.client_id", client_id));
+    }
+    if args.force_attach {
+        overrides.push(("proxy.force_attach", "true".to_string()));
+    }
+    if let Some(format) = args.log_format {
+        overrides.push(("log.format", format));
+    }
+    if let Some(level) = args.log_level {
+        overrides.push(("log.level", level));
+    }
+    let mut config = Config::load(args.config.as_deref(), &overrides)?;
+    if let Some(servers) = args.servers {
+        // A list does not fit the key/value overrides; set it here and validate again.
+        config.proxy.servers = servers;
+        config.validate()?;
+    }
+    let (logger, _logging_guard) = raftblk::logging::build_logger(&config.log);
+    install_panic_logger(&logger, config.log.format);
+    let system = actix::System::new();
+    let result = system.block_on(raftblk::proxy::run_proxy(
+        config,
+        logger.clone(),
+        args.ready_file,
+    ));
+    if let Err(error) = &result {
+        slog::crit!(logger, "proxy failed"; "error" => format!("{error:#}"));
+    }
+    result
 }
 
 #[derive(Subcommand)]
@@ -358,6 +427,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         CliCommand::Server(args) => run_server(args),
         CliCommand::Dev(args) => run_dev(args),
+        CliCommand::Proxy(args) => run_proxy(args),
         CliCommand::Volume { command } => run_volume_command(command),
         CliCommand::Ctl { command } => run_ctl_command(command),
     };

@@ -50,10 +50,11 @@
 //!   says, and every acknowledged proposal (applied on the node it was proposed on) is in the
 //!   committed log at the index it was acknowledged with.
 //!
-//! Snapshots: `RaftLogStore` does not serve snapshots yet, so compaction is kept at or below the
-//! smallest commit index of all nodes (crashed ones included). A leader never sends a follower
-//! entries at or below the follower's commit index (raft-rs answers such appends with its commit
-//! index), so no snapshot is ever needed; a `Ready` carrying one is reported as a failure.
+//! Snapshots: `RaftLogStore` does not serve snapshots yet, so compaction is kept low enough that
+//! no follower ever needs one (see `Simulation::compaction_bound_index` for the bound and why
+//! it must also look at the leaders' progress and at recent commit indexes); a `Ready` carrying
+//! a snapshot is a failure, and a follower stuck behind a leader's compacted log shows up as a
+//! liveness failure naming it.
 //! Membership changes and ReadIndex are not simulated.
 //!
 //! Running it: `cargo test --release --test raft_simulation` runs the CI seeds. A failure names
@@ -80,9 +81,9 @@ const GROUP_ID: u64 = 1;
 const TICK_INTERVAL_STEPS: u64 = 4;
 const HEARTBEAT_TICKS: usize = 2;
 /// Steps of one run in CI; `RAFTBLK_SIM_STEPS` overrides it.
-const STEPS_DEFAULT: u64 = 2_500;
+const STEPS_DEFAULT: u64 = 4_000;
 /// Seeds run in CI; `RAFTBLK_SIM_SEEDS` overrides it.
-const SEEDS_DEFAULT: u64 = 40;
+const SEEDS_DEFAULT: u64 = 100;
 /// Every this many steps, every node's whole log is read back from RocksDB and checked.
 const LOG_SCAN_INTERVAL_STEPS: u64 = 200;
 /// Liveness bound: after the heal, a leader must be elected and a probe proposal applied on
@@ -437,6 +438,8 @@ impl Model {
                     _ => ExpectedOutcome::Rejected,
                 }
             }
+            // The simulation never attaches a volume.
+            Command::Attach { .. } | Command::Detach { .. } => ExpectedOutcome::Rejected,
             Command::Trim {
                 volume_id,
                 offset,
@@ -600,6 +603,8 @@ struct SimNode {
     live: Option<LiveNode>,
     /// The commit index persisted when the node crashed (for the compaction bound).
     commit_index_at_crash: u64,
+    /// The node's commit index at each of the last steps (for the compaction bound).
+    recent_commit_indexes: VecDeque<u64>,
 }
 
 fn small_storage_options() -> StorageOptions {
@@ -701,6 +706,9 @@ struct Simulation {
     crashes: u64,
     compactions: u64,
     corruption_injected: bool,
+    /// How many steps of commit indexes [`Self::compaction_bound_index`] looks back: longer
+    /// than any message stays in flight.
+    commit_window_steps: u64,
     recent_events: VecDeque<String>,
     /// Keeps the node directories alive for the run.
     _root: tempfile::TempDir,
@@ -727,6 +735,7 @@ impl Simulation {
     fn new(options: SimulationOptions) -> Checked<Self> {
         let mut rng = SplitMix64::new(options.seed);
         let chaos = Chaos::draw(&mut rng, options.crash_heavy);
+        let chaos_window_steps = chaos.delay_steps_max.max(Chaos::calm().delay_steps_max) + 2;
         let network = Network {
             rng: rng.split(),
             in_flight: BTreeMap::new(),
@@ -748,6 +757,7 @@ impl Simulation {
                 tick_phase: rng.below(TICK_INTERVAL_STEPS),
                 live: None,
                 commit_index_at_crash: 0,
+                recent_commit_indexes: VecDeque::new(),
             });
         }
         let mut simulation = Simulation {
@@ -762,6 +772,7 @@ impl Simulation {
             crashes: 0,
             compactions: 0,
             corruption_injected: false,
+            commit_window_steps: chaos_window_steps,
             recent_events: VecDeque::new(),
             _root: root,
         };
@@ -862,6 +873,7 @@ impl Simulation {
             }
         }
         self.check_leaders()?;
+        self.record_commit_indexes();
         if now % LOG_SCAN_INTERVAL_STEPS == LOG_SCAN_INTERVAL_STEPS - 1 {
             self.scan_logs()?;
         }
@@ -1009,17 +1021,48 @@ impl Simulation {
         Ok(())
     }
 
+    /// The commit index of every node now (the persisted one for a crashed node).
+    fn commit_indexes(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|node| match &node.live {
+                Some(live) => live.raw_node.raft.raft_log.committed,
+                None => node.commit_index_at_crash,
+            })
+            .collect()
+    }
+
+    /// Remembers every node's commit index of the last steps (see
+    /// [`Self::compaction_bound_index`]).
+    fn record_commit_indexes(&mut self) {
+        let commit_indexes = self.commit_indexes();
+        let window_steps = self.commit_window_steps;
+        for (node, commit_index) in self.nodes.iter_mut().zip(commit_indexes) {
+            node.recent_commit_indexes.push_back(commit_index);
+            while node.recent_commit_indexes.len() as u64 > window_steps {
+                node.recent_commit_indexes.pop_front();
+            }
+        }
+    }
+
     /// The highest index below which every node's log may be compacted without any follower
-    /// ever needing a snapshot: the smallest commit index of any node (crashed ones included;
-    /// a new leader probes no lower than a follower's commit index) and the smallest index any
-    /// current leader believes a follower has matched (a leader resends from there: a follower
-    /// may know a higher commit index while its acknowledgement was lost).
+    /// ever needing a snapshot. A leader sends a follower entries from its `next_idx` for that
+    /// follower, and needs the term of the entry before. That index is at least:
+    /// - the smallest commit index of any node (a new leader probes down to the follower's
+    ///   rejection hint, which is never below the follower's commit index);
+    /// - the smallest `matched` and `next_idx - 1` of any current leader (the follower may
+    ///   know a higher commit index while its acknowledgement was lost);
+    /// - the smallest commit index of any node over the last steps that a message can spend in
+    ///   flight: raft-rs's `Progress::maybe_decr_to` in the Probe state sets `next_idx` to a
+    ///   rejection's hint without clamping it to `matched + 1`, so a delayed or duplicated
+    ///   rejection moves `next_idx` back to the follower's commit index of when it was sent.
     fn compaction_bound_index(&self) -> u64 {
-        let commit_indexes = self.nodes.iter().map(|node| match &node.live {
-            Some(live) => live.raw_node.raft.raft_log.committed,
-            None => node.commit_index_at_crash,
-        });
-        let matched_indexes = self
+        let commit_indexes = self.commit_indexes().into_iter();
+        let recent_commit_indexes = self
+            .nodes
+            .iter()
+            .flat_map(|node| node.recent_commit_indexes.iter().copied());
+        let progress_indexes = self
             .nodes
             .iter()
             .filter_map(|node| node.live.as_ref())
@@ -1029,10 +1072,14 @@ impl Simulation {
                     .raft
                     .prs()
                     .iter()
-                    .map(|(_, progress)| progress.matched)
+                    .map(|(_, progress)| progress.matched.min(progress.next_idx.saturating_sub(1)))
                     .collect::<Vec<u64>>()
             });
-        commit_indexes.chain(matched_indexes).min().unwrap_or(0)
+        commit_indexes
+            .chain(recent_commit_indexes)
+            .chain(progress_indexes)
+            .min()
+            .unwrap_or(0)
     }
 
     /// A checkpoint (`make_durable`) and then compaction, as `DurableApplied` does.
@@ -1293,11 +1340,13 @@ impl Simulation {
         match self.rng.below(10) {
             0 => encode_command(&Command::Trim {
                 volume_id,
+                writer_epoch: 0,
                 offset,
                 length,
             }),
             1 => encode_command(&Command::WriteZeroes {
                 volume_id,
+                writer_epoch: 0,
                 offset,
                 length,
                 may_punch_hole: self.rng.chance(1, 2),
@@ -1309,7 +1358,7 @@ impl Simulation {
                     let word = fill.next_u64().to_le_bytes();
                     chunk.copy_from_slice(&word[..chunk.len()]);
                 }
-                encode_write_command(volume_id, offset, &data)
+                encode_write_command(volume_id, 0, offset, &data)
             }
         }
     }
@@ -1382,7 +1431,7 @@ impl Simulation {
                 });
                 if !probe_waiting {
                     let command = match self.history.model.volume_id(VOLUMES[0].0) {
-                        Some(volume_id) => encode_write_command(volume_id, 0, b"probe"),
+                        Some(volume_id) => encode_write_command(volume_id, 0, 0, b"probe"),
                         None => self.random_command(),
                     };
                     let step = self.step;
@@ -1411,21 +1460,52 @@ impl Simulation {
             .iter()
             .map(|node| match &node.live {
                 Some(live) => format!(
-                    "node {}: {:?} term {} commit {} applied {} last {}",
+                    "node {}: {:?} term {} commit {} applied {} first {} last {} progress {:?}",
                     node.id,
                     live.raw_node.raft.state,
                     live.raw_node.raft.term,
                     live.raw_node.raft.raft_log.committed,
                     live.machine.applied_index(),
-                    live.log_store.last_index().unwrap_or(0)
+                    live.log_store.first_index().unwrap_or(0),
+                    live.log_store.last_index().unwrap_or(0),
+                    live.raw_node
+                        .raft
+                        .prs()
+                        .iter()
+                        .map(|(id, progress)| (
+                            *id,
+                            (progress.matched, progress.next_idx, progress.state)
+                        ))
+                        .collect::<BTreeMap<_, _>>()
                 ),
                 None => format!("node {}: down", node.id),
             })
             .collect();
+        let mut needs_snapshot = Vec::new();
+        for node in &self.nodes {
+            let Some(live) = &node.live else { continue };
+            if live.raw_node.raft.state != StateRole::Leader {
+                continue;
+            }
+            let first_index = live.log_store.first_index().unwrap_or(1);
+            for (id, progress) in live.raw_node.raft.prs().iter() {
+                if progress.next_idx < first_index {
+                    needs_snapshot.push(format!(
+                        "leader {} needs entries from {} for node {id} but its log starts at \
+                         {first_index} (a snapshot would be needed)",
+                        node.id, progress.next_idx
+                    ));
+                }
+            }
+        }
         Err(format!(
-            "liveness: {LIVENESS_TICKS_MAX} ticks after the heal (leader first seen at step \
+            "liveness: {}{LIVENESS_TICKS_MAX} ticks after the heal (leader first seen at step \
              {leader_elected_step:?}, heal at step {heal_step}), the probe {probe:?} is not \
              acknowledged on every node; committed log ends at {}; {}",
+            needs_snapshot
+                .iter()
+                .map(|text| format!("{text}; "))
+                .collect::<String>(),
             self.history.committed.len(),
             state.join("; ")
         ))
@@ -1528,7 +1608,7 @@ fn lose_entries_above_durable_applied_index(node_id: u64, live: &LiveNode) -> Ch
 
 fn describe_message(message: &Message) -> String {
     format!(
-        "{:?} {}->{} term {} index {} log_term {} commit {} entries {} reject {}",
+        "{:?} {}->{} term {} index {} log_term {} commit {} entries {} reject {} hint {}",
         message.get_msg_type(),
         message.from,
         message.to,
@@ -1537,7 +1617,8 @@ fn describe_message(message: &Message) -> String {
         message.log_term,
         message.commit,
         message.entries.len(),
-        message.reject
+        message.reject,
+        message.reject_hint
     )
 }
 
@@ -1700,8 +1781,11 @@ fn appends_lost_in_a_crash_are_detected() {
             break;
         }
     }
-    assert!(
-        outcomes.iter().any(|(_, outcome)| outcome.is_err()),
-        "losing acknowledged appends went unnoticed: {outcomes:?}"
-    );
+    let detection = outcomes
+        .iter()
+        .find_map(|(seed, outcome)| outcome.as_ref().err().map(|failure| (seed, failure)));
+    let Some((seed, failure)) = detection else {
+        panic!("losing acknowledged appends went unnoticed: {outcomes:?}");
+    };
+    eprintln!("lost appends detected with seed {seed}: {failure}");
 }

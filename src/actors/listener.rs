@@ -67,7 +67,7 @@ pub trait NbdService: Clone + Unpin + 'static {
     fn catalog(&self) -> Self::Catalog;
 
     /// Called before the handshake answers an option naming `export_name` (`NBD_OPT_GO`,
-    /// `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`), so that asynchronous work (a proxy attaching the
+    /// `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`, the metadata context options), so that asynchronous work (a proxy attaching the
     /// volume) is done before the synchronous catalog is asked. The default does nothing.
     fn prepare_export(
         &self,
@@ -436,7 +436,8 @@ async fn negotiate<S: NbdService>(
 }
 
 /// Finds, ahead of the handshake codec, every complete option that names an export
-/// (`NBD_OPT_EXPORT_NAME`, `NBD_OPT_INFO`, `NBD_OPT_GO`; "Option types"), so the service can
+/// (`NBD_OPT_EXPORT_NAME`, `NBD_OPT_INFO`, `NBD_OPT_GO`, `NBD_OPT_LIST_META_CONTEXT`,
+/// `NBD_OPT_SET_META_CONTEXT`; "Option types"), so the service can
 /// prepare that export before the codec consults the catalog. It walks the same byte stream as
 /// the codec (client flags, then `IHAVEOPT` option headers and payloads) and stays at or ahead
 /// of the codec's position; it never buffers anything itself. Pure: no I/O.
@@ -509,9 +510,15 @@ impl ExportOptionScanner {
                     word.copy_from_slice(&header[12..16]);
                     let length_bytes = u32::from_be_bytes(word);
                     self.scanned_bytes += 16;
+                    // The metadata context options start with the same 32-bit length and
+                    // name as NBD_OPT_GO.
                     let names_export = matches!(
                         option,
-                        proto::NBD_OPT_EXPORT_NAME | proto::NBD_OPT_INFO | proto::NBD_OPT_GO
+                        proto::NBD_OPT_EXPORT_NAME
+                            | proto::NBD_OPT_INFO
+                            | proto::NBD_OPT_GO
+                            | proto::NBD_OPT_LIST_META_CONTEXT
+                            | proto::NBD_OPT_SET_META_CONTEXT
                     );
                     self.state = if names_export && length_bytes <= self.option_length_max_bytes {
                         ScanState::NamePayload {

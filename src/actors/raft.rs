@@ -537,10 +537,12 @@ impl RaftActor {
                 continue;
             }
             // A follower being sent a snapshot needs the entries after it.
+            // raft-rs may probe below `matched` after a stale rejection (it sets `next_idx`
+            // from the hint alone), so keep what `next_idx` points at as well.
             let next_needed = if progress.state == raft::ProgressState::Snapshot {
                 progress.pending_snapshot + 1
             } else {
-                progress.matched + 1
+                (progress.matched + 1).min(progress.next_idx)
             };
             needed = needed.min(next_needed);
         }

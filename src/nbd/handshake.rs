@@ -68,6 +68,14 @@ pub trait ExportCatalog {
     /// ("A special, "empty", name ... is reserved for a "default" export"): the catalog decides
     /// whether there is one.
     fn export(&self, name: &str) -> Option<ExportDescription>;
+    /// Why `name` is refused, for an export that exists but may not be used now (a proxy whose
+    /// attach was refused because another client holds the volume). Consulted only when
+    /// [`ExportCatalog::export`] returned `None`; the message goes to the client with
+    /// `NBD_REP_ERR_POLICY` ("The option is known but forbidden by policy") instead of
+    /// `NBD_REP_ERR_UNKNOWN`.
+    fn export_refusal(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Bounds on what a client may make the handshake hold or do.
@@ -659,6 +667,10 @@ impl Handshake {
             return OptionOutcome::Continue;
         };
         let Some(export) = catalog.export(requested_name) else {
+            if let Some(message) = catalog.export_refusal(requested_name) {
+                write_option_error(out, option, proto::NBD_REP_ERR_POLICY, &message);
+                return OptionOutcome::Continue;
+            }
             // "NBD_REP_ERR_UNKNOWN: The chosen export does not exist on this server. In this
             // case, the server SHOULD NOT send NBD_REP_INFO replies."
             write_option_error(

@@ -1,0 +1,523 @@
+//! The proxy's read-through block cache: [`BlockCache`] (pure, bounded in bytes, LRU by block)
+//! and [`CacheActor`], its supervised actor shell.
+//!
+//! Staleness rule: the cache never serves data older than the client's own acknowledged writes.
+//! Two mechanisms make that hold:
+//!
+//! - a write, trim or zero is applied to the cache (full blocks replaced, partial blocks
+//!   dropped) after the cluster acknowledged it and *before* the client gets the reply;
+//! - a read miss takes a fill ticket; every acknowledged write overlapping the ticket's blocks
+//!   poisons it, and a poisoned (or unknown) ticket inserts nothing. A read that raced with a
+//!   write to the same block can therefore never put the pre-write data back.
+//!
+//! A crash of the actor (a panic in a handler) restarts it cold: all blocks and tickets are
+//! forgotten, so fills from before the crash find no ticket and insert nothing. While the actor
+//! is down, sessions bypass it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use actix::prelude::*;
+use bytes::Bytes;
+
+/// One cached block: (volume key, block index).
+type BlockKey = (u64, u64);
+
+/// Result of a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Every block of the range is cached; the bytes of exactly the requested range.
+    Hit(Bytes),
+    /// Read upstream, then [`BlockCache::fill`] with this ticket.
+    Miss { ticket: u64 },
+    /// The range is not cacheable (unaligned or too large): read upstream, insert nothing.
+    Bypass,
+}
+
+struct Entry {
+    data: Bytes,
+    /// Position in the LRU order (`BlockCache::recency`).
+    used_at: u64,
+}
+
+struct Ticket {
+    volume: u64,
+    first_block: u64,
+    /// Exclusive.
+    end_block: u64,
+    poisoned: bool,
+}
+
+/// A byte-bounded LRU map of blocks, with fill tickets for read-write races.
+pub struct BlockCache {
+    capacity_bytes: u64,
+    block_size_bytes: u64,
+    /// Largest range a lookup may cache (bigger reads bypass the cache).
+    range_max_bytes: u64,
+    /// Tickets outstanding at once; past it the oldest is dropped (its fill inserts nothing).
+    tickets_max: usize,
+    entries: HashMap<BlockKey, Entry>,
+    recency: BTreeMap<u64, BlockKey>,
+    tickets: BTreeMap<u64, Ticket>,
+    clock: u64,
+    next_ticket: u64,
+    used_bytes: u64,
+}
+
+impl BlockCache {
+    pub fn new(capacity_bytes: u64, block_size_bytes: u32) -> Self {
+        BlockCache {
+            capacity_bytes,
+            block_size_bytes: u64::from(block_size_bytes.max(1)),
+            range_max_bytes: (capacity_bytes / 4).min(1 << 20),
+            tickets_max: 4096,
+            entries: HashMap::new(),
+            recency: BTreeMap::new(),
+            tickets: BTreeMap::new(),
+            clock: 0,
+            next_ticket: 1,
+            used_bytes: 0,
+        }
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+
+    /// The blocks `[first, end)` of an aligned range, or `None` if it is not cacheable.
+    fn aligned_blocks(&self, offset: u64, length: u64) -> Option<(u64, u64)> {
+        let block = self.block_size_bytes;
+        if length == 0 || offset % block != 0 || length % block != 0 {
+            return None;
+        }
+        if length > self.range_max_bytes {
+            return None;
+        }
+        Some((offset / block, (offset + length) / block))
+    }
+
+    fn touch(&mut self, key: BlockKey) {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(entry) = self.entries.get_mut(&key) {
+            self.recency.remove(&entry.used_at);
+            entry.used_at = clock;
+            self.recency.insert(clock, key);
+        }
+    }
+
+    pub fn lookup(&mut self, volume: u64, offset: u64, length: u64) -> Lookup {
+        let Some((first, end)) = self.aligned_blocks(offset, length) else {
+            return Lookup::Bypass;
+        };
+        let all_present = (first..end).all(|block| self.entries.contains_key(&(volume, block)));
+        if all_present {
+            for block in first..end {
+                self.touch((volume, block));
+            }
+            if end - first == 1 {
+                if let Some(entry) = self.entries.get(&(volume, first)) {
+                    return Lookup::Hit(entry.data.clone());
+                }
+            }
+            let mut out = Vec::with_capacity(length as usize);
+            for block in first..end {
+                if let Some(entry) = self.entries.get(&(volume, block)) {
+                    out.extend_from_slice(&entry.data);
+                }
+            }
+            return Lookup::Hit(Bytes::from(out));
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(
+            ticket,
+            Ticket {
+                volume,
+                first_block: first,
+                end_block: end,
+                poisoned: false,
+            },
+        );
+        while self.tickets.len() > self.tickets_max {
+            self.tickets.pop_first();
+        }
+        Lookup::Miss { ticket }
+    }
+
+    /// Inserts the data a read returned, unless a write acknowledged since the lookup touched
+    /// the same blocks (or the ticket is unknown: abandoned, evicted, or from before a restart).
+    /// Returns whether anything was inserted.
+    pub fn fill(&mut self, ticket: u64, data: &Bytes) -> bool {
+        let Some(ticket) = self.tickets.remove(&ticket) else {
+            return false;
+        };
+        let expected = (ticket.end_block - ticket.first_block) * self.block_size_bytes;
+        if ticket.poisoned || data.len() as u64 != expected {
+            return false;
+        }
+        for (index, block) in (ticket.first_block..ticket.end_block).enumerate() {
+            let start = index * self.block_size_bytes as usize;
+            // Copied into its own allocation so a cached block never pins a whole large read
+            // buffer, which keeps the byte bound exact.
+            let block_data =
+                Bytes::copy_from_slice(&data[start..start + self.block_size_bytes as usize]);
+            self.insert((ticket.volume, block), block_data);
+        }
+        true
+    }
+
+    /// A read that took `ticket` failed: forget the ticket.
+    pub fn abandon(&mut self, ticket: u64) {
+        self.tickets.remove(&ticket);
+    }
+
+    /// A write, trim or zero of `[offset, offset + length)` was acknowledged by the cluster.
+    /// `data` is the written data for a WRITE (blocks it covers fully are replaced with it),
+    /// `None` for TRIM/WRITE_ZEROES (the blocks are dropped). Must run before the client sees
+    /// the acknowledgement.
+    pub fn write_acknowledged(
+        &mut self,
+        volume: u64,
+        offset: u64,
+        length: u64,
+        data: Option<&Bytes>,
+    ) {
+        if length == 0 {
+            return;
+        }
+        let block = self.block_size_bytes;
+        let first = offset / block;
+        let end = offset.saturating_add(length).div_ceil(block);
+        for ticket in self.tickets.values_mut() {
+            if ticket.volume == volume && ticket.first_block < end && first < ticket.end_block {
+                ticket.poisoned = true;
+            }
+        }
+        for index in first..end {
+            let block_start = index * block;
+            let covered = block_start >= offset && block_start + block <= offset + length;
+            let replacement = match data {
+                Some(data) if covered && data.len() as u64 == length => {
+                    let start = (block_start - offset) as usize;
+                    Some(data.slice(start..start + block as usize))
+                }
+                _ => None,
+            };
+            match replacement {
+                // Only refresh blocks already cached: a large write must not flush the cache.
+                Some(new_data) if self.entries.contains_key(&(volume, index)) => {
+                    self.insert((volume, index), Bytes::copy_from_slice(&new_data));
+                }
+                _ => self.remove((volume, index)),
+            }
+        }
+    }
+
+    fn insert(&mut self, key: BlockKey, data: Bytes) {
+        if (data.len() as u64) > self.capacity_bytes {
+            return;
+        }
+        self.remove(key);
+        self.clock += 1;
+        self.used_bytes += data.len() as u64;
+        self.recency.insert(self.clock, key);
+        self.entries.insert(
+            key,
+            Entry {
+                data,
+                used_at: self.clock,
+            },
+        );
+        while self.used_bytes > self.capacity_bytes {
+            let Some((_, oldest)) = self.recency.pop_first() else {
+                break;
+            };
+            if let Some(entry) = self.entries.remove(&oldest) {
+                self.used_bytes -= entry.data.len() as u64;
+            }
+        }
+    }
+
+    fn remove(&mut self, key: BlockKey) {
+        if let Some(entry) = self.entries.remove(&key) {
+            self.recency.remove(&entry.used_at);
+            self.used_bytes -= entry.data.len() as u64;
+        }
+    }
+
+    /// Forgets everything (a restart).
+    pub fn clear(&mut self) {
+        *self = BlockCache::new(self.capacity_bytes, self.block_size_bytes as u32);
+    }
+}
+
+/// The cache as a supervised actor. A panic in a handler stops it; `actix::Supervisor` restarts
+/// it at the same address and `restarting` empties it.
+pub struct CacheActor {
+    cache: BlockCache,
+    logger: slog::Logger,
+    restarts: u64,
+}
+
+impl CacheActor {
+    pub fn new(capacity_bytes: u64, block_size_bytes: u32, logger: slog::Logger) -> Self {
+        CacheActor {
+            cache: BlockCache::new(capacity_bytes, block_size_bytes),
+            logger,
+            restarts: 0,
+        }
+    }
+
+    /// Runs a handler body; a panic turns into a cold restart of the actor.
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        fallback: R,
+        body: impl FnOnce(&mut BlockCache) -> R,
+    ) -> R {
+        match catch_unwind(AssertUnwindSafe(|| body(&mut self.cache))) {
+            Ok(result) => result,
+            Err(_) => {
+                slog::error!(self.logger, "cache actor panicked; restarting it cold");
+                ctx.stop();
+                fallback
+            }
+        }
+    }
+}
+
+impl Actor for CacheActor {
+    type Context = Context<Self>;
+}
+
+impl actix::Supervised for CacheActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.restarts += 1;
+        self.cache.clear();
+        slog::warn!(self.logger, "cache actor restarted cold"; "restarts" => self.restarts);
+    }
+}
+
+/// Session → cache: is `[offset, offset + length)` of `volume` cached?
+#[derive(Message)]
+#[rtype(result = "Lookup")]
+pub struct CacheLookup {
+    pub volume: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// Session → cache: the data a missed read returned.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheFill {
+    pub ticket: u64,
+    pub data: Bytes,
+}
+
+/// Session → cache: the missed read failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheAbandon {
+    pub ticket: u64,
+}
+
+/// Session → cache, awaited before replying to the client: a write was acknowledged.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheWriteAcknowledged {
+    pub volume: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub data: Option<Bytes>,
+}
+
+/// Anyone → cache: panic inside a handler (drills and tests of the restart path).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheCrash;
+
+impl Handler<CacheLookup> for CacheActor {
+    type Result = MessageResult<CacheLookup>;
+    fn handle(&mut self, msg: CacheLookup, ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.guarded(ctx, Lookup::Bypass, |cache| {
+            cache.lookup(msg.volume, msg.offset, msg.length)
+        }))
+    }
+}
+
+impl Handler<CacheFill> for CacheActor {
+    type Result = ();
+    fn handle(&mut self, msg: CacheFill, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |cache| {
+            cache.fill(msg.ticket, &msg.data);
+        });
+    }
+}
+
+impl Handler<CacheAbandon> for CacheActor {
+    type Result = ();
+    fn handle(&mut self, msg: CacheAbandon, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |cache| cache.abandon(msg.ticket));
+    }
+}
+
+impl Handler<CacheWriteAcknowledged> for CacheActor {
+    type Result = ();
+    fn handle(&mut self, msg: CacheWriteAcknowledged, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |cache| {
+            cache.write_acknowledged(msg.volume, msg.offset, msg.length, msg.data.as_ref())
+        });
+    }
+}
+
+impl Handler<CacheCrash> for CacheActor {
+    type Result = ();
+    fn handle(&mut self, _: CacheCrash, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |_| panic!("cache crash requested"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(fill: u8) -> Bytes {
+        Bytes::from(vec![fill; 4096])
+    }
+
+    #[test]
+    fn read_through_then_hit() {
+        let mut cache = BlockCache::new(1 << 20, 4096);
+        let Lookup::Miss { ticket } = cache.lookup(1, 8192, 4096) else {
+            panic!("a cold cache misses");
+        };
+        assert!(cache.fill(ticket, &block(7)));
+        assert_eq!(cache.lookup(1, 8192, 4096), Lookup::Hit(block(7)));
+        // Another volume's block at the same offset is a different block.
+        assert!(matches!(cache.lookup(2, 8192, 4096), Lookup::Miss { .. }));
+        // Unaligned ranges are not cached.
+        assert_eq!(cache.lookup(1, 100, 4096), Lookup::Bypass);
+    }
+
+    /// The race the tickets exist for: a read misses, a write to the same block is
+    /// acknowledged, then the read's (older) data arrives. It must not be inserted.
+    #[test]
+    fn fill_that_raced_with_an_acknowledged_write_inserts_nothing() {
+        let mut cache = BlockCache::new(1 << 20, 4096);
+        let Lookup::Miss { ticket } = cache.lookup(1, 0, 8192) else {
+            panic!("miss");
+        };
+        cache.write_acknowledged(1, 4096, 512, None);
+        assert!(!cache.fill(ticket, &Bytes::from(vec![1u8; 8192])));
+        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Miss { .. }));
+        // A write to another volume or another block does not poison the ticket.
+        let Lookup::Miss { ticket } = cache.lookup(1, 0, 4096) else {
+            panic!("miss");
+        };
+        cache.write_acknowledged(2, 0, 4096, Some(&block(9)));
+        cache.write_acknowledged(1, 4096, 4096, Some(&block(9)));
+        assert!(cache.fill(ticket, &block(1)));
+        assert_eq!(cache.lookup(1, 0, 4096), Lookup::Hit(block(1)));
+    }
+
+    /// An acknowledged write replaces cached full blocks and drops partially written ones, so
+    /// a later read never sees pre-write data.
+    #[test]
+    fn acknowledged_writes_update_or_drop_cached_blocks() {
+        let mut cache = BlockCache::new(1 << 20, 4096);
+        for index in 0..3u64 {
+            let Lookup::Miss { ticket } = cache.lookup(1, index * 4096, 4096) else {
+                panic!("miss");
+            };
+            assert!(cache.fill(ticket, &block(1)));
+        }
+        // Writes 4096..12288 + 100: block 1 fully, block 2 fully, block 3 partially... block 3
+        // was never cached; block 2 is covered only in part here.
+        let mut data = vec![5u8; 4096 + 100];
+        data[0] = 6;
+        cache.write_acknowledged(1, 4096, 4096 + 100, Some(&Bytes::from(data)));
+        let Lookup::Hit(hit) = cache.lookup(1, 4096, 4096) else {
+            panic!("block 1 was replaced, not dropped");
+        };
+        assert_eq!(hit[0], 6);
+        assert_eq!(hit[1], 5);
+        assert!(matches!(cache.lookup(1, 8192, 4096), Lookup::Miss { .. }));
+        assert_eq!(cache.lookup(1, 0, 4096), Lookup::Hit(block(1)));
+        cache.write_acknowledged(1, 0, 4096, None);
+        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Miss { .. }));
+    }
+
+    #[test]
+    fn bounded_in_bytes_with_least_recently_used_eviction() {
+        let mut cache = BlockCache::new(3 * 4096, 4096);
+        for index in 0..3u64 {
+            let Lookup::Miss { ticket } = cache.lookup(1, index * 4096, 4096) else {
+                panic!("miss");
+            };
+            assert!(cache.fill(ticket, &block(index as u8)));
+        }
+        // Use block 0 so block 1 becomes the least recently used.
+        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Hit(_)));
+        let Lookup::Miss { ticket } = cache.lookup(1, 3 * 4096, 4096) else {
+            panic!("miss");
+        };
+        assert!(cache.fill(ticket, &block(3)));
+        assert_eq!(cache.used_bytes(), 3 * 4096);
+        assert!(matches!(cache.lookup(1, 4096, 4096), Lookup::Miss { .. }));
+        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Hit(_)));
+    }
+
+    /// A restart forgets tickets too: a fill started before it inserts nothing.
+    #[test]
+    fn tickets_do_not_survive_a_restart() {
+        let mut cache = BlockCache::new(1 << 20, 4096);
+        let Lookup::Miss { ticket } = cache.lookup(1, 0, 4096) else {
+            panic!("miss");
+        };
+        cache.clear();
+        assert!(!cache.fill(ticket, &block(1)));
+        assert_eq!(cache.used_bytes(), 0);
+    }
+
+    /// The actor shell: a panic restarts it cold at the same address, and it keeps serving.
+    #[actix_rt::test]
+    async fn actor_restarts_cold_after_a_panic() {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let cache = actix::Supervisor::start(move |_| CacheActor::new(1 << 20, 4096, logger));
+        let Ok(Lookup::Miss { ticket }) = cache
+            .send(CacheLookup {
+                volume: 1,
+                offset: 0,
+                length: 4096,
+            })
+            .await
+        else {
+            panic!("miss");
+        };
+        cache.do_send(CacheFill {
+            ticket,
+            data: block(4),
+        });
+        let hit = cache
+            .send(CacheLookup {
+                volume: 1,
+                offset: 0,
+                length: 4096,
+            })
+            .await
+            .expect("alive");
+        assert_eq!(hit, Lookup::Hit(block(4)));
+        let _ = cache.send(CacheCrash).await;
+        let after = cache
+            .send(CacheLookup {
+                volume: 1,
+                offset: 0,
+                length: 4096,
+            })
+            .await
+            .expect("restarted at the same address");
+        assert!(matches!(after, Lookup::Miss { .. }));
+    }
+}

@@ -1,0 +1,233 @@
+//! `raftblk proxy`: a local NBD endpoint on the client's machine that presents the cluster's
+//! volumes and hides server crashes from the client.
+//!
+//! ```text
+//!  NBD client ──▶ NbdListenerActor<ProxyService> ──▶ NbdSessionActor<ProxyBackend>
+//!                      │ prepare_export: attach                │ reads: CacheActor, then upstream
+//!                      ▼                                       ▼
+//!               control API (attach)          upstream task (one per volume) ──NBD──▶ leader
+//!  ClusterView ──GET /v1/status──▶ every server (leader, members' NBD addresses, volumes)
+//! ```
+//!
+//! - [`discovery`]: polls the servers' status; attach/detach calls.
+//! - [`upstream`]: the per-volume connection to the cluster; reissues unanswered requests after
+//!   any failure, on a new epoch.
+//! - [`cache`]: the read-through block cache actor (bounded, LRU, never stale).
+//! - [`service`]: glues them into the shared listener/session code (`crate::actors`).
+//!
+//! Invariant: a request is answered to the client only with the cluster's answer to it, or
+//! with an error after `request_deadline_ms`; a write is never acknowledged before the cluster
+//! acknowledged it.
+
+pub mod cache;
+pub mod discovery;
+pub mod service;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use parking_lot::Mutex;
+
+use crate::actors::listener::{ListenerLimits, NbdListenerActor};
+use crate::actors::supervisor::{ActorKind, RestartCounters, Supervision};
+use crate::config::Config;
+use cache::CacheActor;
+use discovery::{detach_once, ClusterView, ServerEndpoint};
+use service::{ProxyService, ProxyShared};
+
+/// Written to `--ready-file` once the proxy accepts connections.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProxyReadyInfo {
+    pub nbd: std::net::SocketAddr,
+    pub pid: u32,
+    pub client_id: String,
+}
+
+fn write_ready_file(path: &Path, info: &ProxyReadyInfo) -> anyhow::Result<()> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, serde_json::to_vec(info)?)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Marks this process as one that flushes I/O for others (`PR_SET_IO_FLUSHER`), so memory
+/// reclaim triggered by a kernel nbd device backed by this proxy cannot wait on the proxy's own
+/// allocations (a deadlock). Needs CAP_SYS_RESOURCE; without it, a warning.
+fn set_io_flusher(logger: &slog::Logger) {
+    // PR_SET_IO_FLUSHER = 57 (Linux 5.6).
+    const PR_SET_IO_FLUSHER: libc::c_int = 57;
+    // SAFETY: prctl with PR_SET_IO_FLUSHER takes plain integers and touches no memory of ours.
+    let result = unsafe {
+        libc::prctl(
+            PR_SET_IO_FLUSHER,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if result != 0 {
+        let error = std::io::Error::last_os_error();
+        slog::warn!(logger, "PR_SET_IO_FLUSHER not set; under memory pressure a kernel nbd \
+            client on this host could deadlock with the proxy"; "error" => %error);
+    } else {
+        slog::info!(logger, "PR_SET_IO_FLUSHER set");
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+/// Runs the proxy until SIGINT/SIGTERM. Must be called inside an actix `System`.
+pub async fn run_proxy(
+    config: Config,
+    logger: slog::Logger,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    set_io_flusher(&logger);
+    let proxy = config.proxy.clone();
+    let endpoints: Vec<ServerEndpoint> = proxy
+        .servers
+        .iter()
+        .filter_map(|server| ServerEndpoint::parse(server))
+        .collect();
+    if endpoints.is_empty() {
+        anyhow::bail!("proxy.servers is empty: give the servers' control addresses (--servers)");
+    }
+    let client_id = proxy.effective_client_id();
+    let view = ClusterView::new(endpoints, Duration::from_millis(proxy.control_timeout_ms));
+    view.poll_once().await;
+    actix_rt::spawn(view.clone().run(
+        Duration::from_millis(proxy.status_poll_interval_ms),
+        logger.new(slog::o!("component" => "discovery")),
+    ));
+    let cache = (proxy.cache_bytes > 0).then(|| {
+        let cache_logger = logger.new(slog::o!("actor" => "cache"));
+        let capacity_bytes = proxy.cache_bytes;
+        let block_size_bytes = proxy.cache_block_size_bytes;
+        actix::Supervisor::start(move |_| {
+            CacheActor::new(capacity_bytes, block_size_bytes, cache_logger)
+        })
+    });
+    let shared = Arc::new(ProxyShared {
+        view: view.clone(),
+        client_id: client_id.clone(),
+        force_attach: proxy.force_attach,
+        request_max_bytes: config.nbd.request_max_bytes,
+        reply_timeout: Duration::from_millis(proxy.upstream_reply_timeout_ms),
+        upstream_queue_max: proxy.upstream_queue_max,
+        cache,
+        volumes: Mutex::new(HashMap::new()),
+        attach_lock: tokio::sync::Mutex::new(()),
+        next_cache_key: AtomicU64::new(1),
+        logger: logger.new(slog::o!("component" => "proxy")),
+    });
+    let limits = ListenerLimits {
+        connections_max: proxy.connections_max,
+        requests_in_flight_per_session_max: proxy.requests_in_flight_per_session_max,
+        bytes_in_flight_per_session_max: proxy.bytes_in_flight_per_session_max,
+        bytes_in_flight_max: proxy.bytes_in_flight_max,
+        request_max_bytes: config.nbd.request_max_bytes,
+        option_length_max_bytes: config.nbd.option_length_max_bytes,
+        // Attaching may wait for a leader election: give the handshake room for it.
+        handshake_timeout_ms: config
+            .nbd
+            .handshake_timeout_ms
+            .max(proxy.control_timeout_ms * 3),
+        request_timeout_ms: proxy.request_deadline_ms,
+    };
+    let listener = tokio::net::TcpListener::bind(proxy.listen)
+        .await
+        .with_context(|| format!("binding the proxy's NBD listener to {}", proxy.listen))?;
+    let nbd_address = listener.local_addr()?;
+    let supervision = Supervision {
+        kind: ActorKind::Listener,
+        logger: logger.new(slog::o!("actor" => ActorKind::Listener.name())),
+        counters: RestartCounters::new(),
+    };
+    let listener_actor = NbdListenerActor::with_service(
+        listener,
+        limits,
+        ProxyService {
+            shared: shared.clone(),
+        },
+        supervision,
+    );
+    let connections = listener_actor.connections();
+    let listener_address = listener_actor.start();
+    let (snapshot, _) = view.snapshot();
+    slog::info!(logger, "raftblk proxy ready"; "nbd" => %nbd_address, "client_id" => &client_id,
+        "servers_reachable" => snapshot.servers_reachable, "leader_id" => snapshot.leader_id);
+    if let Some(path) = ready_file {
+        write_ready_file(
+            &path,
+            &ProxyReadyInfo {
+                nbd: nbd_address,
+                pid: std::process::id(),
+                client_id: client_id.clone(),
+            },
+        )?;
+    }
+
+    shutdown_signal().await;
+    slog::info!(logger, "shutting down");
+    drop(listener_address);
+    let open = connections.load(Ordering::Acquire);
+    let attached: Vec<(String, u64)> = shared
+        .volumes
+        .lock()
+        .iter()
+        .filter(|(_, volume)| volume.epoch != 0)
+        .map(|(name, volume)| (name.clone(), volume.epoch))
+        .collect();
+    if open > 0 {
+        // A client still uses the volumes: keep them attached so a restarted proxy (same
+        // client id) can take over without a forced attach.
+        slog::info!(logger, "sessions still open; volumes stay attached"; "sessions" => open);
+    } else {
+        for (name, epoch) in attached {
+            detach(&view, &name, epoch, &logger).await;
+        }
+    }
+    Ok(())
+}
+
+async fn detach(view: &ClusterView, name: &str, epoch: u64, logger: &slog::Logger) {
+    let (snapshot, _) = view.snapshot();
+    let timeout = view.control_timeout();
+    for control in snapshot.control_candidates {
+        let volume = name.to_string();
+        let result =
+            tokio::task::spawn_blocking(move || detach_once(control, &volume, epoch, timeout))
+                .await;
+        match result {
+            Ok(Ok(())) => {
+                slog::info!(logger, "volume detached"; "volume" => name, "epoch" => epoch);
+                return;
+            }
+            Ok(Err(error)) => {
+                slog::debug!(logger, "detach failed"; "control" => %control, "error" => error)
+            }
+            Err(error) => slog::debug!(logger, "detach task failed"; "error" => %error),
+        }
+    }
+    slog::warn!(logger, "volume not detached"; "volume" => name, "epoch" => epoch);
+}

@@ -1,0 +1,332 @@
+//! The proxy as an [`NbdService`]: the exports are the cluster's volumes (from the servers'
+//! status); preparing an export attaches the volume for this client (once, on the first local
+//! session) and starts its upstream task; each session's backend is [`ProxyBackend`], which
+//! forwards requests upstream and keeps the read cache coherent.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::cache::{
+    CacheAbandon, CacheActor, CacheFill, CacheLookup, CacheWriteAcknowledged, Lookup,
+};
+use super::discovery::{AttachError, ClusterView, VolumeSummary};
+use super::upstream::{attach, spawn_upstream, UpstreamHandle, UpstreamParams, UpstreamRequest};
+use crate::actors::listener::{NbdService, EXPORT_TRANSMISSION_FLAGS};
+use crate::actors::session::{BackendReply, BackendRequest, SessionBackend};
+use crate::nbd::handshake::{ExportCatalog, ExportDescription};
+use crate::nbd::transmission::{BlockStatusExtent, Command, Errno};
+use crate::nbd::Negotiated;
+
+/// A volume this proxy has attached and serves.
+#[derive(Clone)]
+pub struct AttachedVolume {
+    pub summary: VolumeSummary,
+    /// The cache's name for this volume.
+    pub cache_key: u64,
+    /// 0 if the cluster has no writer fencing.
+    pub epoch: u64,
+    pub upstream: UpstreamHandle,
+}
+
+pub struct ProxyShared {
+    pub view: ClusterView,
+    pub client_id: String,
+    pub force_attach: bool,
+    pub request_max_bytes: u32,
+    pub reply_timeout: Duration,
+    pub upstream_queue_max: usize,
+    pub cache: Option<Addr<CacheActor>>,
+    pub volumes: Mutex<HashMap<String, AttachedVolume>>,
+    /// One attach at a time: two racing attaches by this client would fence each other.
+    pub attach_lock: tokio::sync::Mutex<()>,
+    pub next_cache_key: AtomicU64,
+    pub logger: slog::Logger,
+}
+
+#[derive(Clone)]
+pub struct ProxyService {
+    pub shared: Arc<ProxyShared>,
+}
+
+/// One connection's view of the exports; remembers refusals to report them in the handshake.
+pub struct ProxyCatalog {
+    shared: Arc<ProxyShared>,
+    /// Shared with the `prepare_export` futures of this connection.
+    refusals: Arc<Mutex<HashMap<String, String>>>,
+}
+
+fn description(summary: &VolumeSummary, request_max_bytes: u32) -> ExportDescription {
+    ExportDescription {
+        name: summary.name.clone(),
+        description: format!("raftblk volume {} through the proxy", summary.name),
+        size_bytes: summary.size_bytes,
+        // The same promises as a server: the proxy acknowledges a write only after the cluster
+        // did (durable on a majority), so FLUSH/FUA need no work and CAN_MULTI_CONN holds.
+        transmission_flags: EXPORT_TRANSMISSION_FLAGS,
+        block_size_min_bytes: 512,
+        block_size_preferred_bytes: summary.block_size_bytes.max(512),
+        block_size_max_bytes: request_max_bytes,
+    }
+}
+
+impl ExportCatalog for ProxyCatalog {
+    fn export_names(&self) -> Vec<String> {
+        let (snapshot, _) = self.shared.view.snapshot();
+        snapshot
+            .volumes
+            .into_iter()
+            .map(|volume| volume.name)
+            .collect()
+    }
+
+    fn export(&self, name: &str) -> Option<ExportDescription> {
+        let volumes = self.shared.volumes.lock();
+        // Only attached volumes are exports; a listed volume is attached by the first option
+        // that names it (see `prepare_export`).
+        volumes
+            .get(name)
+            .map(|volume| description(&volume.summary, self.shared.request_max_bytes))
+    }
+
+    fn export_refusal(&self, name: &str) -> Option<String> {
+        self.refusals.lock().get(name).cloned()
+    }
+}
+
+impl NbdService for ProxyService {
+    type Catalog = ProxyCatalog;
+    type Backend = ProxyBackend;
+
+    fn catalog(&self) -> ProxyCatalog {
+        ProxyCatalog {
+            shared: self.shared.clone(),
+            refusals: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn prepare_export(
+        &self,
+        catalog: &ProxyCatalog,
+        export_name: &str,
+    ) -> impl Future<Output = ()> + 'static {
+        let shared = self.shared.clone();
+        let refusals = catalog.refusals.clone();
+        let name = export_name.to_string();
+        async move {
+            match prepare(&shared, &name).await {
+                Ok(()) => {
+                    refusals.lock().remove(&name);
+                }
+                Err(message) => {
+                    slog::warn!(shared.logger, "export refused"; "export" => &name,
+                        "reason" => &message);
+                    refusals.lock().insert(name, message);
+                }
+            }
+        }
+    }
+
+    fn backend(
+        &self,
+        _catalog: &ProxyCatalog,
+        negotiated: &Negotiated,
+        _logger: &slog::Logger,
+    ) -> Option<ProxyBackend> {
+        let volumes = self.shared.volumes.lock();
+        let volume = volumes.get(&negotiated.export.name)?;
+        Some(ProxyBackend {
+            volume: volume.clone(),
+            cache: self.shared.cache.clone(),
+        })
+    }
+}
+
+/// Attaches `name` (once per proxy) and starts its upstream. `Err` carries the message for the
+/// local client.
+async fn prepare(shared: &Arc<ProxyShared>, name: &str) -> Result<(), String> {
+    let _attaching = shared.attach_lock.lock().await;
+    if shared.volumes.lock().contains_key(name) {
+        return Ok(());
+    }
+    let find = |shared: &ProxyShared| {
+        let (snapshot, _) = shared.view.snapshot();
+        snapshot
+            .volumes
+            .into_iter()
+            .find(|volume| volume.name == name)
+    };
+    let summary = match find(shared) {
+        Some(summary) => summary,
+        None => {
+            shared.view.refresh(shared.view.control_timeout()).await;
+            let (snapshot, _) = shared.view.snapshot();
+            if snapshot.servers_reachable == 0 {
+                return Err("no raftblk server is reachable; cannot attach the volume".to_string());
+            }
+            find(shared).ok_or_else(|| format!("the cluster has no volume named {name:?}"))?
+        }
+    };
+    let epoch = match attach(&shared.view, name, &shared.client_id, shared.force_attach).await {
+        Ok(epoch) => epoch,
+        // A cluster without writer fencing: the anonymous export is the only one.
+        Err(AttachError::Unsupported) => {
+            slog::warn!(shared.logger, "the cluster does not support attaching; writes are not fenced";
+                "volume" => name);
+            0
+        }
+        Err(AttachError::Refused(message)) => {
+            return Err(format!("cannot attach volume {name} read-write: {message}"))
+        }
+        Err(error) => return Err(format!("cannot attach volume {name}: {error}")),
+    };
+    slog::info!(shared.logger, "volume attached"; "volume" => name, "epoch" => epoch,
+        "client" => &shared.client_id);
+    let upstream = spawn_upstream(UpstreamParams {
+        volume_name: name.to_string(),
+        client_id: shared.client_id.clone(),
+        epoch,
+        view: shared.view.clone(),
+        reply_timeout: shared.reply_timeout,
+        queue_max: shared.upstream_queue_max,
+        logger: shared.logger.clone(),
+    });
+    let cache_key = shared.next_cache_key.fetch_add(1, Ordering::Relaxed);
+    shared.volumes.lock().insert(
+        name.to_string(),
+        AttachedVolume {
+            summary,
+            cache_key,
+            epoch,
+            upstream,
+        },
+    );
+    Ok(())
+}
+
+/// A local session's backend: forwards to the volume's upstream, through the cache.
+#[derive(Clone)]
+pub struct ProxyBackend {
+    volume: AttachedVolume,
+    cache: Option<Addr<CacheActor>>,
+}
+
+async fn forward(
+    upstream: &UpstreamHandle,
+    request: BackendRequest,
+) -> Result<Option<Bytes>, Errno> {
+    let (responder, response) = oneshot::channel();
+    let request = UpstreamRequest {
+        header: request.header,
+        payload: request.payload,
+        deadline: request.deadline,
+        responder,
+    };
+    // The queue is bounded: a full one makes the session wait (and stop reading its socket).
+    if upstream.sender.send(request).await.is_err() {
+        return Err(Errno::Io);
+    }
+    response.await.unwrap_or(Err(Errno::Io))
+}
+
+fn error_reply(errno: Errno) -> BackendReply {
+    BackendReply::Error {
+        errno,
+        message: match errno {
+            Errno::Perm => "volume attached by another client (fenced)",
+            Errno::Io => "the cluster did not answer before the request deadline",
+            _ => "the cluster refused the request",
+        },
+    }
+}
+
+impl SessionBackend for ProxyBackend {
+    fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static {
+        let backend = self.clone();
+        async move {
+            let header = request.header;
+            let cache_key = backend.volume.cache_key;
+            match header.command {
+                Command::Read => {
+                    let mut ticket = None;
+                    if let Some(cache) = &backend.cache {
+                        // A cache that is down (restarting) is bypassed.
+                        match cache
+                            .send(CacheLookup {
+                                volume: cache_key,
+                                offset: header.offset,
+                                length: u64::from(header.length),
+                            })
+                            .await
+                        {
+                            Ok(Lookup::Hit(data)) if data.len() == header.length as usize => {
+                                return BackendReply::Data(data)
+                            }
+                            Ok(Lookup::Miss { ticket: issued }) => ticket = Some(issued),
+                            _ => {}
+                        }
+                    }
+                    let result = forward(&backend.volume.upstream, request).await;
+                    match (result, &backend.cache, ticket) {
+                        (Ok(Some(data)), cache, ticket) => {
+                            if let (Some(cache), Some(ticket)) = (cache, ticket) {
+                                cache.do_send(CacheFill {
+                                    ticket,
+                                    data: data.clone(),
+                                });
+                            }
+                            BackendReply::Data(data)
+                        }
+                        (result, cache, ticket) => {
+                            if let (Some(cache), Some(ticket)) = (cache, ticket) {
+                                cache.do_send(CacheAbandon { ticket });
+                            }
+                            match result {
+                                Err(errno) => error_reply(errno),
+                                _ => error_reply(Errno::Io),
+                            }
+                        }
+                    }
+                }
+                Command::Write | Command::Trim | Command::WriteZeroes => {
+                    let written =
+                        (header.command == Command::Write).then(|| request.payload.clone());
+                    match forward(&backend.volume.upstream, request).await {
+                        Ok(_) => {
+                            if let Some(cache) = &backend.cache {
+                                // Before the client hears of the write, so no later read can
+                                // be served the data it replaced. An error means the cache is
+                                // restarting, and a restarted cache is empty.
+                                let _ = cache
+                                    .send(CacheWriteAcknowledged {
+                                        volume: cache_key,
+                                        offset: header.offset,
+                                        length: u64::from(header.length),
+                                        data: written,
+                                    })
+                                    .await;
+                            }
+                            BackendReply::Done
+                        }
+                        Err(errno) => error_reply(errno),
+                    }
+                }
+                // The upstream connection uses simple replies, which cannot carry block status;
+                // "allocated data" is always a correct answer ("base:allocation": a server MAY
+                // report data for any extent).
+                Command::BlockStatus => BackendReply::Extents(vec![BlockStatusExtent {
+                    length_bytes: header.length,
+                    flags: 0,
+                }]),
+                _ => error_reply(Errno::Inval),
+            }
+        }
+    }
+}
