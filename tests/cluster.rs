@@ -302,9 +302,14 @@ fn node_down_past_log_compaction_rejoins_by_snapshot() {
         leader_status.snapshots_sent
     );
     let all = cluster.node_ids();
-    cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
+    let digests = cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
     let mut reader = cluster.nbd_client(follower, DEFAULT_EXPORT_NAME);
     let blocks_holding_writes = region.verify(&mut reader, "read through the snapshot-fed node");
+    eprintln!(
+        "node {follower} stopped at applied index {applied_by_follower}; the leader's log \
+         then began at {}; snapshots sent by the leader {}; replicas identical at {}",
+        leader_status.first_log_index, leader_status.snapshots_sent, digests[0].applied_index
+    );
     assert!(
         blocks_holding_writes > 200,
         "only {blocks_holding_writes} blocks hold writes"
@@ -561,12 +566,6 @@ fn second_attach_is_refused_and_a_forced_takeover_fences_the_first_writer() {
     // The attached writer's session; an anonymous session is read-only now.
     let mut first_writer = cluster.nbd_client(follower, &format!("disk0@{first_epoch}"));
     first_writer.write_ok(0, &tagged_block(0xa1, 0));
-    let anonymous = cluster.nbd_client(leader, DEFAULT_EXPORT_NAME);
-    assert_ne!(
-        anonymous.export.transmission_flags & nbd::FLAG_READ_ONLY,
-        0,
-        "an anonymous session on an attached volume must be READ_ONLY"
-    );
 
     let takeover = attach("beta", true);
     assert_eq!(
@@ -594,6 +593,24 @@ fn second_attach_is_refused_and_a_forced_takeover_fences_the_first_writer() {
     assert_eq!(
         second_writer.read_ok(0, 8192)[4096..],
         tagged_block(0xb2, 1)[..]
+    );
+
+    // An anonymous session on an attached volume is read-only: advertised so, and its
+    // writes refused (issue 3, "NBD on servers").
+    let mut anonymous = cluster.nbd_client(follower, DEFAULT_EXPORT_NAME);
+    let anonymous_write = anonymous
+        .write(8192, &tagged_block(0xcc, 2))
+        .expect("a reply to the anonymous write");
+    assert_eq!(
+        anonymous_write.error,
+        nbd::EPERM,
+        "an anonymous write to an attached volume must fail with EPERM, got {}",
+        nbd_error_name(anonymous_write.error)
+    );
+    assert_ne!(
+        anonymous.export.transmission_flags & nbd::FLAG_READ_ONLY,
+        0,
+        "an anonymous session on an attached volume must be advertised READ_ONLY"
     );
 
     let stale = http_delete(
@@ -712,7 +729,7 @@ fn relay_passes_black_holes_delays_and_closes() {
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let mut echo = |client: &mut TcpStream, message: &[u8]| -> std::io::Result<Vec<u8>> {
+    let echo = |client: &mut TcpStream, message: &[u8]| -> std::io::Result<Vec<u8>> {
         client.write_all(message)?;
         let mut answer = vec![0u8; message.len()];
         client.read_exact(&mut answer)?;

@@ -267,18 +267,23 @@ fn spawn_direction(
             {
                 break;
             }
-            let delay = match reader_shared.mode() {
+            match reader_shared.mode() {
                 RelayMode::BlackHole => {
                     thread::sleep(POLL_INTERVAL);
                     continue;
                 }
                 RelayMode::Close => break,
-                RelayMode::Pass => Duration::ZERO,
-                RelayMode::Delay(delay) => delay,
-            };
+                RelayMode::Pass | RelayMode::Delay(_) => {}
+            }
             match source.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(count) => {
+                    // The mode when the bytes arrived decides their delay (it may have changed
+                    // while the read was blocked).
+                    let delay = match reader_shared.mode() {
+                        RelayMode::Delay(delay) => delay,
+                        _ => Duration::ZERO,
+                    };
                     if sender
                         .send((Instant::now() + delay, buffer[..count].to_vec()))
                         .is_err()
