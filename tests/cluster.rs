@@ -658,7 +658,11 @@ fn a_second_proxy_is_refused_and_with_force_fences_the_first() {
 
     let second = ProxyProcess::start(&cluster, "beta", &[]);
     let refused = run_command(
-        std::process::Command::new("nbdinfo").arg(second.uri(DEFAULT_EXPORT_NAME)),
+        // LIBNBD_DEBUG shows the text of the server's NBD_REP_ERR reply, which nbdinfo's own
+        // message reduces to an errno.
+        std::process::Command::new("nbdinfo")
+            .env("LIBNBD_DEBUG", "1")
+            .arg(second.uri(DEFAULT_EXPORT_NAME)),
         Duration::from_secs(60),
     );
     assert!(
@@ -673,7 +677,7 @@ fn a_second_proxy_is_refused_and_with_force_fences_the_first() {
         refused.describe()
     );
 
-    let forced = ProxyProcess::start(&cluster, "beta-forced", &["--force"]);
+    let forced = ProxyProcess::start(&cluster, "beta-forced", &["--force-attach"]);
     qemu_write(&forced.uri(DEFAULT_EXPORT_NAME), "0xb2").assert_success();
     let fenced = qemu_write(&first.uri(DEFAULT_EXPORT_NAME), "0xa3");
     let output = format!("{}{}", fenced.stdout_text(), fenced.stderr_text());
