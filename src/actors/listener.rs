@@ -182,6 +182,9 @@ pub struct VolumeService {
     pub read_gate: ReadGate,
 }
 
+/// How long an export lookup waits for a read barrier before answering from the local table.
+const EXPORT_BARRIER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl NbdService for VolumeService {
     type Catalog = VolumeCatalog;
     type Backend = RaftVolumeBackend;
@@ -191,6 +194,25 @@ impl NbdService for VolumeService {
             registry: self.registry.clone(),
             default_export_name: self.default_export_name.clone(),
             request_max_bytes: self.request_max_bytes,
+        }
+    }
+
+    /// A read barrier first, so that the export table this node answers from includes every
+    /// change committed before the client asked (a volume just created or attached through
+    /// another node). Without quorum the barrier gives up after a short wait and the local
+    /// table answers.
+    fn prepare_export(
+        &self,
+        _catalog: &VolumeCatalog,
+        _export_name: &str,
+    ) -> impl Future<Output = ()> + 'static {
+        let raft = self.raft.clone();
+        let needs_barrier = self.read_gate.reads_need_barrier();
+        async move {
+            if needs_barrier {
+                let deadline = std::time::Instant::now() + EXPORT_BARRIER_WAIT;
+                let _ = crate::actors::raft::read_barrier_until(&raft, deadline).await;
+            }
         }
     }
 
