@@ -15,6 +15,7 @@ use anyhow::Context as _;
 
 use crate::config::MemberConfig;
 use crate::control::ControlClient;
+use crate::server::shutdown_signal;
 
 /// Servers in the development cluster.
 pub const DEV_SERVERS: u64 = 3;
@@ -195,20 +196,6 @@ async fn print_cluster(children: &[ChildProcess], members: &[MemberConfig], list
         );
     }
     println!("serving nbd://{listen}/disk0 (Ctrl-C stops the cluster)");
-}
-
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match terminate.as_mut() {
-                Some(signal) => { signal.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
-    }
 }
 
 /// Runs the development cluster until Ctrl-C or SIGTERM.

@@ -160,16 +160,25 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         config.proxy.servers = servers;
         config.validate()?;
     }
+    let ready_file = args.ready_file;
+    run_logged("proxy", config, move |config, logger| {
+        raftblk::proxy::run_proxy(config, logger, ready_file)
+    })
+}
+
+/// Sets up logging (slog drains, panics logged too) and runs `run` in an actix `System`,
+/// logging its failure: the frame of every long-running process kind.
+fn run_logged<F, Fut>(what: &str, config: Config, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Config, slog::Logger) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let (logger, _logging_guard) = raftblk::logging::build_logger(&config.log);
     install_panic_logger(&logger, config.log.format);
     let system = actix::System::new();
-    let result = system.block_on(raftblk::proxy::run_proxy(
-        config,
-        logger.clone(),
-        args.ready_file,
-    ));
+    let result = system.block_on(run(config, logger.clone()));
     if let Err(error) = &result {
-        slog::crit!(logger, "proxy failed"; "error" => format!("{error:#}"));
+        slog::crit!(logger, "process failed"; "process" => what, "error" => format!("{error:#}"));
     }
     result
 }
@@ -227,18 +236,10 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         overrides.push(("log.level", level));
     }
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    let (logger, _logging_guard) = raftblk::logging::build_logger(&config.log);
-    install_panic_logger(&logger, config.log.format);
-    let system = actix::System::new();
-    let result = system.block_on(raftblk::server::run_server(
-        config,
-        logger.clone(),
-        args.ready_file,
-    ));
-    if let Err(error) = &result {
-        slog::crit!(logger, "server failed"; "error" => format!("{error:#}"));
-    }
-    result
+    let ready_file = args.ready_file;
+    run_logged("server", config, move |config, logger| {
+        raftblk::server::run_server(config, logger, ready_file)
+    })
 }
 
 /// Panics are also logged through slog (with their location) so that JSON log consumers see

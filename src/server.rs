@@ -42,8 +42,9 @@ pub struct ReadyInfo {
     pub pid: u32,
 }
 
-/// Writes `info` to `path` atomically, so a reader never sees a half-written file.
-fn write_ready_file(path: &Path, info: &ReadyInfo) -> anyhow::Result<()> {
+/// Writes `info` to `path` atomically, so a reader never sees a half-written file. Shared by
+/// every process kind that announces readiness (server, proxy).
+pub fn write_ready_file(path: &Path, info: &impl serde::Serialize) -> anyhow::Result<()> {
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, serde_json::to_vec(info)?)
         .with_context(|| format!("writing {}", temporary.display()))?;
@@ -93,7 +94,8 @@ async fn ensure_default_volume(
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM; every long-running process kind stops cleanly on it.
+pub async fn shutdown_signal() {
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {

@@ -25,7 +25,7 @@ pub mod service;
 pub mod upstream;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,20 +41,14 @@ use cache::CacheActor;
 use discovery::{detach_once, ClusterView, ServerEndpoint};
 use service::{ProxyService, ProxyShared};
 
+use crate::server::{shutdown_signal, write_ready_file};
+
 /// Written to `--ready-file` once the proxy accepts connections.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProxyReadyInfo {
     pub nbd: std::net::SocketAddr,
     pub pid: u32,
     pub client_id: String,
-}
-
-fn write_ready_file(path: &Path, info: &ProxyReadyInfo) -> anyhow::Result<()> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, serde_json::to_vec(info)?)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }
 
 /// Marks this process as one that flushes I/O for others (`PR_SET_IO_FLUSHER`), so memory
@@ -79,20 +73,6 @@ fn set_io_flusher(logger: &slog::Logger) {
             client on this host could deadlock with the proxy"; "error" => %error);
     } else {
         slog::info!(logger, "PR_SET_IO_FLUSHER set");
-    }
-}
-
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match terminate.as_mut() {
-                Some(signal) => { signal.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
     }
 }
 

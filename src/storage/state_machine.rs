@@ -1293,12 +1293,7 @@ impl StateMachine {
     }
 
     fn delete_volume(&mut self, index: u64, name: &str) -> Result<ApplyOutcome, StorageError> {
-        let Some(volume) = self
-            .volumes
-            .values()
-            .find(|volume| volume.info.name == name)
-            .cloned()
-        else {
+        let Some(volume) = self.volume_named(name) else {
             self.applied_index = index;
             return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
         };
@@ -1348,12 +1343,7 @@ impl StateMachine {
         client: &str,
         force: bool,
     ) -> Result<ApplyOutcome, StorageError> {
-        let Some(volume) = self
-            .volumes
-            .values()
-            .find(|volume| volume.info.name == name)
-            .cloned()
-        else {
+        let Some(volume) = self.volume_named(name) else {
             self.applied_index = index;
             return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
         };
@@ -1383,12 +1373,7 @@ impl StateMachine {
 
     /// `Detach`: only the current epoch may detach; anything else is fenced.
     fn detach(&mut self, index: u64, name: &str, epoch: u64) -> Result<ApplyOutcome, StorageError> {
-        let Some(volume) = self
-            .volumes
-            .values()
-            .find(|volume| volume.info.name == name)
-            .cloned()
-        else {
+        let Some(volume) = self.volume_named(name) else {
             self.applied_index = index;
             return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
         };
@@ -1618,10 +1603,14 @@ impl StateMachine {
     }
 
     pub fn volume_by_name(&self, name: &str) -> Option<VolumeInfo> {
+        self.volume_named(name).map(|volume| volume.info_now())
+    }
+
+    fn volume_named(&self, name: &str) -> Option<Arc<VolumeShared>> {
         self.volumes
             .values()
             .find(|volume| volume.info.name == name)
-            .map(|volume| volume.info_now())
+            .cloned()
     }
 
     /// A reader of the volume, to hand to other threads.

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use super::relay::{Relay, RelayMode};
 use super::{
-    pick_free_port, send_signal, server_program, truncate_for_display, wait_for_listener,
-    wait_with_timeout, NbdClient, DEFAULT_EXPORT_NAME, MIB, SERVER_READY_TIMEOUT,
-    SERVER_SHUTDOWN_TIMEOUT,
+    append_to_file, pick_free_port, send_signal, server_program, truncate_for_display,
+    wait_for_listener, wait_with_timeout, NbdClient, DEFAULT_EXPORT_NAME, MIB,
+    SERVER_READY_TIMEOUT, SERVER_SHUTDOWN_TIMEOUT,
 };
 
 /// Timeout of one control API request made by the harness.
@@ -292,13 +291,7 @@ impl ClusterNode {
     }
 
     fn append_to_log(&self, text: &str) {
-        if let Ok(mut log) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-        {
-            let _ = log.write_all(text.as_bytes());
-        }
+        append_to_file(&self.log_path, text);
     }
 
     /// Starts the process without waiting for it.

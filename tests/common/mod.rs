@@ -646,13 +646,7 @@ impl ServerProcess {
     }
 
     fn append_to_log(&self, text: &str) {
-        if let Ok(mut log) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-        {
-            let _ = log.write_all(text.as_bytes());
-        }
+        append_to_file(&self.log_path, text);
     }
 
     #[track_caller]
@@ -1661,5 +1655,12 @@ pub fn nbd_error_name(error: u32) -> &'static str {
         nbd::ENOTSUP => "ENOTSUP",
         nbd::ESHUTDOWN => "ESHUTDOWN",
         _ => "unknown error value",
+    }
+}
+
+/// Appends `text` to a process log (harness markers between restarts); best effort.
+pub fn append_to_file(path: &Path, text: &str) {
+    if let Ok(mut log) = OpenOptions::new().create(true).append(true).open(path) {
+        let _ = log.write_all(text.as_bytes());
     }
 }
