@@ -75,8 +75,9 @@ pub struct RaftActorParams {
 /// membership change that it would itself commit, and it acknowledges writes only after they
 /// are applied to the image; so a read issued after an acknowledgement already sees that
 /// write, and the read barrier would only add a round trip to the Raft thread. The gate is open
-/// exactly while that holds; it closes on any role or membership change and while the Raft
-/// actor restarts.
+/// exactly while that holds and the leader has applied its own first entry (so everything
+/// committed before its term is in the image); it closes on any role or membership change and
+/// while the Raft actor restarts.
 #[derive(Clone, Default)]
 pub struct ReadGate {
     sole_voter_leader: Arc<std::sync::atomic::AtomicBool>,
@@ -84,7 +85,11 @@ pub struct ReadGate {
 
 impl ReadGate {
     pub fn reads_need_barrier(&self) -> bool {
-        !self.sole_voter_leader.load(Ordering::Acquire)
+        !self.is_open()
+    }
+
+    fn is_open(&self) -> bool {
+        self.sole_voter_leader.load(Ordering::Acquire)
     }
 
     fn set_sole_voter_leader(&self, open: bool) {
@@ -158,6 +163,10 @@ pub struct RaftActor {
     /// Set by a Ready that installed a snapshot; raft-rs learns it as applied after the
     /// Ready is advanced.
     snapshot_applied_index: Option<u64>,
+    /// While this node is the sole voter's leader but has not yet applied everything
+    /// committed before its term: the index (its first entry as leader) at which the read
+    /// gate opens.
+    read_gate_opens_at: Option<u64>,
 }
 
 /// Entries of appended-bytes history kept for compaction decisions.
@@ -182,6 +191,7 @@ impl RaftActor {
             snapshots_sent: 0,
             snapshots_installed: 0,
             snapshot_applied_index: None,
+            read_gate_opens_at: None,
         }
     }
 
@@ -428,8 +438,18 @@ impl RaftActor {
         self.release_reads();
     }
 
+    fn open_read_gate_if_applied(&mut self) {
+        if let Some(index) = self.read_gate_opens_at {
+            if self.applied_index >= index {
+                self.read_gate_opens_at = None;
+                self.params.read_gate.set_sole_voter_leader(true);
+            }
+        }
+    }
+
     /// Answers every read barrier whose read index has been applied.
     fn release_reads(&mut self) {
+        self.open_read_gate_if_applied();
         let applied_index = self.applied_index;
         self.reads_waiting_for_apply
             .retain_mut(|(index, responders)| {
@@ -671,9 +691,19 @@ impl RaftActor {
         let conf = node.raft.prs().conf();
         let sole_voter =
             conf.voters().ids().iter().eq(std::iter::once(node_id)) && conf.learners().is_empty();
-        self.params
-            .read_gate
-            .set_sole_voter_leader(role == StateRole::Leader && sole_voter);
+        let last_index = node.raft.raft_log.last_index();
+        if role == StateRole::Leader && sole_voter {
+            // Entries committed before this term may still be unapplied (after a restart
+            // the durable applied index trails the log): the image and its checksums are
+            // not current until this leader's first entry is applied.
+            if !self.params.read_gate.is_open() && self.read_gate_opens_at.is_none() {
+                self.read_gate_opens_at = Some(last_index);
+            }
+        } else {
+            self.read_gate_opens_at = None;
+            self.params.read_gate.set_sole_voter_leader(false);
+        }
+        self.open_read_gate_if_applied();
         let node = self.node();
         let leader_id = node.raft.leader_id;
         let term = node.raft.term;
@@ -753,6 +783,7 @@ impl actix::Supervised for RaftActor {
         self.ready_scheduled = false;
         self.node = None;
         self.params.read_gate.set_sole_voter_leader(false);
+        self.read_gate_opens_at = None;
         self.last_term_and_leader = (0, 0);
         self.snapshot_applied_index = None;
         // `started` runs again next and rebuilds the node from RocksDB.
