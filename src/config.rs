@@ -98,6 +98,11 @@ pub struct PeerAddressOverride {
 pub struct ClusterConfig {
     #[serde(default)]
     pub members: Vec<MemberConfig>,
+    /// This node joins a running group: it does not bootstrap a voter set and waits, empty,
+    /// until the group adds it (`raftblk ctl members add`) and sends it a snapshot.
+    /// `members` then lists the group's current members and this node.
+    #[serde(default)]
+    pub join: bool,
 }
 
 /// One storage server: its Raft node id and the addresses others reach it at.
@@ -109,6 +114,33 @@ pub struct MemberConfig {
     pub control: String,
 }
 
+impl MemberConfig {
+    /// Checks the id and that every address is host:port.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("member id 0 is reserved (raft-rs uses it for \"none\")".into());
+        }
+        for (what, address) in [
+            ("peer", &self.peer),
+            ("nbd", &self.nbd),
+            ("control", &self.control),
+        ] {
+            if address.len() > 255
+                || address
+                    .rsplit_once(':')
+                    .and_then(|(_, port)| port.parse::<u16>().ok())
+                    .is_none()
+            {
+                return Err(format!(
+                    "member {} has {what} address '{address}', which is not host:port",
+                    self.id
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// The member record of this node, if the cluster is configured.
     pub fn this_member(&self) -> Option<&MemberConfig> {
@@ -116,18 +148,6 @@ impl Config {
             .members
             .iter()
             .find(|member| member.id == self.node.id)
-    }
-
-    /// Where this node dials member `id`: an override, else the member's peer address.
-    pub fn peer_dial_address(&self, id: u64) -> Option<String> {
-        if let Some(entry) = self.peer.connect_overrides.iter().find(|o| o.id == id) {
-            return Some(entry.address.clone());
-        }
-        self.cluster
-            .members
-            .iter()
-            .find(|member| member.id == id)
-            .map(|member| member.peer.clone())
     }
 }
 
@@ -352,28 +372,16 @@ impl Config {
     fn validate_cluster(&self) -> Result<(), String> {
         let members = &self.cluster.members;
         if members.is_empty() {
+            if self.cluster.join {
+                return Err("join needs the group's members and this node listed".into());
+            }
             return Ok(());
         }
         let mut ids = std::collections::BTreeSet::new();
         for member in members {
-            if member.id == 0 || !ids.insert(member.id) {
-                return Err(format!("member id {} is zero or repeated", member.id));
-            }
-            for (what, address) in [
-                ("peer", &member.peer),
-                ("nbd", &member.nbd),
-                ("control", &member.control),
-            ] {
-                if address
-                    .rsplit_once(':')
-                    .and_then(|(_, port)| port.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return Err(format!(
-                        "member {} has {what} address '{address}', which is not host:port",
-                        member.id
-                    ));
-                }
+            member.validate()?;
+            if !ids.insert(member.id) {
+                return Err(format!("member id {} is repeated", member.id));
             }
         }
         if !ids.contains(&self.node.id) {

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use raftblk::config::MemberConfig;
 use raftblk::config::{Config, LogFormat};
+use raftblk::control::members::{MembersBody, MembershipClient};
 use raftblk::control::{ControlClient, CreateVolumeRequest};
 
 #[derive(Parser)]
@@ -75,6 +77,68 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List, add, remove or replace the group's members (Raft voters and learners).
+    Members {
+        /// Control API addresses to find the leader through, comma-separated.
+        #[arg(long, default_value = DEV_CONTROL_ADDRESSES, value_delimiter = ',', global = true)]
+        control: Vec<String>,
+        /// Bearer token for the control API's mutations.
+        #[arg(long, env = "RAFTBLK_TOKEN", global = true, hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: Option<MembersCommand>,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct NewMemberArgs {
+    /// Raft node id of the new member (unused in the group).
+    #[arg(long)]
+    id: u64,
+    /// Its peer transport address, host:port.
+    #[arg(long)]
+    peer: String,
+    /// Its NBD address, host:port.
+    #[arg(long)]
+    nbd: String,
+    /// Its control API address, host:port.
+    #[arg(long = "member-control")]
+    member_control: String,
+    /// How long the new member may take to catch up, in seconds.
+    #[arg(long, default_value_t = 600)]
+    catch_up_timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+enum MembersCommand {
+    /// One row per member: id, role, addresses, replication progress (the default).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a server (started with `raftblk server --join`): as a learner, wait for it to catch
+    /// up (progress bar), then promote it to voter.
+    Add {
+        #[command(flatten)]
+        member: NewMemberArgs,
+        /// Stop after the catch-up: leave it a learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member. A leader hands leadership over first. Refused when the remaining
+    /// voters would not have a working quorum, unless --force.
+    Remove {
+        id: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace member OLD by a new server: add it as a learner, let it catch up, then promote
+    /// it and remove OLD in one joint-consensus change.
+    Replace {
+        old: u64,
+        #[command(flatten)]
+        member: NewMemberArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -97,6 +161,9 @@ struct ServerArgs {
     /// Peer transport listen address.
     #[arg(long)]
     peer_listen: Option<String>,
+    /// Join a running group instead of bootstrapping one (see `cluster.join`).
+    #[arg(long)]
+    join: bool,
     /// Once serving, write {"nbd","control","pid"} as JSON to this file.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -229,6 +296,9 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.peer_listen {
         overrides.push(("peer.listen", listen));
     }
+    if args.join {
+        overrides.push(("cluster.join", "true".to_string()));
+    }
     if let Some(format) = args.log_format {
         overrides.push(("log.format", format));
     }
@@ -324,6 +394,14 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
 
 fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
     match command {
+        CtlCommand::Members {
+            control,
+            token,
+            command,
+        } => run_members_command(
+            &MembershipClient::new(&control, token),
+            command.unwrap_or(MembersCommand::List { json: false }),
+        )?,
         CtlCommand::Status { control, json } => {
             let statuses: Vec<(String, Result<serde_json::Value, String>)> = control
                 .iter()
@@ -439,4 +517,114 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_members(body: &MembersBody) {
+    println!(
+        "{:>4}  {:<15} {:<22} {:<22} {:<22} {:>9} {:>9}  state",
+        "id", "role", "peer", "nbd", "control", "matched", "behind"
+    );
+    for view in &body.members {
+        let leader = if view.member.id == body.leader_id {
+            " (leader)"
+        } else {
+            ""
+        };
+        let (matched, behind, state) = match &view.progress {
+            Some(progress) => (
+                progress.matched.to_string(),
+                body.commit_index
+                    .saturating_sub(progress.matched)
+                    .to_string(),
+                format!(
+                    "{}{}",
+                    progress.state,
+                    if progress.recent_active {
+                        ""
+                    } else {
+                        ", inactive"
+                    }
+                ),
+            ),
+            None => ("-".into(), "-".into(), String::new()),
+        };
+        println!(
+            "{:>4}  {:<15} {:<22} {:<22} {:<22} {:>9} {:>9}  {state}{leader}",
+            view.member.id,
+            view.role,
+            view.member.peer,
+            view.member.nbd,
+            view.member.control,
+            matched,
+            behind
+        );
+    }
+}
+
+/// Adds a learner and waits for it to catch up, drawing a progress bar on stderr.
+fn add_and_catch_up(client: &MembershipClient, member: &NewMemberArgs) -> anyhow::Result<()> {
+    let record = MemberConfig {
+        id: member.id,
+        peer: member.peer.clone(),
+        nbd: member.nbd.clone(),
+        control: member.member_control.clone(),
+    };
+    client.add_learner(&record)?;
+    eprintln!("node {} added as a learner; catching up", member.id);
+    let took = client.wait_caught_up(
+        member.id,
+        std::time::Duration::from_secs(member.catch_up_timeout_s),
+        |matched, commit| {
+            const WIDTH: u64 = 40;
+            let filled = (matched.min(commit) * WIDTH)
+                .checked_div(commit)
+                .unwrap_or(WIDTH);
+            eprint!(
+                "\r[{}{}] {matched}/{commit}",
+                "#".repeat(filled as usize),
+                ".".repeat((WIDTH - filled) as usize)
+            );
+        },
+    )?;
+    eprintln!("\nnode {} caught up in {:.1?}", member.id, took);
+    Ok(())
+}
+
+fn run_members_command(client: &MembershipClient, command: MembersCommand) -> anyhow::Result<()> {
+    let body = match command {
+        MembersCommand::List { json } => {
+            let body = client.members()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            body
+        }
+        MembersCommand::Add { member, learner } => {
+            add_and_catch_up(client, &member)?;
+            if learner {
+                client.members()?
+            } else {
+                let body = client.promote(member.id, None)?;
+                eprintln!("node {} promoted to voter", member.id);
+                body
+            }
+        }
+        MembersCommand::Remove { id, force } => {
+            let body = client.remove(id, force)?;
+            eprintln!("node {id} removed; it can be stopped");
+            body
+        }
+        MembersCommand::Replace { old, member } => {
+            add_and_catch_up(client, &member)?;
+            let body = client.promote(member.id, Some(old))?;
+            eprintln!(
+                "node {} replaced node {old} (joint consensus); node {old} can be stopped",
+                member.id
+            );
+            body
+        }
+    };
+    print_members(&body);
+    Ok(())
 }

@@ -139,20 +139,27 @@ pub async fn run_server(
             .map(|member| member.id)
             .collect()
     };
-    let peer_ids: Vec<u64> = voters
-        .iter()
-        .copied()
-        .filter(|id| *id != config.node.id)
-        .collect();
-    if new_cluster {
+    let joining = config.cluster.join;
+    if new_cluster && joining {
+        // Not a member yet: no voters, only the addresses to answer the group at. The
+        // leader's snapshot brings the conf state and the group's own directory.
+        log_store.set_members(&config.cluster.members)?;
+        slog::info!(logger, "waiting to be added to a running group"; "node" => config.node.id);
+    } else if new_cluster {
         let conf_state = ConfState {
             voters: voters.clone(),
             ..Default::default()
         };
-        log_store.bootstrap(conf_state)?;
+        log_store.bootstrap(conf_state, &config.cluster.members)?;
         slog::info!(logger, "new Raft group bootstrapped"; "group" => DEFAULT_GROUP_ID,
             "node" => config.node.id, "voters" => ?voters);
+    } else if log_store.members().is_empty() && !config.cluster.members.is_empty() {
+        // A group bootstrapped before the directory was kept in RocksDB.
+        log_store.set_members(&config.cluster.members)?;
     }
+    // Membership is dynamic once a cluster is configured: the transport runs even while this
+    // node is the only member, so members can be added.
+    let clustered = !config.cluster.members.is_empty() || log_store.members().len() > 1;
 
     let restarts = RestartCounters::new();
     let supervision = |kind: ActorKind| Supervision {
@@ -189,8 +196,12 @@ pub async fn run_server(
 
     let read_gate = ReadGate::default();
     let peer_supervision = supervision(ActorKind::Peer);
-    let (network, peer_links) =
-        PeerNetwork::new(&peer_ids, &config.peer, peer_supervision.logger.clone());
+    let (network, peer_links) = PeerNetwork::new(
+        config.node.id,
+        &config.peer,
+        peer_supervision.logger.clone(),
+    );
+    network.set_members(&log_store.members());
     let snapshots = SnapshotInbox::default();
     let raft_arbiter = Arbiter::new();
     let raft_params = RaftActorParams {
@@ -203,7 +214,7 @@ pub async fn run_server(
         applied_index: applied_index.clone(),
         read_gate: read_gate.clone(),
         supervision: supervision(ActorKind::Raft),
-        network,
+        network: network.clone(),
         snapshots: snapshots.clone(),
     };
     let raft = actix::Supervisor::start_in_arbiter(&raft_arbiter.handle(), move |_| {
@@ -213,7 +224,7 @@ pub async fn run_server(
 
     let peer_arbiter = Arbiter::new();
     let mut peer_address = None;
-    if !peer_ids.is_empty() {
+    if clustered {
         let peer_listener = std::net::TcpListener::bind(config.peer.listen)
             .with_context(|| format!("binding the peer transport to {}", config.peer.listen))?;
         peer_listener.set_nonblocking(true)?;
@@ -222,10 +233,7 @@ pub async fn run_server(
             node_id: config.node.id,
             group_id: DEFAULT_GROUP_ID,
             config: config.peer.clone(),
-            dial_addresses: peer_ids
-                .iter()
-                .filter_map(|id| config.peer_dial_address(*id).map(|address| (*id, address)))
-                .collect(),
+            network,
             images_dir: data_dir.join(crate::storage::IMAGES_DIRECTORY_NAME),
             raft: raft.clone(),
             storage: storage.clone(),
@@ -242,7 +250,7 @@ pub async fn run_server(
     }
 
     let request_timeout = Duration::from_millis(config.nbd.request_timeout_ms);
-    if new_cluster && config.default_volume.create {
+    if new_cluster && !joining && config.default_volume.create {
         let creation = ensure_default_volume(
             raft.clone(),
             registry.clone(),
@@ -250,7 +258,7 @@ pub async fn run_server(
             request_timeout,
             logger.clone(),
         );
-        if peer_ids.is_empty() {
+        if voters.len() == 1 {
             // Alone, this node elects itself at once: be ready only with the volume there.
             tokio::time::timeout(request_timeout, creation)
                 .await
@@ -282,7 +290,7 @@ pub async fn run_server(
         restarts: restarts.clone(),
         request_timeout,
         storage: storage.clone(),
-        members: config.cluster.members.clone(),
+        log_store: log_store.clone(),
     });
     let control_server = actix_web::HttpServer::new(move || {
         actix_web::App::new()

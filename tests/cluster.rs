@@ -795,3 +795,199 @@ fn relay_passes_black_holes_delays_and_closes() {
         b"back"
     );
 }
+
+/// Bytes a node's data directory occupies on disk (allocated blocks): what catching up moved
+/// to a new member.
+fn allocated_bytes(directory: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut total = 0;
+    let mut pending = vec![directory.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(metadata) if metadata.is_dir() => pending.push(entry.path()),
+                Ok(metadata) => total += metadata.blocks() * 512,
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// One measured membership phase of the test below.
+struct MembershipPhase {
+    name: &'static str,
+    took: Duration,
+    new_member_bytes: u64,
+    longest_stall: Duration,
+    acknowledged: u64,
+}
+
+/// The voters as node 1..n's statuses report them, sorted; `None` until a leader reports.
+fn voters_of(cluster: &Cluster, among: &[u64]) -> Option<Vec<u64>> {
+    let leader = cluster.agreed_leader(among)?;
+    let status = cluster.status(leader).ok()?;
+    let mut voters: Vec<u64> = status.json["raft"]["voters"]
+        .as_array()?
+        .iter()
+        .filter_map(|id| id.as_u64())
+        .collect();
+    voters.sort_unstable();
+    Some(voters)
+}
+
+/// Requirement (issue 5, membership): "3→4→3 and a replace under verified client load with
+/// zero client errors; the table of 3→4→3 vs 3→2→3". Raft §6 / the joint-consensus
+/// extension: a new node joins as a learner (it does not count for the quorum while it
+/// catches up by snapshot and log), is promoted once caught up, and a replace is one joint
+/// change. The client writes through the proxy during every phase and sees no error; the
+/// proxy follows the membership to nodes it was not configured with.
+#[test]
+fn membership_changes_under_load_lose_nothing_and_the_proxy_follows() {
+    let _turn = one_cluster_at_a_time();
+    let mut random = SplitMix64::from_environment_or_clock("membership_changes");
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let mut proxy = ProxyProcess::start(&cluster, "membership-client", &[]);
+    let minute = Duration::from_secs(60);
+    let mut region = VerifiedRegion::new(16 * MIB, 2048, 1);
+    // Old data for the new members' snapshots to carry.
+    {
+        let load = BackgroundLoad::start(
+            NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME),
+            region,
+            random.next_u64(),
+        );
+        load.wait_for_more_acknowledgements(1500, minute, "before any change");
+        let (finished_region, statistics) = load.finish();
+        assert!(statistics.transport_error.is_none(), "{statistics:?}");
+        region = finished_region;
+    }
+    let mut phases = Vec::new();
+    let mut run_phase = |cluster: &mut Cluster,
+                         region: VerifiedRegion,
+                         name: &'static str,
+                         change: &mut dyn FnMut(&mut Cluster) -> u64|
+     -> VerifiedRegion {
+        let load = BackgroundLoad::start(
+            NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME),
+            region,
+            random.next_u64(),
+        );
+        load.wait_for_more_acknowledgements(200, minute, name);
+        let started = Instant::now();
+        let new_member = change(cluster);
+        let took = started.elapsed();
+        let installed = cluster
+            .status(new_member)
+            .map(|status| status.snapshots_installed)
+            .unwrap_or(0);
+        assert!(
+            installed >= 1,
+            "node {new_member} caught up without a snapshot, yet the log was compacted long ago"
+        );
+        load.wait_for_more_acknowledgements(200, minute, name);
+        let (region, statistics) = load.finish();
+        assert!(
+            statistics.transport_error.is_none(),
+            "the client saw an error during {name}: {:?}",
+            statistics.transport_error
+        );
+        phases.push(MembershipPhase {
+            name,
+            took,
+            new_member_bytes: allocated_bytes(&cluster.node(new_member).data_directory),
+            longest_stall: statistics.longest_reply_gap,
+            acknowledged: statistics.acknowledged(),
+        });
+        region
+    };
+    let add = |cluster: &mut Cluster| -> u64 {
+        let id = cluster.start_joining_node();
+        let mut arguments = vec!["add".to_string()];
+        arguments.extend(cluster.member_arguments(id));
+        cluster.ctl_members(&arguments);
+        id
+    };
+    let remove = |cluster: &mut Cluster, id: u64| {
+        cluster.ctl_members(&["remove".to_string(), id.to_string()]);
+        cluster.retire(id);
+    };
+
+    // 3→4→3: grow first, then remove node 1 (possibly the leader, which steps aside).
+    region = run_phase(
+        &mut cluster,
+        region,
+        "3→4→3 (add 4, remove 1)",
+        &mut |cluster| {
+            let added = add(cluster);
+            assert_eq!(
+                voters_of(cluster, &[1, 2, 3, added]),
+                Some(vec![1, 2, 3, added])
+            );
+            remove(cluster, 1);
+            added
+        },
+    );
+    // 3→2→3: shrink first, then add a fresh node 5.
+    region = run_phase(
+        &mut cluster,
+        region,
+        "3→2→3 (remove 2, add 5)",
+        &mut |cluster| {
+            remove(cluster, 2);
+            add(cluster)
+        },
+    );
+    // Replace node 3 by node 6 in one joint change.
+    region = run_phase(
+        &mut cluster,
+        region,
+        "replace 3 by 6 (joint)",
+        &mut |cluster| {
+            let id = cluster.start_joining_node();
+            let mut arguments = vec!["replace".to_string(), "3".to_string()];
+            arguments.extend(cluster.member_arguments(id));
+            cluster.ctl_members(&arguments);
+            cluster.retire(3);
+            id
+        },
+    );
+
+    let remaining = cluster.node_ids();
+    assert_eq!(remaining, vec![4, 5, 6]);
+    cluster.wait_until("the voters to be exactly 4, 5, 6", minute, |cluster| {
+        voters_of(cluster, &[4, 5, 6]) == Some(vec![4, 5, 6])
+    });
+    let listing = cluster.ctl_members(&["list".to_string()]);
+    assert_eq!(
+        listing
+            .lines()
+            .filter(|line| line.contains(" voter "))
+            .count(),
+        3,
+        "ctl members list:\n{listing}"
+    );
+    // Every acknowledged write, read back through the proxy (which by now talks only to
+    // members it learned about) and on every replica.
+    let mut reader = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
+    let blocks_holding_writes = region.verify(&mut reader, "after three membership changes");
+    assert!(blocks_holding_writes > 1000, "{blocks_holding_writes}");
+    cluster.assert_replicas_identical(&remaining, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
+    proxy.assert_running("after the membership changes");
+
+    eprintln!("\n| phase | took | bytes on the new member | longest client stall | requests acknowledged |");
+    eprintln!("|---|---|---|---|---|");
+    for phase in &phases {
+        eprintln!(
+            "| {} | {:.1?} | {:.1} MiB | {:.0?} | {} |",
+            phase.name,
+            phase.took,
+            phase.new_member_bytes as f64 / MIB as f64,
+            phase.longest_stall,
+            phase.acknowledged
+        );
+    }
+}

@@ -631,10 +631,13 @@ impl SimNode {
             .map_err(|error| storage_failure(id, "open the log", error))?;
         if !log_store.is_bootstrapped() {
             log_store
-                .bootstrap(ConfState {
-                    voters: voters.to_vec(),
-                    ..Default::default()
-                })
+                .bootstrap(
+                    ConfState {
+                        voters: voters.to_vec(),
+                        ..Default::default()
+                    },
+                    &[],
+                )
                 .map_err(|error| storage_failure(id, "bootstrap", error))?;
         }
         let machine = StateMachine::open(db, &self.data_dir.join(IMAGES_DIRECTORY_NAME), GROUP_ID)

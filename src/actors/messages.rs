@@ -38,6 +38,10 @@ pub enum ProposalError {
     /// replays from the log, so retrying is correct here too.
     #[error("storage failed to apply the entry: {0}")]
     Storage(String),
+    /// A membership change that cannot be proposed now (another one is pending, the group is
+    /// in a joint configuration, or the change is invalid for the current configuration).
+    #[error("membership change refused: {0}")]
+    ConfChangeRefused(String),
 }
 
 impl ProposalError {
@@ -59,6 +63,24 @@ pub type ReadBarrierResponder = oneshot::Sender<Result<(), ProposalError>>;
 pub struct Propose {
     pub command: bytes::Bytes,
     pub responder: ProposalResponder,
+}
+
+/// Control API → Raft actor: change the membership (learner add, promotion, removal, or a
+/// joint replace). Only the leader accepts it, one at a time: raft-rs would silently turn a
+/// second change into an empty entry while one is pending, and its caller would never hear.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProposeConfChange {
+    pub change: raft::prelude::ConfChangeV2,
+    pub responder: ProposalResponder,
+}
+
+/// Control API → Raft actor: hand leadership to `to` (a caught-up voter). Answers at once;
+/// the caller watches the status for the new leader.
+#[derive(Message)]
+#[rtype(result = "Result<(), ProposalError>")]
+pub struct TransferLeader {
+    pub to: u64,
 }
 
 /// Session → Raft actor: answer once this node has applied everything committed before the
@@ -130,6 +152,11 @@ pub struct RaftStatus {
     pub snapshots_installed: u64,
     /// Replication progress of the other members, known only on the leader.
     pub peers: Vec<PeerProgress>,
+    /// The configuration this node applied: voters, learners, and the outgoing voters while
+    /// a joint change is being left.
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub voters_outgoing: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -139,6 +166,8 @@ pub struct PeerProgress {
     pub next_index: u64,
     /// "Probe", "Replicate" or "Snapshot".
     pub state: String,
+    /// Whether the leader heard from it within the last election timeout.
+    pub recent_active: bool,
 }
 
 /// Peer transport → Raft actor: a message from another member.
@@ -173,4 +202,6 @@ pub struct OpenSnapshotSource;
 pub struct InstallSnapshot {
     pub staged: crate::storage::snapshot::StagedSnapshot,
     pub metadata: raft::prelude::SnapshotMetadata,
+    /// The member directory the snapshot carries, recorded with its conf state.
+    pub members: Vec<crate::config::MemberConfig>,
 }

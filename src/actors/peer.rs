@@ -14,7 +14,7 @@
 //!   then steps the `MsgSnapshot` into Raft, whose Ready installs the staged data. The sender
 //!   reports the outcome to Raft (`report_snapshot`).
 //! - **Inbound**: one accept loop; each connection must open with a hello addressed to this
-//!   node from a configured member, and every frame is bounded by `peer.frame_bytes_max`.
+//!   node from a current member, and every frame is bounded by `peer.frame_bytes_max`.
 //!
 //! Every task runs on the transport's own arbiter. A panicking link task is restarted by its
 //! supervising loop (one-for-one, with backoff) and counted like an actor restart. The
@@ -38,7 +38,7 @@ use super::messages::{OpenSnapshotSource, ReportSnapshot, ReportUnreachable, Ste
 use super::raft::RaftActor;
 use super::storage::StorageActor;
 use super::supervisor::{ActorKind, Supervision};
-use crate::config::PeerConfig;
+use crate::config::{MemberConfig, PeerConfig};
 use crate::peer::{
     decode_frame, decode_hello, decode_raft_message, encode_frame, encode_hello,
     encode_raft_message, FrameKind, Hello, StreamKind, HELLO_BYTES,
@@ -46,26 +46,44 @@ use crate::peer::{
 use crate::storage::snapshot::{SnapshotStaging, StagedSnapshot};
 
 /// The sending side, held by the Raft actor. Cheap to clone.
+///
+/// The set of peers follows the member directory: [`PeerNetwork::set_members`] opens a link
+/// for every member not yet linked and closes the links of members that left, so
+/// configuration changes reach the transport without a restart.
 #[derive(Clone)]
 pub struct PeerNetwork {
     inner: Arc<NetworkInner>,
 }
 
 struct NetworkInner {
-    links: HashMap<u64, LinkQueue>,
+    node_id: u64,
+    config: PeerConfig,
+    /// Queue and dial address per linked peer; the accept side admits exactly these peers.
+    links: parking_lot::RwLock<HashMap<u64, LinkQueue>>,
+    /// New links, started by the transport's link manager.
+    new_links: mpsc::UnboundedSender<NewLink>,
     logger: slog::Logger,
     dropped_messages: AtomicU64,
 }
 
 struct LinkQueue {
+    address: String,
     sender: mpsc::Sender<RaftMessage>,
     queued_bytes: Arc<AtomicU64>,
     queue_bytes_max: u64,
 }
 
-/// The receiving halves of the link queues, consumed by [`start_peer_transport`].
+/// A link to start: its peer, where to dial, and the receiving half of its queue.
+struct NewLink {
+    to: u64,
+    address: String,
+    receiver: mpsc::Receiver<RaftMessage>,
+    queued_bytes: Arc<AtomicU64>,
+}
+
+/// The receiving side of the link set, consumed by [`start_peer_transport`].
 pub struct PeerLinks {
-    receivers: Vec<(u64, mpsc::Receiver<RaftMessage>, Arc<AtomicU64>)>,
+    new_links: mpsc::UnboundedReceiver<NewLink>,
 }
 
 /// A snapshot received and staged on disk, waiting for the Raft actor's Ready to install it.
@@ -108,39 +126,91 @@ fn message_bytes(message: &RaftMessage) -> u64 {
 }
 
 impl PeerNetwork {
-    /// Creates one bounded queue per peer in `peer_ids`.
-    pub fn new(peer_ids: &[u64], config: &PeerConfig, logger: slog::Logger) -> (Self, PeerLinks) {
-        let mut links = HashMap::new();
-        let mut receivers = Vec::new();
-        for &id in peer_ids {
-            let (sender, receiver) = mpsc::channel(config.queue_messages_max);
-            let queued_bytes = Arc::new(AtomicU64::new(0));
-            links.insert(
-                id,
-                LinkQueue {
-                    sender,
-                    queued_bytes: queued_bytes.clone(),
-                    queue_bytes_max: config.queue_bytes_max,
-                },
-            );
-            receivers.push((id, receiver, queued_bytes));
-        }
+    /// A network with no peers yet; [`Self::set_members`] adds them.
+    pub fn new(node_id: u64, config: &PeerConfig, logger: slog::Logger) -> (Self, PeerLinks) {
+        let (new_links, receiver) = mpsc::unbounded_channel();
         (
             PeerNetwork {
                 inner: Arc::new(NetworkInner {
-                    links,
+                    node_id,
+                    config: config.clone(),
+                    links: parking_lot::RwLock::new(HashMap::new()),
+                    new_links,
                     logger,
                     dropped_messages: AtomicU64::new(0),
                 }),
             },
-            PeerLinks { receivers },
+            PeerLinks {
+                new_links: receiver,
+            },
         )
+    }
+
+    /// Makes the links match `members` (this node excluded): one bounded queue and link task
+    /// per member, dialled at its `peer.connect_overrides` entry or else its peer address. A
+    /// member whose address changed gets a fresh link; a member that left loses its link
+    /// (its queue closes and the link task ends).
+    pub fn set_members(&self, members: &[MemberConfig]) {
+        let wanted: HashMap<u64, String> = members
+            .iter()
+            .filter(|member| member.id != self.inner.node_id)
+            .map(|member| {
+                let address = self
+                    .inner
+                    .config
+                    .connect_overrides
+                    .iter()
+                    .find(|entry| entry.id == member.id)
+                    .map(|entry| entry.address.clone())
+                    .unwrap_or_else(|| member.peer.clone());
+                (member.id, address)
+            })
+            .collect();
+        let mut links = self.inner.links.write();
+        links.retain(|id, link| {
+            let keep = wanted.get(id) == Some(&link.address);
+            if !keep {
+                slog::info!(self.inner.logger, "peer link closed"; "peer" => *id,
+                    "address" => &link.address);
+            }
+            keep
+        });
+        for (id, address) in wanted {
+            if links.contains_key(&id) {
+                continue;
+            }
+            let (sender, receiver) = mpsc::channel(self.inner.config.queue_messages_max);
+            let queued_bytes = Arc::new(AtomicU64::new(0));
+            links.insert(
+                id,
+                LinkQueue {
+                    address: address.clone(),
+                    sender,
+                    queued_bytes: queued_bytes.clone(),
+                    queue_bytes_max: self.inner.config.queue_bytes_max,
+                },
+            );
+            // The manager outlives every sender while the transport runs; a send failing
+            // means the process is shutting down.
+            let _ = self.inner.new_links.send(NewLink {
+                to: id,
+                address,
+                receiver,
+                queued_bytes,
+            });
+        }
+    }
+
+    /// Whether `id` is a member this node links to (the accept side's admission check).
+    pub fn is_peer(&self, id: u64) -> bool {
+        self.inner.links.read().contains_key(&id)
     }
 
     /// Queues `message` for its peer. Returns false if it was dropped (unknown peer, queue
     /// full): Raft resends what matters.
     pub fn send(&self, message: RaftMessage) -> bool {
-        let Some(link) = self.inner.links.get(&message.to) else {
+        let links = self.inner.links.read();
+        let Some(link) = links.get(&message.to) else {
             slog::debug!(self.inner.logger, "message to an unknown peer dropped";
                 "to" => message.to, "type" => ?message.get_msg_type());
             return false;
@@ -185,8 +255,8 @@ pub struct PeerContext {
     pub node_id: u64,
     pub group_id: u64,
     pub config: PeerConfig,
-    /// Dial address of every peer.
-    pub dial_addresses: HashMap<u64, String>,
+    /// The link set: also decides which peers the accept side admits.
+    pub network: PeerNetwork,
     pub images_dir: PathBuf,
     pub raft: Addr<RaftActor>,
     pub storage: Addr<StorageActor>,
@@ -194,33 +264,40 @@ pub struct PeerContext {
     pub supervision: Supervision,
 }
 
-/// Starts the accept loop and one link task per peer on the current arbiter.
+/// Starts the accept loop, and the link manager that starts one link task per peer, on the
+/// current arbiter.
 pub fn start_peer_transport(listener: TcpListener, links: PeerLinks, context: PeerContext) {
     let accept_context = context.clone();
     actix_rt::spawn(supervised("peer listener", context.supervision.clone(), {
         let listener = Arc::new(listener);
         move || accept_loop(listener.clone(), accept_context.clone())
     }));
-    for (to, receiver, queued_bytes) in links.receivers {
-        let Some(address) = context.dial_addresses.get(&to).cloned() else {
-            continue;
-        };
-        let link_context = context.clone();
-        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
-        actix_rt::spawn(supervised(
-            "peer link",
-            context.supervision.clone(),
-            move || {
-                run_link(
-                    to,
-                    address.clone(),
-                    receiver.clone(),
-                    queued_bytes.clone(),
-                    link_context.clone(),
-                )
-            },
-        ));
-    }
+    let mut new_links = links.new_links;
+    actix_rt::spawn(async move {
+        while let Some(link) = new_links.recv().await {
+            let NewLink {
+                to,
+                address,
+                receiver,
+                queued_bytes,
+            } = link;
+            let link_context = context.clone();
+            let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+            actix_rt::spawn(supervised(
+                "peer link",
+                context.supervision.clone(),
+                move || {
+                    run_link(
+                        to,
+                        address.clone(),
+                        receiver.clone(),
+                        queued_bytes.clone(),
+                        link_context.clone(),
+                    )
+                },
+            ));
+        }
+    });
 }
 
 /// Runs `make()` again whenever it panics, with backoff, counting each restart.
@@ -568,7 +645,7 @@ async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::i
     .await
     .map_err(|_| invalid("no hello within 10 s"))??;
     let _ = input.split_to(HELLO_BYTES);
-    if hello.to != context.node_id || !context.dial_addresses.contains_key(&hello.from) {
+    if hello.to != context.node_id || !context.network.is_peer(hello.from) {
         return Err(invalid(format!(
             "hello from {} to {} does not address this node ({}) from a member",
             hello.from, hello.to, context.node_id

@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::Bytes;
 use raft::prelude::{
-    ConfChange, ConfChangeV2, Entry, EntryType, Message as RaftMessage, MessageType, ReadState,
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message as RaftMessage, MessageType,
+    ReadState,
 };
 use raft::{RawNode, StateRole, Storage as _};
 
@@ -47,8 +48,10 @@ use super::messages::*;
 use super::peer::{PeerNetwork, SnapshotInbox};
 use super::storage::StorageActor;
 use super::supervisor::{run_guarded, Supervision};
+use crate::config::MemberConfig;
 use crate::config::RaftConfig;
 use crate::storage::raft_log::RaftLogStore;
+use crate::storage::snapshot::SnapshotDescriptor;
 
 /// Everything the Raft actor needs to (re)build itself from durable state.
 pub struct RaftActorParams {
@@ -366,6 +369,15 @@ impl RaftActor {
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    if let Some(context) = ProposalContext::decode(&entry.context) {
+                        if context.node_id == self.params.node_id {
+                            if let Some(pending) =
+                                self.pending_proposals.remove(&context.proposal_id)
+                            {
+                                responders.push((entry.index, pending.responder));
+                            }
+                        }
+                    }
                     self.apply_conf_change(&entry);
                     // The state machine sees a no-op at this index.
                     entry.data = Bytes::new();
@@ -387,39 +399,125 @@ impl RaftActor {
             return;
         }
         let logger = self.params.supervision.logger.clone();
-        let result = if entry.get_entry_type() == EntryType::EntryConfChange {
-            protobuf::Message::parse_from_bytes(&entry.data)
-                .map_err(|error| error.to_string())
-                .and_then(|change: ConfChange| {
-                    self.node()
-                        .apply_conf_change(&change)
-                        .map_err(|error| error.to_string())
-                })
-        } else {
-            protobuf::Message::parse_from_bytes(&entry.data)
-                .map_err(|error| error.to_string())
-                .and_then(|change: ConfChangeV2| {
-                    self.node()
-                        .apply_conf_change(&change)
-                        .map_err(|error| error.to_string())
-                })
-        };
+        let change: Result<ConfChangeV2, String> =
+            if entry.get_entry_type() == EntryType::EntryConfChange {
+                protobuf::Message::parse_from_bytes(&entry.data)
+                    .map(|change: ConfChange| conf_change_v2(&change))
+                    .map_err(|error| error.to_string())
+            } else {
+                protobuf::Message::parse_from_bytes(&entry.data).map_err(|error| error.to_string())
+            };
+        let result = change.and_then(|change| {
+            let conf_state = self
+                .node()
+                .apply_conf_change(&change)
+                .map_err(|error| error.to_string())?;
+            Ok((change, conf_state))
+        });
         match result {
-            Ok(conf_state) => {
-                if let Err(error) = self
-                    .params
-                    .log_store
-                    .set_conf_state_at(&conf_state, entry.index)
+            Ok((change, conf_state)) => {
+                let members = updated_members(
+                    self.params.log_store.members(),
+                    &change.context,
+                    &conf_state,
+                );
+                if let Err(error) =
+                    self.params
+                        .log_store
+                        .set_conf_state_at(&conf_state, entry.index, &members)
                 {
                     panic!("cannot persist the conf state: {error}");
                 }
-                slog::info!(logger, "membership changed"; "voters" => ?conf_state.voters);
+                self.params.network.set_members(&members);
+                slog::info!(logger, "membership changed"; "index" => entry.index,
+                    "voters" => ?conf_state.voters, "learners" => ?conf_state.learners,
+                    "outgoing_voters" => ?conf_state.voters_outgoing);
+                let node_id = self.params.node_id;
+                let still_member = conf_state.voters.contains(&node_id)
+                    || conf_state.learners.contains(&node_id)
+                    || conf_state.voters_outgoing.contains(&node_id)
+                    || conf_state.learners_next.contains(&node_id);
+                if !still_member {
+                    slog::warn!(logger, "this node was removed from the group; it can be stopped";
+                        "node" => node_id);
+                }
             }
             // A committed entry that does not decode means the log is corrupt.
             Err(error) => panic!(
                 "committed conf change at {} is corrupt: {error}",
                 entry.index
             ),
+        }
+    }
+
+    /// Proposes a membership change on the leader; see [`ProposeConfChange`].
+    fn propose_conf_change(&mut self, msg: ProposeConfChange) {
+        let node = self.node();
+        if node.raft.state != StateRole::Leader {
+            let leader_id = node.raft.leader_id;
+            let _ = msg
+                .responder
+                .send(Err(ProposalError::NotLeader { leader_id }));
+            return;
+        }
+        if node.raft.has_pending_conf() {
+            let _ = msg.responder.send(Err(ProposalError::ConfChangeRefused(
+                "another membership change is still being applied".into(),
+            )));
+            return;
+        }
+        if !node
+            .raft
+            .prs()
+            .conf()
+            .to_conf_state()
+            .voters_outgoing
+            .is_empty()
+        {
+            let _ = msg.responder.send(Err(ProposalError::ConfChangeRefused(
+                "the group is still leaving a joint configuration".into(),
+            )));
+            return;
+        }
+        // Check the change against the current configuration here, where the answer can
+        // still reach the caller; raft-rs would only fail it at apply time.
+        let mut trial = raft::Changer::new(node.raft.prs());
+        let checked = match msg.change.enter_joint() {
+            Some(auto_leave) => trial.enter_joint(auto_leave, &msg.change.changes),
+            None => trial.simple(&msg.change.changes),
+        };
+        if let Err(error) = checked {
+            let _ = msg
+                .responder
+                .send(Err(ProposalError::ConfChangeRefused(error.to_string())));
+            return;
+        }
+        let term = node.raft.term;
+        let proposal_id = self.take_request_id();
+        let context = ProposalContext {
+            node_id: self.params.node_id,
+            proposal_id,
+            term,
+        };
+        match self
+            .node()
+            .propose_conf_change(context.encode().to_vec(), msg.change)
+        {
+            Ok(()) => {
+                self.pending_proposals.insert(
+                    proposal_id,
+                    PendingProposal {
+                        responder: msg.responder,
+                        proposed_at: Instant::now(),
+                        term,
+                    },
+                );
+            }
+            Err(error) => {
+                let _ = msg
+                    .responder
+                    .send(Err(ProposalError::ConfChangeRefused(error.to_string())));
+            }
         }
     }
 
@@ -486,15 +584,19 @@ impl RaftActor {
             );
         };
         let index = metadata.index;
+        let members = match SnapshotDescriptor::decode(snapshot.get_data()) {
+            Ok(descriptor) => descriptor.members,
+            Err(error) => panic!("the snapshot at {index} has a corrupt descriptor: {error}"),
+        };
         // Blocking this thread is intended: nothing else of this Ready may happen before the
         // switch is durable, and the storage actor runs on its own thread.
-        let result = futures::executor::block_on(
-            self.params
-                .storage
-                .send(InstallSnapshot { staged, metadata }),
-        );
+        let result = futures::executor::block_on(self.params.storage.send(InstallSnapshot {
+            staged,
+            metadata,
+            members: members.clone(),
+        }));
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.params.network.set_members(&members),
             Ok(Err(error)) => panic!("installing the snapshot at {index} failed: {error}"),
             Err(error) => panic!("installing the snapshot at {index} failed: {error}"),
         }
@@ -847,6 +949,40 @@ impl Handler<ReadBarrier> for RaftActor {
     }
 }
 
+impl Handler<ProposeConfChange> for RaftActor {
+    type Result = ();
+    fn handle(&mut self, msg: ProposeConfChange, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |actor, ctx| {
+            actor.propose_conf_change(msg);
+            actor.schedule_ready(ctx);
+        });
+    }
+}
+
+impl Handler<TransferLeader> for RaftActor {
+    type Result = Result<(), ProposalError>;
+    fn handle(&mut self, msg: TransferLeader, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |actor, ctx| {
+            let node = actor.node();
+            if node.raft.state != StateRole::Leader {
+                return Err(ProposalError::NotLeader {
+                    leader_id: node.raft.leader_id,
+                });
+            }
+            if !node.raft.prs().conf().voters().contains(msg.to) || msg.to == node.raft.id {
+                return Err(ProposalError::ConfChangeRefused(format!(
+                    "node {} is not another voter",
+                    msg.to
+                )));
+            }
+            node.transfer_leader(msg.to);
+            actor.schedule_ready(ctx);
+            Ok(())
+        })
+        .unwrap_or(Err(ProposalError::Dropped))
+    }
+}
+
 impl Handler<AppliedUpTo> for RaftActor {
     type Result = ();
     fn handle(&mut self, msg: AppliedUpTo, ctx: &mut Context<Self>) {
@@ -963,6 +1099,10 @@ impl Handler<GetRaftStatus> for RaftActor {
         let store = self.params.log_store.clone();
         let snapshots_sent = self.snapshots_sent;
         let snapshots_installed = self.snapshots_installed;
+        let mut conf_state = self.params.log_store.conf_state();
+        conf_state.voters.sort_unstable();
+        conf_state.learners.sort_unstable();
+        conf_state.voters_outgoing.sort_unstable();
         let status = match self.node.as_ref() {
             Some(node) => RaftStatus {
                 peers: if node.raft.state == StateRole::Leader {
@@ -976,6 +1116,7 @@ impl Handler<GetRaftStatus> for RaftActor {
                             matched: progress.matched,
                             next_index: progress.next_idx,
                             state: format!("{:?}", progress.state),
+                            recent_active: progress.recent_active,
                         })
                         .collect();
                     peers.sort_by_key(|peer| peer.id);
@@ -995,6 +1136,9 @@ impl Handler<GetRaftStatus> for RaftActor {
                 first_log_index: store.first_index().unwrap_or(0),
                 last_log_index: store.last_index().unwrap_or(0),
                 proposals_pending,
+                voters: conf_state.voters,
+                learners: conf_state.learners,
+                voters_outgoing: conf_state.voters_outgoing,
             },
             None => RaftStatus {
                 group_id,
@@ -1010,6 +1154,9 @@ impl Handler<GetRaftStatus> for RaftActor {
                 snapshots_sent,
                 snapshots_installed,
                 peers: Vec::new(),
+                voters: Vec::new(),
+                learners: Vec::new(),
+                voters_outgoing: Vec::new(),
             },
         };
         MessageResult(status)
@@ -1074,4 +1221,38 @@ pub async fn read_barrier_until(
         }
     })
     .await
+}
+
+/// The member directory after a configuration change: the member a change adds carries its
+/// addresses in the change's context; members no longer in the configuration are dropped.
+fn updated_members(
+    mut members: Vec<MemberConfig>,
+    change_context: &[u8],
+    conf_state: &ConfState,
+) -> Vec<MemberConfig> {
+    if !change_context.is_empty() {
+        // Written by our own control API; an unreadable one leaves the directory as is.
+        if let Ok(added) = serde_json::from_slice::<MemberConfig>(change_context) {
+            members.retain(|member| member.id != added.id);
+            members.push(added);
+        }
+    }
+    members.retain(|member| {
+        conf_state.voters.contains(&member.id)
+            || conf_state.learners.contains(&member.id)
+            || conf_state.voters_outgoing.contains(&member.id)
+            || conf_state.learners_next.contains(&member.id)
+    });
+    members
+}
+
+/// A single-change (v1) entry as the equivalent v2 change, its context kept.
+fn conf_change_v2(change: &ConfChange) -> ConfChangeV2 {
+    let mut single = raft::prelude::ConfChangeSingle::default();
+    single.set_change_type(change.get_change_type());
+    single.node_id = change.node_id;
+    let mut v2 = ConfChangeV2::default();
+    v2.set_changes(vec![single].into());
+    v2.context = change.context.clone();
+    v2
 }

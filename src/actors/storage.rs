@@ -381,7 +381,7 @@ impl Handler<InstallSnapshot> for StorageActor {
             actor.checkpoint_in_flight = None;
             actor
                 .machine()
-                .install_snapshot(msg.staged, &log_store, &msg.metadata)
+                .install_snapshot(msg.staged, &log_store, &msg.metadata, &msg.members)
                 .map_err(|error| error.to_string())?;
             let machine = actor.machine.as_ref().expect("opened in started()");
             actor.params.registry.replace_all(machine);

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
+pub mod members;
+
 use actix_web::{web, HttpResponse};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,7 @@ use crate::actors::storage::{ComputeVolumeDigest, StorageActor, VolumeDigest, Vo
 use crate::actors::supervisor::{RestartCounters, RestartCounts};
 use crate::config::{validate_volume_geometry, MemberConfig};
 use crate::storage::command::{encode_command, Command};
+use crate::storage::raft_log::RaftLogStore;
 use crate::storage::state_machine::{ApplyOutcome, ApplyRejection, VolumeInfo};
 
 /// Shared state of the control API handlers.
@@ -34,8 +37,8 @@ pub struct ControlState {
     pub restarts: Arc<RestartCounters>,
     pub request_timeout: Duration,
     pub storage: Addr<StorageActor>,
-    /// The configured members (empty for a one-voter group).
-    pub members: Vec<MemberConfig>,
+    /// Holds the member directory (empty for a one-voter group without `cluster.members`).
+    pub log_store: RaftLogStore,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,7 +123,7 @@ async fn status(state: web::Data<ControlState>) -> HttpResponse {
     match raft_status(&state).await {
         Some(raft) => HttpResponse::Ok().json(StatusBody {
             raft,
-            members: state.members.clone(),
+            members: state.log_store.members(),
             volumes: state.registry.list(),
             actor_restarts: state.restarts.snapshot(),
         }),
@@ -329,7 +332,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .route("/v1/volumes/{name}", web::delete().to(delete_volume))
         .route("/v1/volumes/{name}/attach", web::post().to(attach_volume))
         .route("/v1/volumes/{name}/attach", web::delete().to(detach_volume))
-        .route("/v1/volumes/{name}/digest", web::get().to(volume_digest));
+        .route("/v1/volumes/{name}/digest", web::get().to(volume_digest))
+        .configure(members::configure);
 }
 
 /// Errors of the control API client, phrased for the person at the terminal.

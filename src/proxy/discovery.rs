@@ -1,6 +1,7 @@
 //! What the proxy knows about the cluster, learned from the servers' control API: who leads,
 //! every member's NBD address, the volumes. [`ClusterView`] polls `GET /v1/status` of every
-//! configured server (in parallel, each call bounded by a timeout) every
+//! configured server and every member the servers list (in parallel, each call bounded by a
+//! timeout) every
 //! `status_poll_interval_ms`, and at once when an upstream connection failed.
 //! [`merge_statuses`] is the pure part: many status documents in, one [`ClusterSnapshot`] out.
 //!
@@ -86,6 +87,9 @@ pub struct ClusterSnapshot {
     pub control_candidates: Vec<SocketAddr>,
     pub volumes: Vec<VolumeSummary>,
     pub servers_reachable: usize,
+    /// The control address of every member any reachable server lists: polled too, so the
+    /// proxy follows members added after it started.
+    pub member_controls: Vec<SocketAddr>,
 }
 
 impl ClusterSnapshot {
@@ -185,6 +189,11 @@ pub fn merge_statuses(
             snapshot.volumes = document.volumes.clone();
         }
     }
+    for (_, control) in &control_by_node {
+        if !snapshot.member_controls.contains(control) {
+            snapshot.member_controls.push(*control);
+        }
+    }
     // Unreachable servers last: an attach may still get through to them.
     for endpoint in endpoints {
         if !snapshot.control_candidates.contains(&endpoint.control) {
@@ -201,7 +210,10 @@ pub struct ClusterView {
 }
 
 struct ClusterViewInner {
-    endpoints: Vec<ServerEndpoint>,
+    /// The servers from the configuration: always polled.
+    configured: Vec<ServerEndpoint>,
+    /// Members learned from the last poll's member lists and not configured.
+    learned: Mutex<Vec<ServerEndpoint>>,
     control_timeout: Duration,
     snapshot: Mutex<(ClusterSnapshot, bool, Option<Instant>)>,
     refresh_requested: Notify,
@@ -212,7 +224,8 @@ impl ClusterView {
     pub fn new(endpoints: Vec<ServerEndpoint>, control_timeout: Duration) -> Self {
         ClusterView {
             inner: Arc::new(ClusterViewInner {
-                endpoints,
+                configured: endpoints,
+                learned: Mutex::new(Vec::new()),
                 control_timeout,
                 snapshot: Mutex::new((ClusterSnapshot::default(), false, None)),
                 refresh_requested: Notify::new(),
@@ -240,8 +253,10 @@ impl ClusterView {
 
     /// Polls once now.
     pub async fn poll_once(&self) {
-        let mut polls = Vec::with_capacity(self.inner.endpoints.len());
-        for endpoint in &self.inner.endpoints {
+        let mut endpoints = self.inner.configured.clone();
+        endpoints.extend(self.inner.learned.lock().iter().cloned());
+        let mut polls = Vec::with_capacity(endpoints.len());
+        for endpoint in &endpoints {
             let control = endpoint.control;
             let timeout = self.inner.control_timeout;
             polls.push(tokio::task::spawn_blocking(move || {
@@ -252,7 +267,25 @@ impl ClusterView {
         for poll in polls {
             statuses.push(poll.await.ok().flatten());
         }
-        let (snapshot, leader_known) = merge_statuses(&self.inner.endpoints, &statuses);
+        let (snapshot, leader_known) = merge_statuses(&endpoints, &statuses);
+        if snapshot.servers_reachable > 0 {
+            // Members removed from the group drop out; never the configured servers.
+            *self.inner.learned.lock() = snapshot
+                .member_controls
+                .iter()
+                .filter(|control| {
+                    !self
+                        .inner
+                        .configured
+                        .iter()
+                        .any(|endpoint| endpoint.control == **control)
+                })
+                .map(|control| ServerEndpoint {
+                    control: *control,
+                    nbd_override: None,
+                })
+                .collect();
+        }
         *self.inner.snapshot.lock() = (snapshot, leader_known, Some(Instant::now()));
         self.inner.refreshed.notify_waiters();
     }

@@ -100,10 +100,13 @@ fn open_and_replay(directory: &Path) -> (RaftLogStore, StateMachine) {
     let db = open_db(directory, &options()).unwrap();
     let log = RaftLogStore::open(db.clone(), GROUP_ID).unwrap();
     if !log.is_bootstrapped() {
-        log.bootstrap(ConfState {
-            voters: vec![1],
-            ..Default::default()
-        })
+        log.bootstrap(
+            ConfState {
+                voters: vec![1],
+                ..Default::default()
+            },
+            &[],
+        )
         .unwrap();
     }
     let mut state_machine = StateMachine::open(db, &directory.join("images"), GROUP_ID).unwrap();

@@ -31,6 +31,7 @@ const META_HARD_STATE: u8 = 0x01;
 const META_CONF_STATE: u8 = 0x02;
 const META_TRUNCATED_STATE: u8 = 0x03;
 const META_CONF_STATE_INDEX: u8 = 0x04;
+const META_MEMBERS: u8 = 0x05;
 const META_APPLIED_INDEX: u8 = 0x10;
 const META_VOLUME: u8 = 0x11;
 const META_SNAPSHOT_COVERED_INDEX: u8 = 0x12;
@@ -74,6 +75,11 @@ pub(crate) fn truncated_state_key(group_id: u64) -> [u8; 9] {
 
 pub(crate) fn conf_state_index_key(group_id: u64) -> [u8; 9] {
     meta_key(group_id, META_CONF_STATE_INDEX)
+}
+
+/// The member directory (addresses of every member), JSON, written with the conf state.
+pub(crate) fn members_key(group_id: u64) -> [u8; 9] {
+    meta_key(group_id, META_MEMBERS)
 }
 
 pub(crate) fn applied_index_key(group_id: u64) -> [u8; 9] {

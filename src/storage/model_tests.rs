@@ -160,7 +160,7 @@ impl Harness {
             voters: vec![1],
             ..Default::default()
         };
-        harness.log().bootstrap(conf_state).unwrap();
+        harness.log().bootstrap(conf_state, &[]).unwrap();
         for volume in 0..2 {
             harness.create(volume);
         }

@@ -25,6 +25,7 @@ use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
 use super::keys;
 use super::snapshot::SnapshotDescriptor;
 use super::{column_family, StorageError};
+use crate::config::MemberConfig;
 
 /// Default bound of the recent-entry cache.
 pub const ENTRY_CACHE_BYTES_MAX_DEFAULT: usize = 64 << 20;
@@ -55,6 +56,8 @@ struct LogState {
     conf_state: ConfState,
     /// Index of the configuration-change entry that produced `conf_state` (0: bootstrap).
     conf_state_index: u64,
+    /// Addresses of the members, by node id; changed together with `conf_state`.
+    members: Vec<MemberConfig>,
     /// Index of the last entry dropped by compaction (0 when nothing was ever dropped).
     truncated_index: u64,
     /// Term of the entry at `truncated_index`, kept for raft-rs's log-matching check.
@@ -100,6 +103,21 @@ fn write_options(sync: bool) -> WriteOptions {
     options
 }
 
+fn sorted_members(members: &[MemberConfig]) -> Vec<MemberConfig> {
+    let mut members = members.to_vec();
+    members.sort_by_key(|member| member.id);
+    members.dedup_by_key(|member| member.id);
+    members
+}
+
+fn encode_members(members: &[MemberConfig]) -> Vec<u8> {
+    serde_json::to_vec(&sorted_members(members)).expect("member records serialize")
+}
+
+pub(crate) fn decode_members(bytes: &[u8]) -> Result<Vec<MemberConfig>, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
 impl RaftLogStore {
     /// Opens the log of `group_id` with the default entry cache bound.
     pub fn open(db: Arc<DB>, group_id: u64) -> Result<Self, StorageError> {
@@ -128,6 +146,11 @@ impl RaftLogStore {
                 corruption("raft conf state index", format!("{} bytes", bytes.len()))
             })?,
             None => 0,
+        };
+        let members = match db.get_pinned_cf(meta, keys::members_key(group_id))? {
+            Some(bytes) => decode_members(&bytes)
+                .map_err(|error| corruption("member directory", error.to_string()))?,
+            None => Vec::new(),
         };
         let (truncated_index, truncated_term) =
             match db.get_pinned_cf(meta, keys::truncated_state_key(group_id))? {
@@ -164,6 +187,7 @@ impl RaftLogStore {
                     hard_state,
                     conf_state,
                     conf_state_index,
+                    members,
                     truncated_index,
                     truncated_term,
                     last_index,
@@ -216,7 +240,11 @@ impl RaftLogStore {
     /// First start of a new group: writes the initial configuration, synced, so a crash right
     /// after cannot make the node forget it is a member. Bootstrapping again with the same
     /// configuration is a no-op; with another one it is an error.
-    pub fn bootstrap(&self, conf_state: ConfState) -> Result<(), StorageError> {
+    pub fn bootstrap(
+        &self,
+        conf_state: ConfState,
+        members: &[MemberConfig],
+    ) -> Result<(), StorageError> {
         {
             let state = self.shared.state.read();
             if state.conf_state != ConfState::default() {
@@ -229,7 +257,31 @@ impl RaftLogStore {
                 };
             }
         }
-        self.set_conf_state_at(&conf_state, 0)
+        self.set_conf_state_at(&conf_state, 0, members)
+    }
+
+    /// The member directory: the addresses of every member this node knows, as recorded with
+    /// the conf state (bootstrap, configuration changes, snapshots).
+    pub fn members(&self) -> Vec<MemberConfig> {
+        self.shared.state.read().members.clone()
+    }
+
+    /// Records `members` as the directory without changing the conf state: a node that joins
+    /// an existing group starts from its configured member list until a snapshot or a
+    /// configuration change brings the group's own.
+    pub fn set_members(&self, members: &[MemberConfig]) -> Result<(), StorageError> {
+        let db = &self.shared.db;
+        let mut state = self.shared.state.write();
+        let meta = column_family(db, keys::CF_META)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            meta,
+            keys::members_key(self.shared.group_id),
+            encode_members(members),
+        );
+        db.write_opt(batch, &write_options(true))?;
+        state.members = sorted_members(members);
+        Ok(())
     }
 
     /// The one synced write per Raft `Ready`: appends `entries` (overwriting any conflicting
@@ -352,8 +404,11 @@ impl RaftLogStore {
     /// Records the configuration (synced: it decides who may vote), keeping the recorded
     /// [`Self::conf_state_index`]. Prefer [`Self::set_conf_state_at`].
     pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), StorageError> {
-        let index = self.shared.state.read().conf_state_index;
-        self.set_conf_state_at(conf_state, index)
+        let (index, members) = {
+            let state = self.shared.state.read();
+            (state.conf_state_index, state.members.clone())
+        };
+        self.set_conf_state_at(conf_state, index, &members)
     }
 
     /// Records the configuration produced by applying the configuration-change entry at
@@ -369,6 +424,7 @@ impl RaftLogStore {
         &self,
         conf_state: &ConfState,
         index: u64,
+        members: &[MemberConfig],
     ) -> Result<(), StorageError> {
         let group_id = self.shared.group_id;
         let db = &self.shared.db;
@@ -385,10 +441,12 @@ impl RaftLogStore {
             keys::conf_state_index_key(group_id),
             index.to_be_bytes(),
         );
+        batch.put_cf(meta, keys::members_key(group_id), encode_members(members));
         // fsync: a node must not forget a membership it has acted on.
         db.write_opt(batch, &write_options(true))?;
         state.conf_state = conf_state.clone();
         state.conf_state_index = index;
+        state.members = sorted_members(members);
         Ok(())
     }
 
@@ -463,6 +521,7 @@ impl RaftLogStore {
         &self,
         mut batch: WriteBatch,
         metadata: &SnapshotMetadata,
+        members: &[MemberConfig],
     ) -> Result<(), StorageError> {
         let group_id = self.shared.group_id;
         let db = &self.shared.db;
@@ -497,12 +556,14 @@ impl RaftLogStore {
             keys::hard_state_key(group_id),
             encode_protobuf("raft hard state", &hard_state)?,
         );
+        batch.put_cf(meta, keys::members_key(group_id), encode_members(members));
         // fsync: after this the node is a member at the snapshot index, and the state machine
         // part of the batch names the new image files.
         db.write_opt(batch, &write_options(true))?;
         state.hard_state = hard_state;
         state.conf_state = conf_state;
         state.conf_state_index = metadata.index;
+        state.members = sorted_members(members);
         state.truncated_index = metadata.index;
         state.truncated_term = metadata.term;
         state.last_index = metadata.index;
@@ -544,6 +605,7 @@ impl RaftLogStore {
             SnapshotDescriptor {
                 group_id: self.shared.group_id,
                 snapshot_index: applied_index,
+                members: state.members.clone(),
             }
             .encode()
             .into(),
@@ -941,7 +1003,7 @@ mod tests {
         {
             let db = open_db(directory.path(), &small_options()).unwrap();
             let store = RaftLogStore::open(db, 9).unwrap();
-            store.bootstrap(conf_state.clone()).unwrap();
+            store.bootstrap(conf_state.clone(), &[]).unwrap();
             let entries: Vec<Entry> = (1..=6).map(|index| entry(index, 3, b"abc")).collect();
             store
                 .persist_ready(&entries, Some(&hard_state), true)
@@ -968,10 +1030,10 @@ mod tests {
         assert_eq!(entries.len(), 4);
         assert!(entries.iter().all(|entry| &entry.data[..] == b"abc"));
         assert!(matches!(
-            store.bootstrap(ConfState::default()),
+            store.bootstrap(ConfState::default(), &[]),
             Err(StorageError::AlreadyBootstrapped { group_id: 9 })
         ));
-        store.bootstrap(conf_state).unwrap();
+        store.bootstrap(conf_state, &[]).unwrap();
         assert_eq!(store.conf_state_index(), 0);
         let other = RaftLogStore::open(db, 10).unwrap();
         assert_eq!(other.last_index().unwrap(), 1);
@@ -1006,21 +1068,37 @@ mod tests {
             let db = open_db(directory.path(), &small_options()).unwrap();
             let store = RaftLogStore::open(db, 1).unwrap();
             store
-                .bootstrap(ConfState {
-                    voters: vec![1],
-                    ..Default::default()
-                })
+                .bootstrap(
+                    ConfState {
+                        voters: vec![1],
+                        ..Default::default()
+                    },
+                    &[],
+                )
                 .unwrap();
-            store.set_conf_state_at(&joint, 7).unwrap();
+            store
+                .set_conf_state_at(&joint, 7, &[member(2), member(1), member(2)])
+                .unwrap();
             assert_eq!(store.conf_state_index(), 7);
         }
         let db = open_db(directory.path(), &small_options()).unwrap();
         let store = RaftLogStore::open(db, 1).unwrap();
         assert_eq!(store.conf_state(), joint);
         assert_eq!(store.conf_state_index(), 7);
+        // The member directory is written with the conf state: sorted, one record per id.
+        assert_eq!(store.members(), vec![member(1), member(2)]);
         // The index-less setter keeps the recorded index.
         store.set_conf_state(&joint).unwrap();
         assert_eq!(store.conf_state_index(), 7);
+    }
+
+    fn member(id: u64) -> MemberConfig {
+        MemberConfig {
+            id,
+            peer: format!("127.0.0.{id}:10811"),
+            nbd: format!("127.0.0.{id}:10809"),
+            control: format!("127.0.0.{id}:10810"),
+        }
     }
 
     fn unavailable() -> raft::Result<Snapshot> {
@@ -1052,7 +1130,9 @@ mod tests {
                 voters: vec![1, 2, 3],
                 ..Default::default()
             };
-            store.bootstrap(conf_state.clone()).unwrap();
+            store
+                .bootstrap(conf_state.clone(), &[member(1), member(2)])
+                .unwrap();
             let entries: Vec<Entry> = (1..=10)
                 .map(|index| entry(index, if index <= 5 { 1 } else { 2 }, b"x"))
                 .collect();
@@ -1066,7 +1146,9 @@ mod tests {
                 SnapshotDescriptor::decode(snapshot.get_data()),
                 Ok(SnapshotDescriptor {
                     group_id: 1,
-                    snapshot_index: 7
+                    snapshot_index: 7,
+                    // A node that catches up by this snapshot learns every member's address.
+                    members: vec![member(1), member(2)],
                 })
             );
             assert_eq!(store.snapshot(7, 2).unwrap().get_metadata().index, 7);
@@ -1075,12 +1157,12 @@ mod tests {
                 Err(SnapshotUnavailable::RequestedNewer)
             );
             assert_eq!(store.snapshot(8, 2), unavailable());
-            store.set_conf_state_at(&conf_state, 9).unwrap();
+            store.set_conf_state_at(&conf_state, 9, &[]).unwrap();
             assert_eq!(
                 store.snapshot_now(0),
                 Err(SnapshotUnavailable::ConfStateNewer)
             );
-            store.set_conf_state_at(&conf_state, 7).unwrap();
+            store.set_conf_state_at(&conf_state, 7, &[]).unwrap();
             assert!(store.snapshot(0, 2).is_ok());
             store.compact(9).unwrap();
             assert_eq!(
@@ -1145,10 +1227,13 @@ mod tests {
             let db = open_db(directory.path(), &small_options()).unwrap();
             let store = RaftLogStore::open(db, 1).unwrap();
             store
-                .bootstrap(ConfState {
-                    voters: vec![1],
-                    ..Default::default()
-                })
+                .bootstrap(
+                    ConfState {
+                        voters: vec![1],
+                        ..Default::default()
+                    },
+                    &[],
+                )
                 .unwrap();
             let entries: Vec<Entry> = (1..=25).map(|index| entry(index, 1, b"old")).collect();
             let hard_state = HardState {
@@ -1161,7 +1246,7 @@ mod tests {
                 .persist_ready(&entries, Some(&hard_state), true)
                 .unwrap();
             store
-                .write_snapshot_install(WriteBatch::default(), &metadata)
+                .write_snapshot_install(WriteBatch::default(), &metadata, &[])
                 .unwrap();
             check(&store);
             assert_eq!(store.entry_cache_bytes(), 0);

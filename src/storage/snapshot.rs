@@ -43,6 +43,7 @@ use super::command::{CLIENT_ID_LENGTH_BYTES_MAX, VOLUME_NAME_LENGTH_BYTES_MAX};
 use super::image::{sync_directory, ImageFile};
 use super::state_machine::{valid_volume_geometry, Attachment, VolumeInfo, VolumeReader};
 use super::StorageError;
+use crate::config::MemberConfig;
 
 /// Format of the chunks and of the descriptor.
 pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
@@ -81,25 +82,30 @@ pub(crate) fn is_staging_directory_of(group_id: u64, file_name: &str) -> bool {
 
 /// The `data` of the raft-rs `Snapshot` message: which group and index the bytes streamed
 /// beside it belong to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotDescriptor {
     pub group_id: u64,
     pub snapshot_index: u64,
+    /// The member directory at the snapshot's conf state: a node that catches up by snapshot
+    /// learns the addresses of members added by entries it never sees.
+    pub members: Vec<MemberConfig>,
 }
 
 impl SnapshotDescriptor {
     const ENCODED_BYTES: usize = 1 + 8 + 8;
 
+    /// Version, group id, snapshot index, then the member directory as JSON.
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(Self::ENCODED_BYTES);
+        let mut bytes = Vec::with_capacity(Self::ENCODED_BYTES + 128 * self.members.len());
         bytes.push(SNAPSHOT_FORMAT_VERSION);
         bytes.extend_from_slice(&self.group_id.to_be_bytes());
         bytes.extend_from_slice(&self.snapshot_index.to_be_bytes());
+        serde_json::to_writer(&mut bytes, &self.members).expect("member records serialize");
         bytes
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotChunkDecodeError> {
-        if bytes.len() != Self::ENCODED_BYTES {
+        if bytes.len() < Self::ENCODED_BYTES {
             return Err(SnapshotChunkDecodeError::BadLength {
                 length_bytes: bytes.len(),
             });
@@ -111,9 +117,23 @@ impl SnapshotDescriptor {
             kind: 0,
             bytes: &bytes[1..],
         };
+        let group_id = fields.u64()?;
+        let snapshot_index = fields.u64()?;
+        // Empty: a descriptor without a directory (no members recorded).
+        let member_bytes = &bytes[Self::ENCODED_BYTES..];
+        let members = if member_bytes.is_empty() {
+            Vec::new()
+        } else {
+            super::raft_log::decode_members(member_bytes).map_err(|_| {
+                SnapshotChunkDecodeError::BadLength {
+                    length_bytes: bytes.len(),
+                }
+            })?
+        };
         Ok(SnapshotDescriptor {
-            group_id: fields.u64()?,
-            snapshot_index: fields.u64()?,
+            group_id,
+            snapshot_index,
+            members,
         })
     }
 }
@@ -906,15 +926,30 @@ mod tests {
             let decoded = decode_snapshot_chunk(&encoded).unwrap();
             assert_eq!(encode_snapshot_chunk(&decoded), encoded);
         }
-        let descriptor = SnapshotDescriptor {
+        let mut descriptor = SnapshotDescriptor {
             group_id: 3,
             snapshot_index: 77,
+            members: Vec::new(),
         };
         assert_eq!(
             SnapshotDescriptor::decode(&descriptor.encode()),
-            Ok(descriptor)
+            Ok(descriptor.clone())
+        );
+        descriptor.members.push(MemberConfig {
+            id: 4,
+            peer: "10.0.0.4:10811".into(),
+            nbd: "10.0.0.4:10809".into(),
+            control: "10.0.0.4:10810".into(),
+        });
+        assert_eq!(
+            SnapshotDescriptor::decode(&descriptor.encode()),
+            Ok(descriptor.clone())
         );
         assert!(SnapshotDescriptor::decode(&[1, 2, 3]).is_err());
+        // A damaged member list is an error, not an empty directory.
+        let mut damaged = descriptor.encode();
+        damaged.truncate(damaged.len() - 3);
+        assert!(SnapshotDescriptor::decode(&damaged).is_err());
     }
 
     /// crc32c detects every error burst of up to 32 bits, so every single-byte corruption

@@ -47,10 +47,13 @@ impl Node {
         };
         node.open();
         node.log()
-            .bootstrap(ConfState {
-                voters: vec![1, 2, 3],
-                ..Default::default()
-            })
+            .bootstrap(
+                ConfState {
+                    voters: vec![1, 2, 3],
+                    ..Default::default()
+                },
+                &[],
+            )
             .unwrap();
         node
     }
@@ -274,7 +277,7 @@ fn a_snapshot_round_trip_gives_an_identical_replica() {
     let log = follower.log.clone().unwrap();
     follower
         .machine()
-        .install_snapshot(staged, &log, &metadata)
+        .install_snapshot(staged, &log, &metadata, &[])
         .unwrap();
 
     assert_eq!(follower.observable_state(), leader.observable_state());
@@ -365,7 +368,7 @@ fn a_fuzzy_copy_plus_log_replay_converges_to_the_leader() {
     let log = follower.log.clone().unwrap();
     follower
         .machine()
-        .install_snapshot(staged, &log, &metadata)
+        .install_snapshot(staged, &log, &metadata, &[])
         .unwrap();
     assert_eq!(follower.machine().applied_index(), snapshot_index);
     assert!(follower.machine().reader(beta.id).is_some());
@@ -465,7 +468,7 @@ fn install_refuses_mismatched_or_stale_snapshots() {
     assert!(matches!(
         follower
             .machine()
-            .install_snapshot(staged, &log, &other_index),
+            .install_snapshot(staged, &log, &other_index, &[]),
         Err(StorageError::SnapshotInstall { .. })
     ));
 
@@ -483,7 +486,9 @@ fn install_refuses_mismatched_or_stale_snapshots() {
     follower.write(1, 0, 0, 4096, 1);
     assert!(follower.machine().applied_index() > 1);
     assert!(matches!(
-        follower.machine().install_snapshot(staged, &log, &stale),
+        follower
+            .machine()
+            .install_snapshot(staged, &log, &stale, &[]),
         Err(StorageError::SnapshotInstall { .. })
     ));
     // Neither attempt changed anything.
@@ -504,7 +509,7 @@ fn a_checkpoint_ticket_from_before_an_install_records_nothing() {
     let log = follower.log.clone().unwrap();
     follower
         .machine()
-        .install_snapshot(staged, &log, &metadata)
+        .install_snapshot(staged, &log, &metadata, &[])
         .unwrap();
     ticket.sync_images().unwrap();
     assert_eq!(

@@ -1463,6 +1463,7 @@ impl StateMachine {
         staged: StagedSnapshot,
         log_store: &RaftLogStore,
         metadata: &SnapshotMetadata,
+        members: &[crate::config::MemberConfig],
     ) -> Result<(), StorageError> {
         let refuse = |detail: String| StorageError::SnapshotInstall {
             group_id: self.group_id,
@@ -1567,7 +1568,7 @@ impl StateMachine {
         );
         // The one synced write that switches: before it the old state is complete on disk,
         // after it the new one.
-        log_store.write_snapshot_install(batch, metadata)?;
+        log_store.write_snapshot_install(batch, metadata, members)?;
 
         let old_volumes = std::mem::replace(&mut self.volumes, new_volumes);
         for volume in old_volumes.values() {

@@ -556,6 +556,87 @@ impl Cluster {
         self.workspace.path()
     }
 
+    /// Creates node `max id + 1` with fresh addresses and starts it with `cluster.join = true`
+    /// (its config lists every node, itself included), waiting until its control API answers.
+    /// It is not a member until someone adds it (`raftblk ctl members add`).
+    #[track_caller]
+    pub fn start_joining_node(&mut self) -> u64 {
+        let id = self.nodes.iter().map(|node| node.id).max().unwrap_or(0) + 1;
+        let address = |port: u16| -> SocketAddr {
+            format!("127.0.0.1:{port}").parse().expect("socket address")
+        };
+        let directory = self.workspace.path().join(format!("node{id}"));
+        fs::create_dir_all(&directory).expect("create the node directory");
+        self.nodes.push(ClusterNode {
+            id,
+            nbd_address: address(pick_free_port()),
+            control_address: address(pick_free_port()),
+            peer_address: address(pick_free_port()),
+            config_path: directory.join("raftblk.toml"),
+            data_directory: directory.join("data"),
+            log_path: directory.join("server.log"),
+            child: None,
+            start_count: 0,
+        });
+        let text = self
+            .config_text(id)
+            .replacen("\n[cluster]\n", "\n[cluster]\njoin = true\n", 1);
+        assert!(
+            text.contains("join = true"),
+            "the config has a [cluster] section"
+        );
+        fs::write(&self.node(id).config_path, text).expect("write the node config");
+        self.node_mut(id).spawn_and_wait_ready();
+        id
+    }
+
+    /// The `--member-control`, `--peer`, `--nbd` and `--id` arguments that describe node `id`
+    /// to `raftblk ctl members add|replace`.
+    pub fn member_arguments(&self, id: u64) -> Vec<String> {
+        let node = self.node(id);
+        vec![
+            "--id".into(),
+            id.to_string(),
+            "--peer".into(),
+            node.peer_address.to_string(),
+            "--nbd".into(),
+            node.nbd_address.to_string(),
+            "--member-control".into(),
+            node.control_address.to_string(),
+        ]
+    }
+
+    /// Runs `raftblk ctl members --control <every node> ARGS` and returns its stdout, failing
+    /// with its output when it exits non-zero.
+    #[track_caller]
+    pub fn ctl_members(&self, arguments: &[String]) -> String {
+        let output = Command::new(server_program())
+            .arg("ctl")
+            .arg("members")
+            .arg("--control")
+            .arg(self.control_addresses_list())
+            .args(arguments)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run raftblk ctl members");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "raftblk ctl members {arguments:?} failed ({}):\n{stdout}\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.describe_statuses()
+        );
+        stdout
+    }
+
+    /// Stops node `id` for good (SIGTERM) and forgets it: for a member that was removed.
+    #[track_caller]
+    pub fn retire(&mut self, id: u64) {
+        self.terminate(id);
+        self.nodes.retain(|node| node.id != id);
+    }
+
     pub fn node_ids(&self) -> Vec<u64> {
         self.nodes.iter().map(|node| node.id).collect()
     }
