@@ -123,6 +123,9 @@ struct ProxyArgs {
     /// Client id used to attach volumes (default: the host name).
     #[arg(long)]
     client_id: Option<String>,
+    /// The proxy's own control API (status with restart counts; failpoints in test builds).
+    #[arg(long)]
+    control_listen: Option<String>,
     /// Take volumes over even if another client has them attached (fences that client).
     #[arg(long)]
     force_attach: bool,
@@ -144,6 +147,9 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     }
     if let Some(client_id) = args.client_id {
         overrides.push(("proxy.client_id", client_id));
+    }
+    if let Some(control_listen) = args.control_listen {
+        overrides.push(("proxy.control_listen", control_listen));
     }
     if args.force_attach {
         overrides.push(("proxy.force_attach", "true".to_string()));
@@ -252,7 +258,11 @@ fn install_panic_logger(logger: &slog::Logger, _format: LogFormat) {
             .location()
             .map(|location| location.to_string())
             .unwrap_or_default();
-        slog::error!(logger, "panic"; "message" => info.to_string(), "location" => location);
+        // Captured whatever RUST_BACKTRACE says: a crash report without it is of little use,
+        // and panics are rare enough for the cost not to matter.
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        slog::error!(logger, "panic"; "message" => info.to_string(), "location" => location,
+            "backtrace" => backtrace.to_string());
         default_hook(info);
     }));
 }
