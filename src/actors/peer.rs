@@ -271,8 +271,6 @@ async fn run_link(
             return;
         };
         queued_bytes.fetch_sub(message_bytes(&first), Ordering::Relaxed);
-        // A lost message is resent by Raft; the supervisor restarts the link task.
-        fail::fail_point!("peer_link_send", |_| panic!("failpoint peer_link_send"));
         let stream = match connect(
             &address,
             Duration::from_millis(context.config.connect_timeout_ms),
@@ -375,6 +373,8 @@ async fn write_messages<S: AsyncWrite + Unpin>(
             }
         }
         if !buffer.is_empty() {
+            // A batch lost here is resent by Raft; the supervisor restarts the link task.
+            fail::fail_point!("peer_link_send", |_| panic!("failpoint peer_link_send"));
             stream.write_all(&buffer).await?;
             buffer.clear();
         }
