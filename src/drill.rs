@@ -660,6 +660,12 @@ fn inject(
     let (failpoint, in_proxy) = failpoint_of(kind);
     let target = if in_proxy {
         options.proxy_control.clone()
+    } else if kind == ActorKind::NbdSession {
+        // Only the leader serves the proxy's sessions.
+        answered
+            .iter()
+            .find(|(_, status)| status["raft"]["role"] == "Leader")
+            .map(|(control, _)| control.clone())
     } else {
         answered
             .get(random.below(answered.len() as u64) as usize)
