@@ -234,8 +234,7 @@ fn judge(seed: u64, block: u64, state: &BlockState, data: &[u8]) -> ReadVerdict 
         .map(u64::from_be_bytes)
         .unwrap_or(0);
     let older_intact = (0..state.acknowledged).any(|generation| {
-        generation == header_generation
-            && data == block_pattern(seed, block, generation).as_slice()
+        generation == header_generation && data == block_pattern(seed, block, generation).as_slice()
     });
     if older_intact || data.iter().all(|byte| *byte == 0) {
         ReadVerdict::Lost
@@ -442,9 +441,8 @@ async fn run_workload(
                 ReadVerdict::Good => {
                     // What was read is now known; an uncertain write is settled either way.
                     if state.uncertain.is_some() {
-                        let generation = u64::from_be_bytes(
-                            data[8..16].try_into().unwrap_or([0; 8]),
-                        );
+                        let generation =
+                            u64::from_be_bytes(data[8..16].try_into().unwrap_or([0; 8]));
                         state.acknowledged = generation.max(state.acknowledged);
                         state.uncertain = None;
                     }
@@ -515,9 +513,9 @@ fn arm_failpoint(agent: &ureq::Agent, control: &str, name: &str) -> Result<(), S
         .send_string("1*panic")
         .map(|_| ())
         .map_err(|error| match error {
-            ureq::Error::Status(404, _) => format!(
-                "{control} has no failpoints endpoint (build with --features failpoints)"
-            ),
+            ureq::Error::Status(404, _) => {
+                format!("{control} has no failpoints endpoint (build with --features failpoints)")
+            }
             other => format!("arming {name} on {control}: {other}"),
         })
 }
@@ -607,7 +605,9 @@ fn run_chaos(
         check_pending(&agent, &mut pending, &mut ledger, report);
     }
     for waiting in pending {
-        report.injected_not_restarted.push(waiting.kind.name().to_string());
+        report
+            .injected_not_restarted
+            .push(waiting.kind.name().to_string());
     }
     poll_all(&mut ledger);
     stop.store(true, Ordering::Relaxed);
@@ -635,7 +635,11 @@ fn check_pending(
                 .as_u64()
                 .unwrap_or(0);
             if now > waiting.restarts_before {
-                eprintln!("drill: {} restarted on {}", waiting.kind.name(), waiting.target);
+                eprintln!(
+                    "drill: {} restarted on {}",
+                    waiting.kind.name(),
+                    waiting.target
+                );
                 return false;
             }
         }
@@ -681,7 +685,10 @@ fn inject(
         return None;
     };
     let Some(status) = get_status(agent, &target) else {
-        report.notes.push(format!("{target} did not answer before crashing {}", kind.name()));
+        report.notes.push(format!(
+            "{target} did not answer before crashing {}",
+            kind.name()
+        ));
         report.injected_not_restarted.push(kind.name().to_string());
         return None;
     };
@@ -758,9 +765,9 @@ pub fn run_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
     report.reads_verified = stats.reads_verified;
     report.io_errors = stats.io_errors;
     for (at_s, command, error) in &stats.first_errors {
-        report
-            .notes
-            .push(format!("{command} failed with NBD error {error} at {at_s:.1} s"));
+        report.notes.push(format!(
+            "{command} failed with NBD error {error} at {at_s:.1} s"
+        ));
     }
     report.connection_losses = stats.connection_losses;
     report.writes_lost = stats.writes_lost;
@@ -783,12 +790,27 @@ mod tests {
             issued: 4,
             busy: false,
         };
-        assert_eq!(judge(seed, 5, &state, &block_pattern(seed, 5, 3)), ReadVerdict::Good);
-        assert_eq!(judge(seed, 5, &state, &block_pattern(seed, 5, 4)), ReadVerdict::Good);
-        assert_eq!(judge(seed, 5, &state, &block_pattern(seed, 5, 2)), ReadVerdict::Lost);
-        assert_eq!(judge(seed, 5, &state, &block_pattern(seed, 5, 0)), ReadVerdict::Lost);
+        assert_eq!(
+            judge(seed, 5, &state, &block_pattern(seed, 5, 3)),
+            ReadVerdict::Good
+        );
+        assert_eq!(
+            judge(seed, 5, &state, &block_pattern(seed, 5, 4)),
+            ReadVerdict::Good
+        );
+        assert_eq!(
+            judge(seed, 5, &state, &block_pattern(seed, 5, 2)),
+            ReadVerdict::Lost
+        );
+        assert_eq!(
+            judge(seed, 5, &state, &block_pattern(seed, 5, 0)),
+            ReadVerdict::Lost
+        );
         // Another block's data, or a torn block, is corruption.
-        assert_eq!(judge(seed, 5, &state, &block_pattern(seed, 6, 3)), ReadVerdict::Corrupt);
+        assert_eq!(
+            judge(seed, 5, &state, &block_pattern(seed, 6, 3)),
+            ReadVerdict::Corrupt
+        );
         let mut torn = block_pattern(seed, 5, 3);
         torn[BLOCK_BYTES - 1] ^= 1;
         assert_eq!(judge(seed, 5, &state, &torn), ReadVerdict::Corrupt);

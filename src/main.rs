@@ -390,7 +390,9 @@ fn parse_duration_text(text: &str) -> anyhow::Result<std::time::Duration> {
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("invalid duration {text:?} (e.g. 180s, 3m, 500ms)"))?;
-    Ok(std::time::Duration::from_millis(value.saturating_mul(unit_ms)))
+    Ok(std::time::Duration::from_millis(
+        value.saturating_mul(unit_ms),
+    ))
 }
 
 fn parse_actor_kinds(names: &[String]) -> anyhow::Result<Vec<ActorKind>> {

@@ -170,9 +170,11 @@ fn raft_timer_panic_restarts_the_raft_actor() {
     // The tick timer (run_interval, outside any handler) panics once.
     server.arm_failpoint("raft_actor_tick", "1*panic");
     verified_workload(&mut client, 3, 16);
-    common::wait_until("the Raft actor's restart is counted", Duration::from_secs(30), || {
-        actor_restarts(&server)["raft"] == 1
-    });
+    common::wait_until(
+        "the Raft actor's restart is counted",
+        Duration::from_secs(30),
+        || actor_restarts(&server)["raft"] == 1,
+    );
     assert_one_crash_of(&server, "raft", "raft_actor_tick");
     verified_workload(&mut client, 1, 16);
     server.assert_running("after the Raft timer crash");

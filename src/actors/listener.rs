@@ -335,10 +335,7 @@ impl<S: NbdService> Actor for NbdListenerActor<S> {
         let Some(std_listener) = self.listener.as_ref() else {
             return;
         };
-        let listener = match std_listener
-            .try_clone()
-            .and_then(TcpListener::from_std)
-        {
+        let listener = match std_listener.try_clone().and_then(TcpListener::from_std) {
             Ok(listener) => listener,
             Err(error) => {
                 // Out of file descriptors, most likely: crash, so that the supervisor retries
@@ -348,30 +345,32 @@ impl<S: NbdService> Actor for NbdListenerActor<S> {
         };
         let addr = ctx.address();
         let logger = self.logger.clone();
-        self.accepting = Some(ctx.spawn(
-            async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, peer)) => {
-                            // Outside any handler: a panic here is caught by the supervisor,
-                            // which restarts the listener (the accepted stream is dropped).
-                            fail::fail_point!("nbd_listener_accept", |_| {
-                                panic!("failpoint nbd_listener_accept");
-                            });
-                            if addr.send(Accepted { stream, peer }).await.is_err() {
-                                return;
+        self.accepting = Some(
+            ctx.spawn(
+                async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, peer)) => {
+                                // Outside any handler: a panic here is caught by the supervisor,
+                                // which restarts the listener (the accepted stream is dropped).
+                                fail::fail_point!("nbd_listener_accept", |_| {
+                                    panic!("failpoint nbd_listener_accept");
+                                });
+                                if addr.send(Accepted { stream, peer }).await.is_err() {
+                                    return;
+                                }
                             }
-                        }
-                        Err(error) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            slog::warn!(logger, "accept failed"; "error" => %error);
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Err(error) => {
+                                // EMFILE and friends: back off instead of spinning.
+                                slog::warn!(logger, "accept failed"; "error" => %error);
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
                         }
                     }
                 }
-            }
-            .into_actor(self),
-        ));
+                .into_actor(self),
+            ),
+        );
     }
 }
 

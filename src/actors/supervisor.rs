@@ -442,7 +442,10 @@ where
                     if this.supervision.counters.escalation().is_some() {
                         return Poll::Ready(());
                     }
-                    let backoff = this.supervision.counters.current_backoff(this.supervision.kind);
+                    let backoff = this
+                        .supervision
+                        .counters
+                        .current_backoff(this.supervision.kind);
                     if !this.after_crash(CrashVerdict::Restart { backoff }) {
                         return Poll::Ready(());
                     }

@@ -16,9 +16,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::actors::supervisor::{run_guarded, Supervision};
 use actix::prelude::*;
 use bytes::Bytes;
-use crate::actors::supervisor::{run_guarded, Supervision};
 
 /// One cached block: (volume key, block index).
 type BlockKey = (u64, u64);

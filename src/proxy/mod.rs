@@ -157,7 +157,10 @@ pub async fn run_proxy(
         None
     } else {
         let address: std::net::SocketAddr = proxy.control_listen.parse().with_context(|| {
-            format!("proxy.control_listen {:?} is not ip:port", proxy.control_listen)
+            format!(
+                "proxy.control_listen {:?} is not ip:port",
+                proxy.control_listen
+            )
         })?;
         let state = actix_web::web::Data::new(crate::control::ProxyControlState {
             restarts: restarts.clone(),

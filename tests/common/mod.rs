@@ -630,7 +630,9 @@ impl ServerProcess {
         let status = wait_with_timeout(child, timeout)?;
         self.child = None;
         self.addresses = None;
-        self.append_to_log(&format!("=== test harness: exited by itself -> {status} ===\n"));
+        self.append_to_log(&format!(
+            "=== test harness: exited by itself -> {status} ===\n"
+        ));
         Some(status)
     }
 
