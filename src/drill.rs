@@ -528,7 +528,7 @@ fn run_chaos(
     report: &mut DrillReport,
 ) -> RestartLedger {
     let agent = agent();
-    let mut random = SplitMix64(options.seed ^ 0xc4a0_5);
+    let mut random = SplitMix64(options.seed ^ 0x000c_4a05);
     let mut ledger = RestartLedger::default();
     let poll_all = |ledger: &mut RestartLedger| -> Vec<(String, serde_json::Value)> {
         let mut answered = Vec::new();
