@@ -12,6 +12,7 @@ mod common;
 use std::io::Read;
 use std::time::Duration;
 
+use common::cluster::{Cluster, ClusterOptions, ProxyProcess};
 use common::{NbdClient, ServerProcess, DEFAULT_EXPORT_NAME};
 
 const BLOCK_BYTES: usize = 4096;
@@ -237,5 +238,64 @@ fn release_profile_keeps_panic_unwind() {
             .lines()
             .any(|line| line.split('#').next().unwrap_or("").replace(' ', "") == "panic=\"unwind\""),
         "[profile.release] must set panic = \"unwind\":\n{release}"
+    );
+}
+
+fn restarts_at(control: std::net::SocketAddr) -> serde_json::Value {
+    let url = format!("http://{control}/v1/status");
+    let status: serde_json::Value = ureq::get(&url)
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+        .into_json()
+        .unwrap_or_else(|error| panic!("GET {url}: body is not JSON: {error}"));
+    status["actor_restarts"].clone()
+}
+
+#[test]
+fn peer_link_panic_restarts_the_link_and_replication_goes_on() {
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let leader = cluster.leader();
+    let leader_node = cluster.node(leader);
+    let (nbd, control) = (leader_node.nbd_address, leader_node.control_address);
+    let mut client = NbdClient::connect(nbd, DEFAULT_EXPORT_NAME);
+    verified_workload(&mut client, 1, 16);
+    // The next batch a link task of the leader sends panics that task (outside any actor).
+    common::arm_failpoint(control, "peer_link_send", "1*panic");
+    verified_workload(&mut client, 3, 16);
+    common::wait_until("the peer link's restart is counted", Duration::from_secs(30), || {
+        restarts_at(control)["peer"] == 1
+    });
+    // Writes still commit (they need a follower's acknowledgement through the links).
+    verified_workload(&mut client, 1, 16);
+    assert!(
+        cluster.node(leader).log_text().contains("failpoint peer_link_send"),
+        "the leader's log does not report the injected crash"
+    );
+    cluster.assert_all_alive("after the peer link crash");
+}
+
+#[test]
+fn proxy_cache_panic_restarts_it_cold_and_reads_bypass_it() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let proxy_control: std::net::SocketAddr =
+        format!("127.0.0.1:{}", common::pick_free_port()).parse().expect("an address");
+    let proxy = ProxyProcess::start(
+        &cluster,
+        "supervision-test",
+        &["--control-listen", &proxy_control.to_string()],
+    );
+    let mut client = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
+    verified_workload(&mut client, 1, 16);
+    common::arm_failpoint(proxy_control, "proxy_cache_lookup", "1*panic");
+    verified_workload(&mut client, 3, 16);
+    common::wait_until("the cache's restart is counted", Duration::from_secs(30), || {
+        restarts_at(proxy_control)["cache"] == 1
+    });
+    verified_workload(&mut client, 1, 16);
+    let log = std::fs::read_to_string(&proxy.log_path).unwrap_or_default();
+    assert!(
+        log.contains("actor crashed; restarting it") && log.contains("cache actor restarted cold"),
+        "the proxy log does not report the cache crash:\n{log}"
     );
 }
