@@ -263,13 +263,18 @@ fn peer_link_panic_restarts_the_link_and_replication_goes_on() {
     // The next batch a link task of the leader sends panics that task (outside any actor).
     common::arm_failpoint(control, "peer_link_send", "1*panic");
     verified_workload(&mut client, 3, 16);
-    common::wait_until("the peer link's restart is counted", Duration::from_secs(30), || {
-        restarts_at(control)["peer"] == 1
-    });
+    common::wait_until(
+        "the peer link's restart is counted",
+        Duration::from_secs(30),
+        || restarts_at(control)["peer"] == 1,
+    );
     // Writes still commit (they need a follower's acknowledgement through the links).
     verified_workload(&mut client, 1, 16);
     assert!(
-        cluster.node(leader).log_text().contains("failpoint peer_link_send"),
+        cluster
+            .node(leader)
+            .log_text()
+            .contains("failpoint peer_link_send"),
         "the leader's log does not report the injected crash"
     );
     cluster.assert_all_alive("after the peer link crash");
@@ -278,8 +283,9 @@ fn peer_link_panic_restarts_the_link_and_replication_goes_on() {
 #[test]
 fn proxy_cache_panic_restarts_it_cold_and_reads_bypass_it() {
     let cluster = Cluster::start(ClusterOptions::default());
-    let proxy_control: std::net::SocketAddr =
-        format!("127.0.0.1:{}", common::pick_free_port()).parse().expect("an address");
+    let proxy_control: std::net::SocketAddr = format!("127.0.0.1:{}", common::pick_free_port())
+        .parse()
+        .expect("an address");
     let proxy = ProxyProcess::start(
         &cluster,
         "supervision-test",
@@ -289,9 +295,11 @@ fn proxy_cache_panic_restarts_it_cold_and_reads_bypass_it() {
     verified_workload(&mut client, 1, 16);
     common::arm_failpoint(proxy_control, "proxy_cache_lookup", "1*panic");
     verified_workload(&mut client, 3, 16);
-    common::wait_until("the cache's restart is counted", Duration::from_secs(30), || {
-        restarts_at(proxy_control)["cache"] == 1
-    });
+    common::wait_until(
+        "the cache's restart is counted",
+        Duration::from_secs(30),
+        || restarts_at(proxy_control)["cache"] == 1,
+    );
     verified_workload(&mut client, 1, 16);
     let log = std::fs::read_to_string(&proxy.log_path).unwrap_or_default();
     assert!(
