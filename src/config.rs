@@ -441,6 +441,8 @@ pub struct ProxyConfig {
     pub servers: Vec<String>,
     /// Who attaches volumes; empty means this machine's host name.
     pub client_id: String,
+    /// The proxy's control API address ("ip:port"); empty: none.
+    pub control_listen: String,
     /// Take a volume over even when another client has it attached (fencing that client).
     pub force_attach: bool,
     /// Bytes of block data the read cache may hold (0 disables the cache).

@@ -239,6 +239,9 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
             servers.join(","),
             "--client-id".into(),
             "raftblk-dev".into(),
+            // Its status (restart counts) and, in test builds, failpoints for drills.
+            "--control-listen".into(),
+            format!("127.0.0.1:{}", options.port_base + 1),
         ],
         log_path: proxy_dir.join("proxy.log"),
         child: None,

@@ -16,6 +16,7 @@ pub mod actors;
 pub mod config;
 pub mod control;
 pub mod dev;
+pub mod drill;
 pub mod logging;
 pub mod nbd;
 pub mod peer;

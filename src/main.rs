@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use raftblk::config::MemberConfig;
-use raftblk::config::{Config, LogFormat};
+use raftblk::actors::supervisor::ActorKind;
+use raftblk::config::{Config, LogFormat, MemberConfig};
 use raftblk::control::members::{MembersBody, MembershipClient};
 use raftblk::control::{ControlClient, CreateVolumeRequest};
 
@@ -65,8 +65,49 @@ struct DevArgs {
 /// The control addresses of `raftblk dev`'s servers.
 const DEV_CONTROL_ADDRESSES: &str = "127.0.0.1:10821,127.0.0.1:10831,127.0.0.1:10841";
 
+/// The proxy control address of `raftblk dev` (its port base + 1).
+const DEV_PROXY_CONTROL_ADDRESS: &str = "127.0.0.1:10811";
+
 #[derive(Subcommand)]
 enum CtlCommand {
+    /// Crash-restart drill: a verified write/read workload through the proxy while servers are
+    /// killed (kill -9 of the pid in each server's /v1/status: servers must run on this host
+    /// under something that restarts them, as `raftblk dev` does) and actors are crashed
+    /// through failpoints (builds with `--features failpoints`). Exits 0 only on a pass.
+    Drill {
+        /// The proxy's NBD address.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        nbd: String,
+        #[arg(long, default_value = "disk0")]
+        export: String,
+        /// Servers' control API addresses, comma-separated.
+        #[arg(long, default_value = DEV_CONTROL_ADDRESSES, value_delimiter = ',')]
+        control: Vec<String>,
+        /// The proxy's control API address (for cache crashes); empty for none.
+        #[arg(long, default_value = DEV_PROXY_CONTROL_ADDRESS)]
+        proxy_control: String,
+        /// How long to run: 180, 180s, 3m or 500ms.
+        #[arg(long, default_value = "60s")]
+        duration: String,
+        /// Kill a random server this often (0: never).
+        #[arg(long, default_value = "10s")]
+        kill_interval: String,
+        /// Actor kinds to crash once each, comma-separated (nbd_session, raft, storage,
+        /// listener, peer, cache), or `all`.
+        #[arg(long, value_delimiter = ',')]
+        inject: Vec<String>,
+        /// Seed of the schedule and the data (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Blocks (4 KiB each) in the working set.
+        #[arg(long, default_value_t = 1024)]
+        blocks: u64,
+        #[arg(long, default_value_t = 32)]
+        requests_in_flight: usize,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// One row per server: role, term, commit and applied index, leader; then the leader's
     /// view of each follower's replication progress.
     Status {
@@ -190,6 +231,9 @@ struct ProxyArgs {
     /// Client id used to attach volumes (default: the host name).
     #[arg(long)]
     client_id: Option<String>,
+    /// The proxy's own control API (status with restart counts; failpoints in test builds).
+    #[arg(long)]
+    control_listen: Option<String>,
     /// Take volumes over even if another client has them attached (fences that client).
     #[arg(long)]
     force_attach: bool,
@@ -211,6 +255,9 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     }
     if let Some(client_id) = args.client_id {
         overrides.push(("proxy.client_id", client_id));
+    }
+    if let Some(control_listen) = args.control_listen {
+        overrides.push(("proxy.control_listen", control_listen));
     }
     if args.force_attach {
         overrides.push(("proxy.force_attach", "true".to_string()));
@@ -322,7 +369,11 @@ fn install_panic_logger(logger: &slog::Logger, _format: LogFormat) {
             .location()
             .map(|location| location.to_string())
             .unwrap_or_default();
-        slog::error!(logger, "panic"; "message" => info.to_string(), "location" => location);
+        // Captured whatever RUST_BACKTRACE says: a crash report without it is of little use,
+        // and panics are rare enough for the cost not to matter.
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        slog::error!(logger, "panic"; "message" => info.to_string(), "location" => location,
+            "backtrace" => backtrace.to_string());
         default_hook(info);
     }));
 }
@@ -392,6 +443,41 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     runtime.block_on(raftblk::dev::run_dev(options))
 }
 
+/// `180`, `180s`, `3m`, `500ms`.
+fn parse_duration_text(text: &str) -> anyhow::Result<std::time::Duration> {
+    let text = text.trim();
+    let (number, unit_ms) = if let Some(number) = text.strip_suffix("ms") {
+        (number, 1)
+    } else if let Some(number) = text.strip_suffix('s') {
+        (number, 1000)
+    } else if let Some(number) = text.strip_suffix('m') {
+        (number, 60_000)
+    } else {
+        (text, 1000)
+    };
+    let value: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid duration {text:?} (e.g. 180s, 3m, 500ms)"))?;
+    Ok(std::time::Duration::from_millis(
+        value.saturating_mul(unit_ms),
+    ))
+}
+
+fn parse_actor_kinds(names: &[String]) -> anyhow::Result<Vec<ActorKind>> {
+    if names.iter().any(|name| name == "all") {
+        return Ok(ActorKind::ALL.to_vec());
+    }
+    names
+        .iter()
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            ActorKind::from_name(name)
+                .ok_or_else(|| anyhow::anyhow!("unknown actor kind {name:?} for --inject"))
+        })
+        .collect()
+}
+
 fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
     match command {
         CtlCommand::Members {
@@ -428,6 +514,58 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
             }
             if statuses.iter().all(|(_, status)| status.is_err()) {
                 anyhow::bail!("no server answered at {}", control.join(", "));
+            }
+        }
+        CtlCommand::Drill {
+            nbd,
+            export,
+            control,
+            proxy_control,
+            duration,
+            kill_interval,
+            inject,
+            seed,
+            blocks,
+            requests_in_flight,
+            json,
+        } => {
+            let inject = parse_actor_kinds(&inject)?;
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|elapsed| elapsed.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+            let options = raftblk::drill::DrillOptions {
+                nbd_address: nbd,
+                export_name: export,
+                controls: control,
+                proxy_control: (!proxy_control.is_empty()).then_some(proxy_control),
+                duration: parse_duration_text(&duration)?,
+                kill_interval: parse_duration_text(&kill_interval)?,
+                inject,
+                seed,
+                blocks,
+                requests_in_flight,
+            };
+            eprintln!(
+                "drill: seed {seed}, {} s, kill every {} ms, inject [{}]",
+                options.duration.as_secs(),
+                options.kill_interval.as_millis(),
+                options
+                    .inject
+                    .iter()
+                    .map(|kind| kind.name())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let report = raftblk::drill::run_drill(options)?;
+            print!("{}", report.render());
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            if !report.passed() {
+                anyhow::bail!("the drill failed");
             }
         }
     }

@@ -19,12 +19,12 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use raft::prelude::ConfState;
 
-use crate::actors::listener::NbdListenerActor;
+use crate::actors::listener::{NbdListenerActor, StopAccepting};
 use crate::actors::messages::{Checkpoint, GetRaftStatus};
 use crate::actors::peer::{start_peer_transport, PeerContext, PeerNetwork, SnapshotInbox};
 use crate::actors::raft::{propose_until, RaftActor, RaftActorParams, ReadGate};
 use crate::actors::storage::{ConnectRaft, StorageActor, StorageActorParams, VolumeRegistry};
-use crate::actors::supervisor::{ActorKind, RestartCounters, Supervision};
+use crate::actors::supervisor::{ActorKind, RestartCounters, SupervisedActor, Supervision};
 use crate::config::Config;
 use crate::control::{self, ControlState};
 use crate::storage::command::{encode_command, Command};
@@ -183,9 +183,11 @@ pub async fn run_server(
         applied_index: applied_index.clone(),
         supervision: supervision(ActorKind::Storage),
     };
-    let storage = actix::Supervisor::start_in_arbiter(&storage_arbiter.handle(), move |_| {
-        StorageActor::new(storage_params)
-    });
+    let storage = SupervisedActor::start_in_arbiter(
+        &storage_arbiter.handle(),
+        supervision(ActorKind::Storage),
+        move |_| StorageActor::new(storage_params),
+    );
     // The Raft node starts from the applied index the storage actor publishes once it has
     // opened the state machine; this round trip waits for that.
     storage
@@ -217,9 +219,11 @@ pub async fn run_server(
         network: network.clone(),
         snapshots: snapshots.clone(),
     };
-    let raft = actix::Supervisor::start_in_arbiter(&raft_arbiter.handle(), move |_| {
-        RaftActor::new(raft_params)
-    });
+    let raft = SupervisedActor::start_in_arbiter(
+        &raft_arbiter.handle(),
+        supervision(ActorKind::Raft),
+        move |_| RaftActor::new(raft_params),
+    );
     storage.do_send(ConnectRaft(raft.clone()));
 
     let peer_arbiter = Arbiter::new();
@@ -281,8 +285,8 @@ pub async fn run_server(
         raft.clone(),
         read_gate.clone(),
         listener_supervision,
-    )
-    .start();
+    )?
+    .start_supervised();
 
     let control_state = actix_web::web::Data::new(ControlState {
         raft: raft.clone(),
@@ -326,9 +330,14 @@ pub async fn run_server(
         )?;
     }
 
-    shutdown_signal().await;
-    slog::info!(logger, "shutting down");
-    listener.do_send(StopListener);
+    // Ends on SIGINT/SIGTERM, or when supervision gives up on an actor (restart intensity
+    // exceeded, corruption detected): the same clean shutdown, then a non-zero exit.
+    let escalation = tokio::select! {
+        _ = shutdown_signal() => None,
+        reason = restarts.escalated() => Some(reason),
+    };
+    slog::info!(logger, "shutting down"; "escalation" => escalation.as_deref().unwrap_or("none"));
+    listener.do_send(StopAccepting);
     control_handle.stop(true).await;
     // Make everything applied durable so the next start replays nothing.
     match storage.send(Checkpoint).await {
@@ -347,17 +356,9 @@ pub async fn run_server(
     drop(storage);
     drop(log_store);
     drop(db);
-    Ok(())
-}
-
-/// Stops the NBD listener from accepting new connections.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct StopListener;
-
-impl Handler<StopListener> for NbdListenerActor {
-    type Result = ();
-    fn handle(&mut self, _: StopListener, ctx: &mut Context<Self>) {
-        ctx.stop();
+    slog::info!(logger, "RocksDB closed");
+    match escalation {
+        Some(reason) => Err(anyhow::anyhow!("supervision escalated: {reason}")),
+        None => Ok(()),
     }
 }

@@ -1,14 +1,18 @@
 //! Supervision tests: for each actor kind, a named failpoint (`fail` crate, compiled in with
-//! `--features failpoints`) makes that actor panic once while a verified client workload runs
-//! against a real server process. Each test asserts that the client saw no error, that every
+//! `--features failpoints`) makes that actor panic while a verified client workload runs
+//! against real processes, armed either through `FAILPOINTS` at start or at runtime through
+//! `PUT /v1/failpoints/{name}`. Each test asserts that the client saw no error, that every
 //! acknowledged write reads back intact, that the crash really happened (the restart counter in
-//! `/v1/status` and the log line), and that the server still serves new connections.
+//! `/v1/status` and the log line), and that the process still serves new connections. A panic
+//! storm must instead end the process with a non-zero exit after a clean shutdown.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::io::Read;
 use std::time::Duration;
 
+use common::cluster::{Cluster, ClusterOptions, ProxyProcess};
 use common::{NbdClient, ServerProcess, DEFAULT_EXPORT_NAME};
 
 const BLOCK_BYTES: usize = 4096;
@@ -127,4 +131,179 @@ fn session_actor_panic_closes_only_its_own_connection() {
     }
     assert_one_crash_of(&server, "nbd_session", "nbd_session_request");
     server.assert_running("after a session crash");
+}
+
+#[test]
+fn listener_panic_in_its_accept_loop_restarts_it_and_keeps_sessions() {
+    let mut server = ServerProcess::start();
+    let mut bystander = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
+    verified_workload(&mut bystander, 1, 8);
+    // The next accepted connection panics the accept loop (a spawned future, outside any
+    // handler): that connection is dropped, the listener restarts on the same socket.
+    server.arm_failpoint("nbd_listener_accept", "1*panic");
+    let mut victim = std::net::TcpStream::connect(server.nbd_address()).expect("connect");
+    victim
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
+    let mut greeting = [0u8; 18];
+    assert!(
+        victim.read_exact(&mut greeting).is_err(),
+        "the connection accepted by the crashing accept loop should be closed"
+    );
+    // The open session never noticed, and new connections are accepted again.
+    verified_workload(&mut bystander, 2, 8);
+    let mut newcomer = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
+    for block in 0..8 {
+        assert!(
+            newcomer.read_ok(block * BLOCK_BYTES as u64, BLOCK_BYTES as u32)
+                == block_pattern(1, block)
+        );
+    }
+    assert_one_crash_of(&server, "listener", "nbd_listener_accept");
+    server.assert_running("after the listener crash");
+}
+
+#[test]
+fn raft_timer_panic_restarts_the_raft_actor() {
+    let mut server = ServerProcess::start();
+    let mut client = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
+    verified_workload(&mut client, 1, 16);
+    // The tick timer (run_interval, outside any handler) panics once.
+    server.arm_failpoint("raft_actor_tick", "1*panic");
+    verified_workload(&mut client, 3, 16);
+    common::wait_until(
+        "the Raft actor's restart is counted",
+        Duration::from_secs(30),
+        || actor_restarts(&server)["raft"] == 1,
+    );
+    assert_one_crash_of(&server, "raft", "raft_actor_tick");
+    verified_workload(&mut client, 1, 16);
+    server.assert_running("after the Raft timer crash");
+}
+
+#[test]
+fn a_panic_storm_exits_non_zero_after_a_clean_shutdown() {
+    let mut server = ServerProcess::start();
+    let mut client = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
+    verified_workload(&mut client, 1, 16);
+    // Every apply panics from now on: the storage actor crashes at every restart until the
+    // restart intensity is exceeded.
+    server.arm_failpoint("storage_actor_apply", "panic");
+    client.set_timeout(Duration::from_secs(60));
+    let outcome = client.write(0, &block_pattern(7, 0));
+    let status = server
+        .wait_for_own_exit(Duration::from_secs(60))
+        .unwrap_or_else(|| {
+            panic!(
+                "the server should exit after a panic storm\n{}",
+                server.log_text()
+            )
+        });
+    assert!(
+        !status.success() && status.code().is_some(),
+        "expected a non-zero exit code (not a signal), got {status}; the write got {outcome:?}"
+    );
+    let log = server.log_text();
+    assert!(
+        log.contains("actor crashed too often; escalating")
+            && log.contains("supervision escalated")
+            && log.contains("RocksDB closed"),
+        "the log does not show an escalation followed by a clean shutdown:\n{log}"
+    );
+    // Durable state is intact: the restarted server (runtime failpoints are gone with the
+    // process) serves every write acknowledged before the storm.
+    server.restart();
+    let mut reader = NbdClient::connect(server.nbd_address(), DEFAULT_EXPORT_NAME);
+    for block in 1..16 {
+        assert!(
+            reader.read_ok(block * BLOCK_BYTES as u64, BLOCK_BYTES as u32)
+                == block_pattern(0, block),
+            "block {block} acknowledged before the storm was lost"
+        );
+    }
+}
+
+#[test]
+fn release_profile_keeps_panic_unwind() {
+    // Supervision catches panics; with `panic = "abort"` every crash would kill the process.
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .expect("read Cargo.toml");
+    let release = manifest
+        .split("[profile.release]")
+        .nth(1)
+        .expect("Cargo.toml has a [profile.release] section");
+    let release = release.split("\n[").next().unwrap_or(release);
+    assert!(
+        release
+            .lines()
+            .any(|line| line.split('#').next().unwrap_or("").replace(' ', "") == "panic=\"unwind\""),
+        "[profile.release] must set panic = \"unwind\":\n{release}"
+    );
+}
+
+fn restarts_at(control: std::net::SocketAddr) -> serde_json::Value {
+    let url = format!("http://{control}/v1/status");
+    let status: serde_json::Value = ureq::get(&url)
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+        .into_json()
+        .unwrap_or_else(|error| panic!("GET {url}: body is not JSON: {error}"));
+    status["actor_restarts"].clone()
+}
+
+#[test]
+fn peer_link_panic_restarts_the_link_and_replication_goes_on() {
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let leader = cluster.leader();
+    let leader_node = cluster.node(leader);
+    let (nbd, control) = (leader_node.nbd_address, leader_node.control_address);
+    let mut client = NbdClient::connect(nbd, DEFAULT_EXPORT_NAME);
+    verified_workload(&mut client, 1, 16);
+    // The next batch a link task of the leader sends panics that task (outside any actor).
+    common::arm_failpoint(control, "peer_link_send", "1*panic");
+    verified_workload(&mut client, 3, 16);
+    common::wait_until(
+        "the peer link's restart is counted",
+        Duration::from_secs(30),
+        || restarts_at(control)["peer"] == 1,
+    );
+    // Writes still commit (they need a follower's acknowledgement through the links).
+    verified_workload(&mut client, 1, 16);
+    assert!(
+        cluster
+            .node(leader)
+            .log_text()
+            .contains("failpoint peer_link_send"),
+        "the leader's log does not report the injected crash"
+    );
+    cluster.assert_all_alive("after the peer link crash");
+}
+
+#[test]
+fn proxy_cache_panic_restarts_it_cold_and_reads_bypass_it() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    let proxy_control: std::net::SocketAddr = format!("127.0.0.1:{}", common::pick_free_port())
+        .parse()
+        .expect("an address");
+    let proxy = ProxyProcess::start(
+        &cluster,
+        "supervision-test",
+        &["--control-listen", &proxy_control.to_string()],
+    );
+    let mut client = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
+    verified_workload(&mut client, 1, 16);
+    common::arm_failpoint(proxy_control, "proxy_cache_lookup", "1*panic");
+    verified_workload(&mut client, 3, 16);
+    common::wait_until(
+        "the cache's restart is counted",
+        Duration::from_secs(30),
+        || restarts_at(proxy_control)["cache"] == 1,
+    );
+    verified_workload(&mut client, 1, 16);
+    let log = std::fs::read_to_string(&proxy.log_path).unwrap_or_default();
+    assert!(
+        log.contains("actor crashed; restarting it") && log.contains("cache actor restarted cold"),
+        "the proxy log does not report the cache crash:\n{log}"
+    );
 }

@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::raft::{RaftActor, ReadGate};
 use super::session::{NbdSessionActor, RaftVolumeBackend, SessionBackend, SessionLimits};
 use super::storage::VolumeRegistry;
-use super::supervisor::{ActorKind, Supervision};
+use super::supervisor::{ActorKind, SupervisedActor, Supervision};
 use crate::config::NbdConfig;
 use crate::nbd::handshake::{
     ExportCatalog, ExportDescription, Handshake, HandshakeLimits, HandshakeStep,
@@ -180,6 +180,7 @@ pub struct VolumeService {
     pub request_max_bytes: u32,
     pub raft: Addr<RaftActor>,
     pub read_gate: ReadGate,
+    pub restarts: Arc<super::supervisor::RestartCounters>,
 }
 
 /// How long an export lookup waits for a read barrier before answering from the local table.
@@ -230,18 +231,25 @@ impl NbdService for VolumeService {
             read_gate: self.read_gate.clone(),
             writer_epoch: export_name.writer_epoch,
             logger: logger.clone(),
+            restarts: self.restarts.clone(),
         })
     }
 }
 
 pub struct NbdListenerActor<S: NbdService = VolumeService> {
-    listener: Option<TcpListener>,
+    /// The listening socket, kept for the actor's whole life: each instance (a restart after a
+    /// crash in its accept loop) accepts on a duplicate of it, so the port never closes and
+    /// connections queued meanwhile wait in the backlog. `None` once told to stop accepting.
+    listener: Option<std::net::TcpListener>,
     limits: ListenerLimits,
     service: S,
     connections: Arc<AtomicUsize>,
     server_bytes_permits: Arc<tokio::sync::Semaphore>,
     logger: slog::Logger,
     session_supervision: Supervision,
+    supervision: Supervision,
+    /// The running accept loop.
+    accepting: Option<SpawnHandle>,
 }
 
 impl NbdListenerActor<VolumeService> {
@@ -254,13 +262,14 @@ impl NbdListenerActor<VolumeService> {
         raft: Addr<RaftActor>,
         read_gate: ReadGate,
         supervision: Supervision,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let service = VolumeService {
             registry,
             default_export_name,
             request_max_bytes: config.request_max_bytes,
             raft,
             read_gate,
+            restarts: supervision.counters.clone(),
         };
         NbdListenerActor::with_service(
             listener,
@@ -277,13 +286,15 @@ impl<S: NbdService> NbdListenerActor<S> {
         limits: ListenerLimits,
         service: S,
         supervision: Supervision,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         // Validated to fit in u32 (the semaphore counts bytes).
         let server_bytes_permits = Arc::new(tokio::sync::Semaphore::new(
             limits.bytes_in_flight_max as usize,
         ));
-        NbdListenerActor {
-            listener: Some(listener),
+        // A tokio listener is non-blocking already, as each instance's duplicate must be.
+        let listener = Some(listener.into_std()?);
+        Ok(NbdListenerActor {
+            listener,
             limits,
             service,
             connections: Arc::new(AtomicUsize::new(0)),
@@ -291,9 +302,17 @@ impl<S: NbdService> NbdListenerActor<S> {
             logger: supervision.logger.clone(),
             session_supervision: Supervision {
                 kind: ActorKind::NbdSession,
-                ..supervision
+                ..supervision.clone()
             },
-        }
+            supervision,
+            accepting: None,
+        })
+    }
+
+    /// Starts the listener under its supervisor on the current arbiter.
+    pub fn start_supervised(self) -> Addr<Self> {
+        let supervision = self.supervision.clone();
+        SupervisedActor::start(supervision, move |_| self)
     }
 
     /// Open connections (handshaking or in transmission), shared with the caller.
@@ -313,30 +332,64 @@ impl<S: NbdService> Actor for NbdListenerActor<S> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let Some(listener) = self.listener.take() else {
+        let Some(std_listener) = self.listener.as_ref() else {
             return;
+        };
+        let listener = match std_listener.try_clone().and_then(TcpListener::from_std) {
+            Ok(listener) => listener,
+            Err(error) => {
+                // Out of file descriptors, most likely: crash, so that the supervisor retries
+                // with backoff and escalates if it persists.
+                panic!("cannot duplicate the listening socket: {error}");
+            }
         };
         let addr = ctx.address();
         let logger = self.logger.clone();
-        ctx.spawn(
-            async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, peer)) => {
-                            if addr.send(Accepted { stream, peer }).await.is_err() {
-                                return;
+        self.accepting = Some(
+            ctx.spawn(
+                async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, peer)) => {
+                                // Outside any handler: a panic here is caught by the supervisor,
+                                // which restarts the listener (the accepted stream is dropped).
+                                fail::fail_point!("nbd_listener_accept", |_| {
+                                    panic!("failpoint nbd_listener_accept");
+                                });
+                                if addr.send(Accepted { stream, peer }).await.is_err() {
+                                    return;
+                                }
                             }
-                        }
-                        Err(error) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            slog::warn!(logger, "accept failed"; "error" => %error);
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Err(error) => {
+                                // EMFILE and friends: back off instead of spinning.
+                                slog::warn!(logger, "accept failed"; "error" => %error);
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
                         }
                     }
                 }
-            }
-            .into_actor(self),
+                .into_actor(self),
+            ),
         );
+    }
+}
+
+/// A listener restarts with the same socket, counters and permits; its accept loop is
+/// started again by `started`. Sessions are independent actors and live on.
+impl<S: NbdService> actix::Supervised for NbdListenerActor<S> {}
+
+/// Stops accepting connections (at shutdown): the listening socket closes; open sessions go on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAccepting;
+
+impl<S: NbdService> Handler<StopAccepting> for NbdListenerActor<S> {
+    type Result = ();
+    fn handle(&mut self, _: StopAccepting, ctx: &mut Context<Self>) {
+        self.listener = None;
+        // Ends the accept loop (and its socket duplicate) without stopping the actor, which
+        // its supervisor would take for a crash.
+        ctx.cancel_future(self.accepting.take().unwrap_or_default());
     }
 }
 

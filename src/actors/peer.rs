@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use super::messages::{OpenSnapshotSource, ReportSnapshot, ReportUnreachable, StepPeerMessage};
 use super::raft::RaftActor;
 use super::storage::StorageActor;
-use super::supervisor::{ActorKind, Supervision};
+use super::supervisor::{CrashVerdict, Supervision};
 use crate::config::{MemberConfig, PeerConfig};
 use crate::peer::{
     decode_frame, decode_hello, decode_raft_message, encode_frame, encode_hello,
@@ -300,27 +300,22 @@ pub fn start_peer_transport(listener: TcpListener, links: PeerLinks, context: Pe
     });
 }
 
-/// Runs `make()` again whenever it panics, with backoff, counting each restart.
+/// Runs `make()` again whenever it panics, with the supervision policy's backoff, counting each
+/// restart; past the restart intensity the process escalates and the task stays down.
 async fn supervised<F, Fut>(what: &'static str, supervision: Supervision, make: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut backoff = Duration::from_millis(50);
     loop {
         match std::panic::AssertUnwindSafe(make()).catch_unwind().await {
             Ok(()) => return,
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|text| text.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".to_string());
-                supervision.counters.record(ActorKind::Peer);
-                slog::error!(supervision.logger, "peer transport task panicked; restarting";
-                    "task" => what, "panic" => message, "backoff_ms" => backoff.as_millis() as u64);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                slog::error!(supervision.logger, "peer transport task panicked"; "task" => what);
+                match supervision.crashed(panic.as_ref()) {
+                    CrashVerdict::Restart { backoff } => tokio::time::sleep(backoff).await,
+                    CrashVerdict::Escalate => return,
+                }
             }
         }
     }
@@ -455,6 +450,8 @@ async fn write_messages<S: AsyncWrite + Unpin>(
             }
         }
         if !buffer.is_empty() {
+            // A batch lost here is resent by Raft; the supervisor restarts the link task.
+            fail::fail_point!("peer_link_send", |_| panic!("failpoint peer_link_send"));
             stream.write_all(&buffer).await?;
             buffer.clear();
         }

@@ -868,6 +868,8 @@ impl Actor for RaftActor {
         self.rebuild();
         let tick = Duration::from_millis(self.params.config.tick_interval_ms);
         ctx.run_interval(tick, |actor, ctx| {
+            // Outside any handler: a panic here is caught by the actor's supervisor.
+            fail::fail_point!("raft_actor_tick", |_| panic!("failpoint raft_actor_tick"));
             ctx.notify(Tick);
             let _ = actor;
         });

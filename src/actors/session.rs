@@ -406,6 +406,8 @@ pub struct RaftVolumeBackend {
     pub read_gate: ReadGate,
     pub writer_epoch: u64,
     pub logger: slog::Logger,
+    /// Told about corruption found while reading (the process then exits).
+    pub restarts: std::sync::Arc<super::supervisor::RestartCounters>,
 }
 
 impl SessionBackend for RaftVolumeBackend {
@@ -538,6 +540,11 @@ impl RaftVolumeBackend {
             Ok(Err(error)) => {
                 slog::error!(self.logger, "read failed"; "error" => %error, "offset" => offset,
                     "length" => length);
+                if matches!(error, crate::storage::StorageError::ChecksumMismatch { .. }) {
+                    // This replica's image is corrupt: exit so that leadership, and with it
+                    // the clients' reads, moves to a healthy replica (see ARCHITECTURE.md).
+                    self.restarts.escalate(format!("corruption: {error}"));
+                }
                 BackendReply::Error {
                     errno: Errno::Io,
                     message: "read failed",

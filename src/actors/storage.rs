@@ -88,6 +88,9 @@ pub struct StorageActor {
     checkpoint_in_flight: Option<u64>,
     /// Ids tell a checkpoint of this instance from one started before a restart.
     checkpoint_ids: u64,
+    /// The highest applied index this process made durable; kept across restarts, so that a
+    /// state machine reopened below it (durable state went backwards) is caught as corruption.
+    durable_applied_index_max: u64,
 }
 
 /// Wires the Raft actor's address in once both actors exist (each needs the other's).
@@ -104,6 +107,7 @@ impl StorageActor {
             bytes_since_checkpoint: 0,
             checkpoint_in_flight: None,
             checkpoint_ids: 0,
+            durable_applied_index_max: 0,
         }
     }
 
@@ -115,6 +119,17 @@ impl StorageActor {
                 // Nothing can be served without the state machine; the supervisor retries.
                 Err(error) => panic!("cannot open the state machine: {error}"),
             };
+        if machine.applied_index() < self.durable_applied_index_max {
+            // Durable state lost entries it had recorded: restarting cannot repair that, and
+            // serving from it would undo acknowledged writes. Exit; see ARCHITECTURE.md.
+            let reason = format!(
+                "corruption: the applied index went backwards from {} to {}",
+                self.durable_applied_index_max,
+                machine.applied_index()
+            );
+            self.params.supervision.counters.escalate(reason.clone());
+            panic!("{reason}");
+        }
         self.params
             .applied_index
             .store(machine.applied_index(), Ordering::Release);
@@ -276,6 +291,7 @@ impl StorageActor {
             Ok(index) => index,
             Err(error) => panic!("recording the applied index failed: {error}"),
         };
+        self.durable_applied_index_max = self.durable_applied_index_max.max(durable_index);
         if let Some(raft) = &self.raft {
             raft.do_send(DurableApplied {
                 index: durable_index,
@@ -291,6 +307,7 @@ impl StorageActor {
             Err(error) => panic!("checkpoint failed: {error}"),
         };
         self.bytes_since_checkpoint = 0;
+        self.durable_applied_index_max = self.durable_applied_index_max.max(durable_index);
         if let Some(raft) = &self.raft {
             raft.do_send(DurableApplied {
                 index: durable_index,

@@ -82,6 +82,8 @@ pub struct StatusBody {
     pub members: Vec<MemberConfig>,
     pub volumes: Vec<VolumeInfo>,
     pub actor_restarts: RestartCounts,
+    /// This server's process id (a drill kills it by this).
+    pub pid: u32,
 }
 
 fn error_response(status: actix_web::http::StatusCode, message: impl Into<String>) -> HttpResponse {
@@ -126,6 +128,7 @@ async fn status(state: web::Data<ControlState>) -> HttpResponse {
             members: state.log_store.members(),
             volumes: state.registry.list(),
             actor_restarts: state.restarts.snapshot(),
+            pid: std::process::id(),
         }),
         None => error_response(
             actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -322,8 +325,60 @@ async fn volume_digest(state: web::Data<ControlState>, name: web::Path<String>) 
     }
 }
 
+/// What the proxy's control API serves.
+pub struct ProxyControlState {
+    pub restarts: std::sync::Arc<crate::actors::supervisor::RestartCounters>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyStatusBody {
+    pub actor_restarts: RestartCounts,
+    pub pid: u32,
+}
+
+async fn proxy_status(state: web::Data<ProxyControlState>) -> HttpResponse {
+    HttpResponse::Ok().json(ProxyStatusBody {
+        actor_restarts: state.restarts.snapshot(),
+        pid: std::process::id(),
+    })
+}
+
+/// The proxy's routes: its status and, in builds with the feature, failpoints.
+pub fn configure_proxy(config: &mut web::ServiceConfig) {
+    config.route("/v1/status", web::get().to(proxy_status));
+    configure_failpoints(config);
+}
+
+/// `PUT /v1/failpoints/{name}` with a `fail` action as body (`panic`, `1*panic`, `delay(100)`,
+/// `off`, ...): arms a named failpoint in this running process. Only builds with the
+/// `failpoints` feature have the route; elsewhere it is a 404.
+#[cfg(feature = "failpoints")]
+fn configure_failpoints(config: &mut web::ServiceConfig) {
+    config.route("/v1/failpoints/{name}", web::put().to(put_failpoint));
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn configure_failpoints(_config: &mut web::ServiceConfig) {}
+
+#[cfg(feature = "failpoints")]
+async fn put_failpoint(name: web::Path<String>, body: String) -> HttpResponse {
+    let name = name.into_inner();
+    let action = body.trim();
+    if name.is_empty() || name.len() > 128 || action.len() > 256 {
+        return error_response(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "failpoint name or action too long",
+        );
+    }
+    match fail::cfg(name.as_str(), action) {
+        Ok(()) => HttpResponse::NoContent().finish(),
+        Err(error) => error_response(actix_web::http::StatusCode::BAD_REQUEST, error),
+    }
+}
+
 /// Registers the routes; used by the server and by tests.
 pub fn configure(config: &mut web::ServiceConfig) {
+    configure_failpoints(config);
     config
         .route("/health", web::get().to(health))
         .route("/v1/status", web::get().to(status))

@@ -15,8 +15,8 @@
 //! is down, sessions bypass it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::actors::supervisor::{run_guarded, Supervision};
 use actix::prelude::*;
 use bytes::Bytes;
 
@@ -256,19 +256,21 @@ impl BlockCache {
     }
 }
 
-/// The cache as a supervised actor. A panic in a handler stops it; `actix::Supervisor` restarts
-/// it at the same address and `restarting` empties it.
+/// The cache as a supervised actor (`SupervisedActor`). A panic in a handler stops it; its
+/// supervisor restarts it at the same address and `restarting` empties it.
 pub struct CacheActor {
     cache: BlockCache,
     logger: slog::Logger,
+    supervision: Supervision,
     restarts: u64,
 }
 
 impl CacheActor {
-    pub fn new(capacity_bytes: u64, block_size_bytes: u32, logger: slog::Logger) -> Self {
+    pub fn new(capacity_bytes: u64, block_size_bytes: u32, supervision: Supervision) -> Self {
         CacheActor {
             cache: BlockCache::new(capacity_bytes, block_size_bytes),
-            logger,
+            logger: supervision.logger.clone(),
+            supervision,
             restarts: 0,
         }
     }
@@ -280,14 +282,8 @@ impl CacheActor {
         fallback: R,
         body: impl FnOnce(&mut BlockCache) -> R,
     ) -> R {
-        match catch_unwind(AssertUnwindSafe(|| body(&mut self.cache))) {
-            Ok(result) => result,
-            Err(_) => {
-                slog::error!(self.logger, "cache actor panicked; restarting it cold");
-                ctx.stop();
-                fallback
-            }
-        }
+        let cache = &mut self.cache;
+        run_guarded(&self.supervision, ctx, |_| body(cache)).unwrap_or(fallback)
     }
 }
 
@@ -346,6 +342,9 @@ impl Handler<CacheLookup> for CacheActor {
     type Result = MessageResult<CacheLookup>;
     fn handle(&mut self, msg: CacheLookup, ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.guarded(ctx, Lookup::Bypass, |cache| {
+            fail::fail_point!("proxy_cache_lookup", |_| {
+                panic!("failpoint proxy_cache_lookup");
+            });
             cache.lookup(msg.volume, msg.offset, msg.length)
         }))
     }
@@ -386,6 +385,7 @@ impl Handler<CacheCrash> for CacheActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actors::supervisor::{ActorKind, SupervisedActor};
 
     fn block(fill: u8) -> Bytes {
         Bytes::from(vec![fill; 4096])
@@ -488,8 +488,14 @@ mod tests {
     /// The actor shell: a panic restarts it cold at the same address, and it keeps serving.
     #[actix_rt::test]
     async fn actor_restarts_cold_after_a_panic() {
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let cache = actix::Supervisor::start(move |_| CacheActor::new(1 << 20, 4096, logger));
+        let supervision = Supervision {
+            kind: ActorKind::Cache,
+            logger: slog::Logger::root(slog::Discard, slog::o!()),
+            counters: crate::actors::supervisor::RestartCounters::new(),
+        };
+        let cache = SupervisedActor::start(supervision.clone(), move |_| {
+            CacheActor::new(1 << 20, 4096, supervision)
+        });
         let Ok(Lookup::Miss { ticket }) = cache
             .send(CacheLookup {
                 volume: 1,

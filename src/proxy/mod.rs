@@ -30,12 +30,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
 use anyhow::Context as _;
 use parking_lot::Mutex;
 
-use crate::actors::listener::{ListenerLimits, NbdListenerActor};
-use crate::actors::supervisor::{ActorKind, RestartCounters, Supervision};
+use crate::actors::listener::{ListenerLimits, NbdListenerActor, StopAccepting};
+use crate::actors::supervisor::{ActorKind, RestartCounters, SupervisedActor, Supervision};
 use crate::config::Config;
 use cache::CacheActor;
 use discovery::{detach_once, ClusterView, ServerEndpoint};
@@ -99,12 +98,18 @@ pub async fn run_proxy(
         Duration::from_millis(proxy.status_poll_interval_ms),
         logger.new(slog::o!("component" => "discovery")),
     ));
+    let restarts = RestartCounters::new();
+    let supervision = |kind: ActorKind| Supervision {
+        kind,
+        logger: logger.new(slog::o!("actor" => kind.name())),
+        counters: restarts.clone(),
+    };
     let cache = (proxy.cache_bytes > 0).then(|| {
-        let cache_logger = logger.new(slog::o!("actor" => "cache"));
+        let cache_supervision = supervision(ActorKind::Cache);
         let capacity_bytes = proxy.cache_bytes;
         let block_size_bytes = proxy.cache_block_size_bytes;
-        actix::Supervisor::start(move |_| {
-            CacheActor::new(capacity_bytes, block_size_bytes, cache_logger)
+        SupervisedActor::start(cache_supervision.clone(), move |_| {
+            CacheActor::new(capacity_bytes, block_size_bytes, cache_supervision)
         })
     });
     let shared = Arc::new(ProxyShared {
@@ -138,21 +143,42 @@ pub async fn run_proxy(
         .await
         .with_context(|| format!("binding the proxy's NBD listener to {}", proxy.listen))?;
     let nbd_address = listener.local_addr()?;
-    let supervision = Supervision {
-        kind: ActorKind::Listener,
-        logger: logger.new(slog::o!("actor" => ActorKind::Listener.name())),
-        counters: RestartCounters::new(),
-    };
     let listener_actor = NbdListenerActor::with_service(
         listener,
         limits,
         ProxyService {
             shared: shared.clone(),
         },
-        supervision,
-    );
+        supervision(ActorKind::Listener),
+    )?;
     let connections = listener_actor.connections();
-    let listener_address = listener_actor.start();
+    let listener_address = listener_actor.start_supervised();
+    let control_handle = if proxy.control_listen.is_empty() {
+        None
+    } else {
+        let address: std::net::SocketAddr = proxy.control_listen.parse().with_context(|| {
+            format!(
+                "proxy.control_listen {:?} is not ip:port",
+                proxy.control_listen
+            )
+        })?;
+        let state = actix_web::web::Data::new(crate::control::ProxyControlState {
+            restarts: restarts.clone(),
+        });
+        let server = actix_web::HttpServer::new(move || {
+            actix_web::App::new()
+                .app_data(state.clone())
+                .configure(crate::control::configure_proxy)
+        })
+        .workers(1)
+        .disable_signals()
+        .bind(address)
+        .with_context(|| format!("binding the proxy's control API to {address}"))?
+        .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Some(handle)
+    };
     let (snapshot, _) = view.snapshot();
     slog::info!(logger, "raftblk proxy ready"; "nbd" => %nbd_address, "client_id" => &client_id,
         "servers_reachable" => snapshot.servers_reachable, "leader_id" => snapshot.leader_id);
@@ -167,9 +193,18 @@ pub async fn run_proxy(
         )?;
     }
 
-    shutdown_signal().await;
-    slog::info!(logger, "shutting down");
+    // Ends on SIGINT/SIGTERM, or when supervision gives up on an actor: the same clean
+    // shutdown, then a non-zero exit.
+    let escalation = tokio::select! {
+        _ = shutdown_signal() => None,
+        reason = restarts.escalated() => Some(reason),
+    };
+    slog::info!(logger, "shutting down"; "escalation" => escalation.as_deref().unwrap_or("none"));
+    listener_address.do_send(StopAccepting);
     drop(listener_address);
+    if let Some(handle) = control_handle {
+        handle.stop(true).await;
+    }
     let open = connections.load(Ordering::Acquire);
     let attached: Vec<(String, u64)> = shared
         .volumes
@@ -187,7 +222,10 @@ pub async fn run_proxy(
             detach(&view, &name, epoch, &logger).await;
         }
     }
-    Ok(())
+    match escalation {
+        Some(reason) => Err(anyhow::anyhow!("supervision escalated: {reason}")),
+        None => Ok(()),
+    }
 }
 
 async fn detach(view: &ClusterView, name: &str, epoch: u64, logger: &slog::Logger) {

@@ -623,6 +623,26 @@ impl ServerProcess {
         );
     }
 
+    /// Waits for the server to exit by itself (e.g. after supervision escalated) and reaps
+    /// it; `None` if it is still running after `timeout` (it keeps running then).
+    pub fn wait_for_own_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = wait_with_timeout(child, timeout)?;
+        self.child = None;
+        self.addresses = None;
+        self.append_to_log(&format!(
+            "=== test harness: exited by itself -> {status} ===\n"
+        ));
+        Some(status)
+    }
+
+    /// Arms the named failpoint in the running server (`PUT /v1/failpoints/{name}`; only
+    /// builds with the `failpoints` feature have it), e.g. `action` = `1*panic`.
+    #[track_caller]
+    pub fn arm_failpoint(&self, name: &str, action: &str) {
+        arm_failpoint(self.control_address(), name, action);
+    }
+
     /// Starts the server again on the same data directory (after `kill_9` or `terminate`).
     #[track_caller]
     pub fn restart(&mut self) {
@@ -743,6 +763,18 @@ fn read_ready_file(path: &Path) -> Option<ServerAddresses> {
         control: address("control"),
         pid,
     })
+}
+
+/// `PUT /v1/failpoints/{name}` on a server's or proxy's control API.
+#[track_caller]
+pub fn arm_failpoint(control: SocketAddr, name: &str, action: &str) {
+    let url = format!("http://{control}/v1/failpoints/{name}");
+    if let Err(error) = ureq::put(&url)
+        .timeout(Duration::from_secs(10))
+        .send_string(action)
+    {
+        panic!("PUT {url} {action:?}: {error} (is the binary built with --features failpoints?)");
+    }
 }
 
 impl Drop for ServerProcess {
