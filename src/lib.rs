@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod dev;
 pub mod logging;
+pub mod metrics;
 pub mod nbd;
 pub mod peer;
 pub mod proxy;

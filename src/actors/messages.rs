@@ -130,6 +130,8 @@ pub struct RaftStatus {
     pub snapshots_installed: u64,
     /// Replication progress of the other members, known only on the leader.
     pub peers: Vec<PeerProgress>,
+    /// Why this node is not healthy (`GET /health` answers 503 with it), or `None`.
+    pub health_problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -282,7 +282,18 @@ impl<B: SessionBackend> NbdSessionActor<B> {
             });
             return;
         }
-        let deadline = Instant::now() + self.limits.request_timeout;
+        let started_at = Instant::now();
+        let deadline = started_at + self.limits.request_timeout;
+        let op = match header.command {
+            Command::Read => "read",
+            Command::Write => "write",
+            Command::Trim => "trim",
+            Command::WriteZeroes => "write_zeroes",
+            Command::BlockStatus => "block_status",
+            _ => "other",
+        };
+        let op_metrics = crate::metrics::global().volume_op(&self.negotiated.export.name, op);
+        let length_bytes = u64::from(header.length);
         let future = self.backend.execute(BackendRequest {
             header,
             payload,
@@ -294,6 +305,16 @@ impl<B: SessionBackend> NbdSessionActor<B> {
         self.requests_in_flight += 1;
         actix_rt::spawn(async move {
             let reply = future.await;
+            let ok = !matches!(reply, BackendReply::Error { .. });
+            if ok {
+                op_metrics.ok_total.fetch_add(1, Ordering::Relaxed);
+                op_metrics
+                    .bytes_total
+                    .fetch_add(length_bytes, Ordering::Relaxed);
+            } else {
+                op_metrics.error_total.fetch_add(1, Ordering::Relaxed);
+            }
+            op_metrics.duration.observe(started_at.elapsed());
             let (reply_header, data) = encode_backend_reply(&negotiated, &header, reply);
             if let Some(replies) = replies {
                 let _ = replies.send(OutgoingReply {
