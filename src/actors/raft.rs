@@ -257,7 +257,10 @@ impl RaftActor {
                 "term" => raft.term, "leader" => raft.leader_id),
             _ => {}
         }
-        self.quorum_ok = Some(quorum_ok);
+        // Not before the first quorum: a starting node has not lost anything yet.
+        if self.quorum_ok.is_some() || quorum_ok {
+            self.quorum_ok = Some(quorum_ok);
+        }
         self.ticks += 1;
         if raft.state != StateRole::Leader {
             self.peers_down.clear();

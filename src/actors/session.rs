@@ -74,6 +74,13 @@ pub trait SessionBackend: Clone + Unpin + 'static {
     /// Starts `request`. Anything that depends on the moment of the call (e.g. whether a read
     /// needs a barrier) is decided before the future is returned.
     fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static;
+
+    /// The export's size now, if the backend knows it: a volume grown by an online resize
+    /// accepts requests in its new range on connections negotiated before (the proxy's
+    /// long-lived upstream connections need that). Never used to shrink.
+    fn live_size_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Limits of one session, from `[nbd]` (server) or `[proxy]` (proxy) in the configuration.
@@ -244,6 +251,11 @@ impl<B: SessionBackend> NbdSessionActor<B> {
         let request_limits = RequestLimits {
             request_max_bytes: self.limits.request_max_bytes,
         };
+        if let Some(size_bytes) = self.backend.live_size_bytes() {
+            if size_bytes > self.negotiated.export.size_bytes {
+                self.negotiated.export.size_bytes = size_bytes;
+            }
+        }
         if let Err(errno) = check_request_negotiated(&header, &self.negotiated, &request_limits) {
             slog::debug!(self.supervision.logger, "request rejected";
                 "peer" => %self.peer, "command" => ?header.command, "errno" => ?errno);
@@ -430,6 +442,10 @@ pub struct RaftVolumeBackend {
 }
 
 impl SessionBackend for RaftVolumeBackend {
+    fn live_size_bytes(&self) -> Option<u64> {
+        Some(self.volume.size_bytes())
+    }
+
     fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static {
         let BackendRequest {
             header,

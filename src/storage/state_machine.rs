@@ -443,6 +443,11 @@ impl VolumeReader {
         self.volume.info_now()
     }
 
+    /// The volume's size as of now (it grows when a resize is applied).
+    pub fn size_bytes(&self) -> u64 {
+        self.volume.size_bytes()
+    }
+
     fn check_range(&self, offset: u64, length_bytes: u64) -> Result<(), StorageError> {
         let size_bytes = self.volume.size_bytes();
         match offset.checked_add(length_bytes) {
