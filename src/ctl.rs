@@ -337,7 +337,10 @@ mod tests {
         assert!(format_table(&report).contains("member 3 lagging"));
 
         let mut answers = BTreeMap::new();
-        answers.insert("a".to_string(), answer(1, "Follower", Some("no leader in term 4")));
+        answers.insert(
+            "a".to_string(),
+            answer(1, "Follower", Some("no leader in term 4")),
+        );
         answers.insert("b".to_string(), Err("connection refused".to_string()));
         answers.insert("c".to_string(), Err("connection refused".to_string()));
         let report = summarize(&answers);

@@ -248,8 +248,11 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
         std::fs::create_dir_all(&node_dir)
             .with_context(|| format!("creating {}", node_dir.display()))?;
         let config_path = node_dir.join("server.toml");
-        std::fs::write(&config_path, server_config(&options, member, &members, &token))
-            .with_context(|| format!("writing {}", config_path.display()))?;
+        std::fs::write(
+            &config_path,
+            server_config(&options, member, &members, &token),
+        )
+        .with_context(|| format!("writing {}", config_path.display()))?;
         children.push(ChildProcess {
             name: format!("server{}", member.id),
             arguments: vec![
@@ -388,7 +391,11 @@ mod tests {
         let members = members(&options);
         let token = dev_token(directory.path()).unwrap();
         assert_eq!(token.len(), 32);
-        assert_eq!(dev_token(directory.path()).unwrap(), token, "reused on the next run");
+        assert_eq!(
+            dev_token(directory.path()).unwrap(),
+            token,
+            "reused on the next run"
+        );
         for member in &members {
             let path = directory.path().join(format!("{}.toml", member.id));
             std::fs::write(&path, server_config(&options, member, &members, &token)).unwrap();

@@ -129,10 +129,7 @@ impl Metrics {
             "NBD requests that reached a backend, by volume, operation and result.",
         );
         for ((volume, op), series) in table.iter() {
-            for (result, value) in [
-                ("ok", &series.ok_total),
-                ("error", &series.error_total),
-            ] {
+            for (result, value) in [("ok", &series.ok_total), ("error", &series.error_total)] {
                 out.sample(
                     "raftblk_volume_requests_total",
                     &[("volume", volume), ("op", op), ("result", result)],

@@ -285,12 +285,14 @@ pub async fn run_server(
         members: config.cluster.members.clone(),
     });
     if config.control.token.is_empty() {
-        slog::warn!(logger, "control.token is empty: the control API accepts changes from \
-            anyone who can reach it (development mode)");
+        slog::warn!(
+            logger,
+            "control.token is empty: the control API accepts changes from \
+            anyone who can reach it (development mode)"
+        );
     }
-    let control_token = actix_web::web::Data::new(control::auth::ControlToken(
-        config.control.token.clone(),
-    ));
+    let control_token =
+        actix_web::web::Data::new(control::auth::ControlToken(config.control.token.clone()));
     let control_server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
             .wrap(actix_web::middleware::from_fn(control::auth::require_token))

@@ -6,7 +6,6 @@
 //! through its `GET /health` gate, and a client writes through the proxy and reads back
 //! (qemu-io, nbdinfo). `ansible-lint` must pass on the playbooks and roles.
 
-#[allow(dead_code)]
 mod common;
 
 use std::fs;
@@ -37,7 +36,12 @@ struct RenderedNode {
 }
 
 /// The inventory: every host local, each with its own ports and directories under `root`.
-fn write_inventory(root: &Path, nodes: &[RenderedNode], proxy_listen: SocketAddr, proxy_metrics: SocketAddr) -> PathBuf {
+fn write_inventory(
+    root: &Path,
+    nodes: &[RenderedNode],
+    proxy_listen: SocketAddr,
+    proxy_metrics: SocketAddr,
+) -> PathBuf {
     let mut servers = String::new();
     for node in nodes {
         let port = |offset: u16| node.control.port() + offset;
@@ -115,8 +119,8 @@ fn ansible_playbook(root: &Path, inventory: &Path, playbook: &str) -> CommandRes
 
 /// The program and arguments of the `ExecStart=` line of a rendered unit.
 fn exec_start(unit: &Path) -> Vec<String> {
-    let text = fs::read_to_string(unit)
-        .unwrap_or_else(|error| panic!("read {}: {error}", unit.display()));
+    let text =
+        fs::read_to_string(unit).unwrap_or_else(|error| panic!("read {}: {error}", unit.display()));
     let line = text
         .lines()
         .find_map(|line| line.strip_prefix("ExecStart="))
@@ -216,7 +220,11 @@ fn the_rendered_cluster_serves_a_client_through_the_proxy() {
     wait_for_listener(proxy_listen, Duration::from_secs(30));
     proxy.assert_running();
     let uri = format!("nbd://{proxy_listen}/disk0");
-    let size = run_ok("nbdinfo", &["--size", uri.as_str()], Duration::from_secs(60));
+    let size = run_ok(
+        "nbdinfo",
+        &["--size", uri.as_str()],
+        Duration::from_secs(60),
+    );
     assert_eq!(
         size.stdout_text().trim(),
         VOLUME_SIZE_BYTES.to_string(),
@@ -246,7 +254,8 @@ fn the_rendered_cluster_serves_a_client_through_the_proxy() {
         .into_string()
         .expect("metrics text");
     assert!(
-        metrics.contains("raftblk_volume_requests_total{volume=\"disk0\",op=\"write\",result=\"ok\"}"),
+        metrics
+            .contains("raftblk_volume_requests_total{volume=\"disk0\",op=\"write\",result=\"ok\"}"),
         "{metrics}"
     );
     assert!(metrics.contains("raftblk_proxy_cache_lookups_total"));

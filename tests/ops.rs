@@ -4,7 +4,6 @@
 //! server and through the proxy (`nbdinfo --size`), and `raftblk ctl status` reports the
 //! cluster and exits non-zero without a quorum.
 
-#[allow(dead_code)]
 mod common;
 
 use std::collections::BTreeMap;
@@ -59,9 +58,7 @@ fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
         if line.starts_with('#') {
             return fail("unknown comment");
         }
-        let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
-            .ok_or_else(|| problem("no value"))?;
+        let name_end = line.find(['{', ' ']).ok_or_else(|| problem("no value"))?;
         let name = &line[..name_end];
         if name.is_empty()
             || !name
@@ -193,7 +190,10 @@ fn health_follows_the_quorum_and_metrics_count_the_io() {
     let report = ctl_status(&cluster).assert_success();
     let table = report.stdout_text();
     assert!(table.contains("HEALTH_OK"), "{table}");
-    assert!(table.contains(&format!("leader:  node {leader}")), "{table}");
+    assert!(
+        table.contains(&format!("leader:  node {leader}")),
+        "{table}"
+    );
 
     // Metrics on the leader: Raft series, then writes move the volume counters.
     let leader_control = cluster.node(leader).control_address;
@@ -347,7 +347,11 @@ fn changes_need_the_token_and_resize_reaches_new_connections() {
         "wrong token: {wrong:?}"
     );
     assert_eq!(http_get(control, "/v1/status").expect("status").status, 200);
-    let refused = cli(&cluster, &["volume", "create", "grow", "--size", "8M"], None);
+    let refused = cli(
+        &cluster,
+        &["volume", "create", "grow", "--size", "8M"],
+        None,
+    );
     assert!(!refused.status.success());
     assert!(
         refused.stderr_text().contains("Bearer"),
@@ -366,11 +370,7 @@ fn changes_need_the_token_and_resize_reaches_new_connections() {
     let proxy_config = cluster.workspace().join("proxy-token.toml");
     std::fs::write(&proxy_config, format!("[control]\ntoken = {TOKEN:?}\n")).expect("config");
     let proxy_config_text = proxy_config.display().to_string();
-    let proxy = ProxyProcess::start(
-        &cluster,
-        "ops-proxy",
-        &["--config", &proxy_config_text],
-    );
+    let proxy = ProxyProcess::start(&cluster, "ops-proxy", &["--config", &proxy_config_text]);
     let server_uri = cluster.node(leader).uri("grow");
     assert_eq!(nbdinfo_size(&server_uri), Some(8 * MIB));
     assert_eq!(
@@ -401,11 +401,24 @@ fn changes_need_the_token_and_resize_reaches_new_connections() {
     let proxy_uri = proxy.uri("grow");
     for (arguments, what) in [
         (
-            vec!["-f", "raw", "-c", "write -P 0x5a 12M 64k", proxy_uri.as_str()],
+            vec![
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 12M 64k",
+                proxy_uri.as_str(),
+            ],
             "write through the proxy",
         ),
         (
-            vec!["-f", "raw", "-r", "-c", "read -P 0x5a 12M 64k", server_uri.as_str()],
+            vec![
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                "read -P 0x5a 12M 64k",
+                server_uri.as_str(),
+            ],
             "read back from a server",
         ),
     ] {

@@ -285,8 +285,7 @@ impl RaftActor {
                 down_now.push(*id);
             } else if lag_entries > REPLICA_LAG_WARNING_ENTRIES {
                 let warnings = crate::logging::operator_warnings();
-                if let Some(suppressed) = warnings.limiter.admit(&format!("replica lagging {id}"))
-                {
+                if let Some(suppressed) = warnings.limiter.admit(&format!("replica lagging {id}")) {
                     slog::warn!(logger, "replica lagging"; "member" => *id,
                         "lag_entries" => lag_entries, "state" => ?progress.state,
                         "suppressed" => suppressed);

@@ -14,7 +14,13 @@ use crate::actors::supervisor::RestartCounts;
 use crate::metrics::Exposition;
 use crate::storage::state_machine::VolumeInfo;
 
-const ROLES: [&str; 5] = ["Leader", "Follower", "Candidate", "PreCandidate", "Restarting"];
+const ROLES: [&str; 5] = [
+    "Leader",
+    "Follower",
+    "Candidate",
+    "PreCandidate",
+    "Restarting",
+];
 
 /// Renders the whole exposition of a server.
 pub fn render_server_metrics(
@@ -106,11 +112,7 @@ pub fn render_server_metrics(
             );
         }
     }
-    out.header(
-        "raftblk_volume_size_bytes",
-        "gauge",
-        "Size of each volume.",
-    );
+    out.header("raftblk_volume_size_bytes", "gauge", "Size of each volume.");
     for volume in volumes {
         out.sample(
             "raftblk_volume_size_bytes",
@@ -131,7 +133,11 @@ pub fn render_server_metrics(
         ("peer", restarts.peer),
         ("cache", restarts.cache),
     ] {
-        out.sample("raftblk_actor_restarts_total", &[("actor", actor)], count as f64);
+        out.sample(
+            "raftblk_actor_restarts_total",
+            &[("actor", actor)],
+            count as f64,
+        );
     }
     crate::metrics::global().render(&mut out);
     out.finish()

@@ -196,7 +196,10 @@ async fn resize_volume(
         Ok(ApplyOutcome::VolumeResized(info)) => HttpResponse::Ok().json(info),
         Ok(ApplyOutcome::Rejected(ApplyRejection::WouldShrink)) => error_response(
             StatusCode::CONFLICT,
-            format!("volume '{name}' is larger than {} bytes; shrinking is refused", body.size_bytes),
+            format!(
+                "volume '{name}' is larger than {} bytes; shrinking is refused",
+                body.size_bytes
+            ),
         ),
         Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)) => {
             error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"))
@@ -487,7 +490,11 @@ impl ControlClient {
         }
     }
 
-    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, ControlClientError> {
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, ControlClientError> {
         let response = self
             .mutation("POST", &format!("/v1/volumes/{name}/resize"))
             .send_json(ResizeVolumeRequest { size_bytes })
@@ -572,9 +579,12 @@ impl ControlClient {
     }
 
     pub fn detach(&self, name: &str, epoch: u64) -> Result<(), ControlClientError> {
-        self.mutation("DELETE", &format!("/v1/volumes/{name}/attach?epoch={epoch}"))
-            .call()
-            .map_err(|error| self.map_error(error))?;
+        self.mutation(
+            "DELETE",
+            &format!("/v1/volumes/{name}/attach?epoch={epoch}"),
+        )
+        .call()
+        .map_err(|error| self.map_error(error))?;
         Ok(())
     }
 

@@ -344,7 +344,8 @@ pub fn attach_once(
     token: &str,
 ) -> Result<u64, AttachError> {
     let request = agent(timeout).post(&format!("http://{control}/v1/volumes/{volume_name}/attach"));
-    let result = authorized(request, token).send_json(serde_json::json!({ "client": client_id, "force": force }));
+    let result = authorized(request, token)
+        .send_json(serde_json::json!({ "client": client_id, "force": force }));
     match result {
         Ok(response) => response
             .into_json::<AttachReply>()

@@ -105,7 +105,10 @@ pub async fn run_proxy(
         None
     } else {
         let listen: std::net::SocketAddr = proxy.metrics_listen.parse().with_context(|| {
-            format!("proxy.metrics_listen '{}' is not ip:port", proxy.metrics_listen)
+            format!(
+                "proxy.metrics_listen '{}' is not ip:port",
+                proxy.metrics_listen
+            )
         })?;
         Some(
             crate::metrics::serve_proxy_metrics(

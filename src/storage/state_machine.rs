@@ -1877,7 +1877,11 @@ mod tests {
             .unwrap();
         let fixture = fixture.reopen();
         assert_eq!(
-            fixture.state_machine.volume_by_name("disk").unwrap().size_bytes,
+            fixture
+                .state_machine
+                .volume_by_name("disk")
+                .unwrap()
+                .size_bytes,
             64 * KIB
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * KIB);
