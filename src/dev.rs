@@ -320,6 +320,11 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     children[proxy_index].spawn(&executable)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     print_cluster(&children, &members, &options.listen).await;
+    println!(
+        "control token: {} (export RAFTBLK_TOKEN=$(cat {}))",
+        options.data_dir.join("control.token").display(),
+        options.data_dir.join("control.token").display()
+    );
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
