@@ -57,6 +57,10 @@ pub struct NbdConfig {
 pub struct ControlConfig {
     pub listen: SocketAddr,
     pub workers: usize,
+    /// Bearer token every mutating request (anything but GET and HEAD) must carry. Empty turns
+    /// authentication off: a development mode only (see README, "Control API token").
+    #[serde(default)]
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,12 +177,28 @@ pub struct DefaultVolumeConfig {
 pub enum LogFormat {
     Terminal,
     Json,
+    /// RFC 3164 records to the local syslog socket (/dev/log), facility daemon.
+    Syslog,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// A checkpoint's fdatasync slower than this is logged as a warning ("fsync slow").
+    #[serde(default = "default_fsync_slow_ms")]
+    pub fsync_slow_ms: u64,
+    /// Repeats of one warning within this interval are counted, not logged.
+    #[serde(default = "default_warning_interval_ms")]
+    pub warning_interval_ms: u64,
+}
+
+fn default_fsync_slow_ms() -> u64 {
+    500
+}
+
+fn default_warning_interval_ms() -> u64 {
+    30000
 }
 
 /// Largest READ/WRITE the NBD layer accepts: the block-size maximum the spec lets a server
@@ -463,6 +483,9 @@ pub struct ProxyConfig {
     pub bytes_in_flight_max: u64,
     /// Requests queued towards one volume's upstream connection (all sessions together).
     pub upstream_queue_max: usize,
+    /// Where the proxy serves `GET /metrics` (Prometheus text); empty: no metrics listener.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 impl ProxyConfig {

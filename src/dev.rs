@@ -5,7 +5,10 @@
 //! Ctrl-C (or SIGTERM) stops every child cleanly. Running it again reuses the data.
 //!
 //! Layout under the data directory: `node<N>/` (a server's data, `server.toml` it was started
-//! with, `server.log`), and `proxy/` (`proxy.log`).
+//! with, `server.log`), `proxy/` (`proxy.toml`, `proxy.log`), and `control.token`: the control
+//! API token, generated on the first run (random, mode 0600) and written into every server's
+//! and the proxy's configuration. `raftblk ctl`/`raftblk volume` take it with
+//! `--token "$(cat <data_dir>/control.token)"` or `RAFTBLK_TOKEN`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,16 +60,50 @@ fn members(options: &DevOptions) -> Vec<MemberConfig> {
         .collect()
 }
 
-fn server_config(options: &DevOptions, member: &MemberConfig, members: &[MemberConfig]) -> String {
+/// The dev cluster's control token: read from `<data_dir>/control.token`, or made from 16
+/// random bytes (hex) and written there, readable by the owner only.
+fn dev_token(data_dir: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("control.token");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let token = text.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut source| source.read_exact(&mut random))
+        .context("reading /dev/urandom for the control token")?;
+    let token: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(token)
+}
+
+fn server_config(
+    options: &DevOptions,
+    member: &MemberConfig,
+    members: &[MemberConfig],
+    token: &str,
+) -> String {
     let data_dir = options.data_dir.join(format!("node{}", member.id));
     let mut text = format!(
-        "[node]\nid = {}\ndata_dir = {:?}\n\n[nbd]\nlisten = {:?}\n\n[control]\nlisten = {:?}\n\n\
-         [peer]\nlisten = {:?}\n\n[default_volume]\ncreate = true\nname = \"disk0\"\n\
+        "[node]\nid = {}\ndata_dir = {:?}\n\n[nbd]\nlisten = {:?}\n\n[control]\nlisten = {:?}\n\
+         token = {:?}\n\n[peer]\nlisten = {:?}\n\n[default_volume]\ncreate = true\nname = \"disk0\"\n\
          size_bytes = {}\n\n[log]\nlevel = {:?}\n\n[cluster]\nmembers = [\n",
         member.id,
         data_dir.join("data").display().to_string(),
         member.nbd,
         member.control,
+        token,
         member.peer,
         options.volume_size_bytes,
         options.log_level,
@@ -202,14 +239,20 @@ async fn print_cluster(children: &[ChildProcess], members: &[MemberConfig], list
 pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     let executable = std::env::current_exe().context("locating the raftblk executable")?;
     let members = members(&options);
+    std::fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("creating {}", options.data_dir.display()))?;
+    let token = dev_token(&options.data_dir)?;
     let mut children = Vec::new();
     for member in &members {
         let node_dir = options.data_dir.join(format!("node{}", member.id));
         std::fs::create_dir_all(&node_dir)
             .with_context(|| format!("creating {}", node_dir.display()))?;
         let config_path = node_dir.join("server.toml");
-        std::fs::write(&config_path, server_config(&options, member, &members))
-            .with_context(|| format!("writing {}", config_path.display()))?;
+        std::fs::write(
+            &config_path,
+            server_config(&options, member, &members, &token),
+        )
+        .with_context(|| format!("writing {}", config_path.display()))?;
         children.push(ChildProcess {
             name: format!("server{}", member.id),
             arguments: vec![
@@ -225,6 +268,15 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     }
     let proxy_dir = options.data_dir.join("proxy");
     std::fs::create_dir_all(&proxy_dir)?;
+    let proxy_config_path = proxy_dir.join("proxy.toml");
+    std::fs::write(
+        &proxy_config_path,
+        format!(
+            "[control]\ntoken = {token:?}\n\n[log]\nlevel = {:?}\n",
+            options.log_level
+        ),
+    )
+    .with_context(|| format!("writing {}", proxy_config_path.display()))?;
     let servers: Vec<String> = members
         .iter()
         .map(|member| member.control.clone())
@@ -233,6 +285,8 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
         name: "proxy".into(),
         arguments: vec![
             "proxy".into(),
+            "--config".into(),
+            proxy_config_path.display().to_string(),
             "--listen".into(),
             options.listen.clone(),
             "--servers".into(),
@@ -269,6 +323,11 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     children[proxy_index].spawn(&executable)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     print_cluster(&children, &members, &options.listen).await;
+    println!(
+        "control token: {} (export RAFTBLK_TOKEN=$(cat {}))",
+        options.data_dir.join("control.token").display(),
+        options.data_dir.join("control.token").display()
+    );
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -338,14 +397,22 @@ mod tests {
             ..Default::default()
         };
         let members = members(&options);
+        let token = dev_token(directory.path()).unwrap();
+        assert_eq!(token.len(), 32);
+        assert_eq!(
+            dev_token(directory.path()).unwrap(),
+            token,
+            "reused on the next run"
+        );
         for member in &members {
             let path = directory.path().join(format!("{}.toml", member.id));
-            std::fs::write(&path, server_config(&options, member, &members)).unwrap();
+            std::fs::write(&path, server_config(&options, member, &members, &token)).unwrap();
             let config = Config::load(Some(&path), &[]).expect("generated config is valid");
             assert_eq!(config.node.id, member.id);
             assert_eq!(config.cluster.members, members);
             assert_eq!(config.peer.listen.to_string(), member.peer);
             assert_eq!(config.default_volume.size_bytes, 1 << 30);
+            assert_eq!(config.control.token, token);
         }
     }
 }

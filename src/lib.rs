@@ -18,6 +18,7 @@ pub mod control;
 pub mod dev;
 pub mod drill;
 pub mod logging;
+pub mod metrics;
 pub mod nbd;
 pub mod peer;
 pub mod proxy;

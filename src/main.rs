@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use raftblk::actors::supervisor::ActorKind;
 use raftblk::config::{Config, LogFormat, MemberConfig};
 use raftblk::control::members::{MembersBody, MembershipClient};
-use raftblk::control::{ControlClient, CreateVolumeRequest};
+use raftblk::control::{ControlClient, ControlClientError, CreateVolumeRequest};
+
+mod ctl;
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +34,7 @@ enum CliCommand {
     /// Run the client-side proxy: a local NBD endpoint for the cluster's volumes that follows
     /// the leader and hides server crashes.
     Proxy(ProxyArgs),
-    /// Create, list or delete volumes on a running server.
+    /// Create, list, delete or resize volumes (also `raftblk ctl volumes`).
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
@@ -108,15 +110,24 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One row per server: role, term, commit and applied index, leader; then the leader's
-    /// view of each follower's replication progress.
+    /// The cluster at a glance: a health line, the leader, the quorum, and each member (up,
+    /// down or lagging) with its Raft role and indexes. Exits non-zero when no server answers
+    /// or the cluster has no quorum.
     Status {
-        /// Control API addresses, comma-separated.
+        /// Control API addresses, comma-separated (the members they list are asked too).
         #[arg(long, default_value = DEV_CONTROL_ADDRESSES, value_delimiter = ',')]
         control: Vec<String>,
-        /// Print the servers' status documents as a JSON array.
+        /// Print the report as JSON (for scripts).
         #[arg(long)]
         json: bool,
+        /// How long to wait for each server.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// The same commands as `raftblk volume` (list, create, delete, resize).
+    Volumes {
+        #[command(subcommand)]
+        command: VolumeCommand,
     },
     /// List, add, remove or replace the group's members (Raft voters and learners).
     Members {
@@ -297,6 +308,54 @@ where
     result
 }
 
+/// Where `raftblk volume`/`raftblk ctl volumes` send their requests, and the token for changes.
+#[derive(clap::Args, Clone)]
+struct ControlTarget {
+    /// Control API addresses, comma-separated; the first that answers is used.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:10810")]
+    control: Vec<String>,
+    /// The cluster's control.token, for changes. Also from RAFTBLK_TOKEN, or from the
+    /// [control] token of the file given with --config.
+    #[arg(long, env = "RAFTBLK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A raftblk TOML file (e.g. a server's) to read control.token from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ControlTarget {
+    fn resolved_token(&self) -> anyhow::Result<String> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        match &self.config {
+            Some(path) => Ok(Config::load(Some(path), &[])?.control.token),
+            None => Ok(String::new()),
+        }
+    }
+
+    /// Runs `call` against each address in turn until one is reachable.
+    fn call<T>(
+        &self,
+        call: impl Fn(&ControlClient) -> Result<T, ControlClientError>,
+    ) -> anyhow::Result<T> {
+        let token = self.resolved_token()?;
+        let mut unreachable = Vec::new();
+        for address in &self.control {
+            match call(&ControlClient::new(address).token(&token)) {
+                Err(ControlClientError::Unreachable { detail, .. }) => {
+                    unreachable.push(format!("{address} ({detail})"));
+                }
+                other => return Ok(other?),
+            }
+        }
+        anyhow::bail!(
+            "the cluster is unreachable: no control API answered at {}",
+            unreachable.join(", ")
+        )
+    }
+}
+
 #[derive(Subcommand)]
 enum VolumeCommand {
     /// Create a volume (an NBD export).
@@ -307,13 +366,13 @@ enum VolumeCommand {
         size: String,
         #[arg(long, default_value_t = 4096)]
         block_size: u32,
-        #[arg(long, default_value = "127.0.0.1:10810")]
-        control: String,
+        #[command(flatten)]
+        target: ControlTarget,
     },
     /// List volumes.
     List {
-        #[arg(long, default_value = "127.0.0.1:10810")]
-        control: String,
+        #[command(flatten)]
+        target: ControlTarget,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -321,9 +380,26 @@ enum VolumeCommand {
     /// Delete a volume and its data.
     Delete {
         name: String,
-        #[arg(long, default_value = "127.0.0.1:10810")]
-        control: String,
+        #[command(flatten)]
+        target: ControlTarget,
     },
+    /// Grow a volume online (new NBD connections see the new size); shrinking is refused.
+    Resize {
+        name: String,
+        /// The new size, e.g. 2G.
+        #[arg(long)]
+        size: String,
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+}
+
+/// Storage sizes are binary: 64M means 64 MiB, as in qemu-img and truncate.
+fn parse_size_argument(size: &str) -> anyhow::Result<u64> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(size)
+        .map_err(|error| anyhow::anyhow!("invalid --size '{size}': {error}"))
 }
 
 fn run_server(args: ServerArgs) -> anyhow::Result<()> {
@@ -384,40 +460,54 @@ fn run_volume_command(command: VolumeCommand) -> anyhow::Result<()> {
             name,
             size,
             block_size,
-            control,
+            target,
         } => {
-            // Storage sizes are binary: 64M means 64 MiB, as in qemu-img and truncate.
-            let size_bytes = parse_size::Config::new()
-                .with_binary()
-                .parse_size(&size)
-                .map_err(|error| anyhow::anyhow!("invalid --size '{size}': {error}"))?;
-            let info = ControlClient::new(&control).create_volume(&CreateVolumeRequest {
+            let request = CreateVolumeRequest {
                 name,
-                size_bytes,
+                size_bytes: parse_size_argument(&size)?,
                 block_size_bytes: block_size,
-            })?;
+            };
+            let info = target.call(|client| client.create_volume(&request))?;
             println!(
                 "created volume {} ({} bytes, block size {}): nbd://<server>/{}",
                 info.name, info.size_bytes, info.block_size_bytes, info.name
             );
         }
-        VolumeCommand::List { control, json } => {
-            let volumes = ControlClient::new(&control).list_volumes()?;
+        VolumeCommand::List { target, json } => {
+            let volumes = target.call(|client| client.list_volumes())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&volumes)?);
             } else {
-                println!("{:<32} {:>16} {:>10}", "NAME", "SIZE_BYTES", "BLOCK_SIZE");
+                println!(
+                    "{:<32} {:>16} {:>10} ATTACHED",
+                    "NAME", "SIZE_BYTES", "BLOCK_SIZE"
+                );
                 for volume in volumes {
+                    let attached = volume
+                        .attachment
+                        .as_ref()
+                        .map(|attachment| {
+                            format!("{} (epoch {})", attachment.client, attachment.epoch)
+                        })
+                        .unwrap_or_else(|| "-".to_string());
                     println!(
-                        "{:<32} {:>16} {:>10}",
+                        "{:<32} {:>16} {:>10} {attached}",
                         volume.name, volume.size_bytes, volume.block_size_bytes
                     );
                 }
             }
         }
-        VolumeCommand::Delete { name, control } => {
-            ControlClient::new(&control).delete_volume(&name)?;
+        VolumeCommand::Delete { name, target } => {
+            target.call(|client| client.delete_volume(&name))?;
             println!("deleted volume {name}");
+        }
+        VolumeCommand::Resize { name, size, target } => {
+            let size_bytes = parse_size_argument(&size)?;
+            let info = target.call(|client| client.resize_volume(&name, size_bytes))?;
+            println!(
+                "volume {} now has {} bytes; new NBD connections see the new size",
+                info.name, info.size_bytes
+            );
         }
     }
     Ok(())
@@ -488,32 +578,19 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
             &MembershipClient::new(&control, token),
             command.unwrap_or(MembersCommand::List { json: false }),
         )?,
-        CtlCommand::Status { control, json } => {
-            let statuses: Vec<(String, Result<serde_json::Value, String>)> = control
-                .iter()
-                .map(|address| {
-                    (
-                        address.clone(),
-                        ControlClient::new(address)
-                            .status()
-                            .map_err(|error| error.to_string()),
-                    )
-                })
-                .collect();
+        CtlCommand::Status {
+            control,
+            json,
+            timeout_ms,
+        } => {
+            let report = ctl::gather(&control, std::time::Duration::from_millis(timeout_ms));
             if json {
-                let documents: Vec<serde_json::Value> = statuses
-                    .iter()
-                    .map(|(address, status)| match status {
-                        Ok(document) => serde_json::json!({"control": address, "status": document}),
-                        Err(error) => serde_json::json!({"control": address, "error": error}),
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&documents)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", format_status_table(&statuses));
+                print!("{}", ctl::format_table(&report));
             }
-            if statuses.iter().all(|(_, status)| status.is_err()) {
-                anyhow::bail!("no server answered at {}", control.join(", "));
+            if let Some(problem) = report.failure() {
+                anyhow::bail!("{problem}");
             }
         }
         CtlCommand::Drill {
@@ -568,71 +645,9 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
                 anyhow::bail!("the drill failed");
             }
         }
+        CtlCommand::Volumes { command } => run_volume_command(command)?,
     }
     Ok(())
-}
-
-/// `raftblk ctl status` as text: a row per server, then the leader's peer progress.
-fn format_status_table(statuses: &[(String, Result<serde_json::Value, String>)]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<22} {:>4} {:<12} {:>6} {:>10} {:>10} {:>6}",
-        "CONTROL", "NODE", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER"
-    );
-    let mut leader_peers = None;
-    for (address, status) in statuses {
-        match status {
-            Ok(document) => {
-                let raft = &document["raft"];
-                let number = |key: &str| raft[key].as_u64().unwrap_or(0);
-                let role = raft["role"].as_str().unwrap_or("?");
-                let _ = writeln!(
-                    out,
-                    "{:<22} {:>4} {:<12} {:>6} {:>10} {:>10} {:>6}",
-                    address,
-                    number("node_id"),
-                    role,
-                    number("term"),
-                    number("commit_index"),
-                    number("applied_index"),
-                    number("leader_id")
-                );
-                if role == "Leader" {
-                    leader_peers = Some((number("node_id"), raft["peers"].clone()));
-                }
-            }
-            Err(error) => {
-                let _ = writeln!(out, "{address:<22} unreachable: {error}");
-            }
-        }
-    }
-    match leader_peers {
-        Some((leader, serde_json::Value::Array(peers))) if !peers.is_empty() => {
-            let _ = writeln!(out, "\nreplication from leader {leader}:");
-            let _ = writeln!(
-                out,
-                "{:>6} {:>10} {:>10} {:<10}",
-                "PEER", "MATCHED", "NEXT", "STATE"
-            );
-            for peer in peers {
-                let _ = writeln!(
-                    out,
-                    "{:>6} {:>10} {:>10} {:<10}",
-                    peer["id"].as_u64().unwrap_or(0),
-                    peer["matched"].as_u64().unwrap_or(0),
-                    peer["next_index"].as_u64().unwrap_or(0),
-                    peer["state"].as_str().unwrap_or("?")
-                );
-            }
-        }
-        Some(_) => {}
-        None => {
-            let _ = writeln!(out, "\nno leader among the servers that answered");
-        }
-    }
-    out
 }
 
 fn main() -> ExitCode {

@@ -296,8 +296,19 @@ pub async fn run_server(
         storage: storage.clone(),
         log_store: log_store.clone(),
     });
+    if config.control.token.is_empty() {
+        slog::warn!(
+            logger,
+            "control.token is empty: the control API accepts changes from \
+            anyone who can reach it (development mode)"
+        );
+    }
+    let control_token =
+        actix_web::web::Data::new(control::auth::ControlToken(config.control.token.clone()));
     let control_server = actix_web::HttpServer::new(move || {
         actix_web::App::new()
+            .wrap(actix_web::middleware::from_fn(control::auth::require_token))
+            .app_data(control_token.clone())
             .app_data(control_state.clone())
             .app_data(actix_web::web::JsonConfig::default().limit(64 * 1024))
             .configure(control::configure)

@@ -438,8 +438,10 @@ impl Model {
                     _ => ExpectedOutcome::Rejected,
                 }
             }
-            // The simulation never attaches a volume.
-            Command::Attach { .. } | Command::Detach { .. } => ExpectedOutcome::Rejected,
+            // The simulation never attaches or resizes a volume.
+            Command::Attach { .. } | Command::Detach { .. } | Command::ResizeVolume { .. } => {
+                ExpectedOutcome::Rejected
+            }
             Command::Trim {
                 volume_id,
                 offset,

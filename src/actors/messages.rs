@@ -157,6 +157,8 @@ pub struct RaftStatus {
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
     pub voters_outgoing: Vec<u64>,
+    /// Why this node is not healthy (`GET /health` answers 503 with it), or `None`.
+    pub health_problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -170,7 +170,18 @@ pub struct RaftActor {
     /// committed before its term: the index (its first entry as leader) at which the read
     /// gate opens.
     read_gate_opens_at: Option<u64>,
+    /// Whether this node was last seen in a working quorum (for "quorum lost/regained").
+    quorum_ok: Option<bool>,
+    /// Peers the leader last saw as inactive (for "member down/up").
+    peers_down: std::collections::BTreeSet<u64>,
+    /// Ticks since start, and the tick at which the leader last saw each peer active
+    /// (raft-rs clears `recent_active` every election timeout, so one look is not enough).
+    ticks: u64,
+    peer_active_at_tick: HashMap<u64, u64>,
 }
+
+/// A follower further behind the leader's last index than this is reported as lagging.
+const REPLICA_LAG_WARNING_ENTRIES: u64 = 1024;
 
 /// Entries of appended-bytes history kept for compaction decisions.
 const APPENDED_BYTES_HISTORY_MAX: usize = 65536;
@@ -195,6 +206,109 @@ impl RaftActor {
             snapshots_installed: 0,
             snapshot_applied_index: None,
             read_gate_opens_at: None,
+            quorum_ok: None,
+            peers_down: std::collections::BTreeSet::new(),
+            ticks: 0,
+            peer_active_at_tick: HashMap::new(),
+        }
+    }
+
+    /// Why this node should not count as healthy, or `None`: it must know a leader, have heard
+    /// from it within an election timeout (a leader with check_quorum steps down by itself
+    /// once a majority is silent that long), and have applied an entry of the current term
+    /// (the new leader's no-op at least), so its state is as current as the group's.
+    fn health_problem(&self) -> Option<String> {
+        let node = self.node.as_ref()?;
+        let raft = &node.raft;
+        if raft.leader_id == 0 {
+            return Some(format!(
+                "no leader in term {} (election running, or no quorum)",
+                raft.term
+            ));
+        }
+        if raft.state != StateRole::Leader && raft.election_elapsed >= raft.election_timeout() {
+            return Some(format!(
+                "no contact with leader {} for {} ticks",
+                raft.leader_id, raft.election_elapsed
+            ));
+        }
+        let applied_term = raft.raft_log.term(self.applied_index).unwrap_or(0);
+        if applied_term != raft.term {
+            return Some(format!(
+                "catching up: applied index {} is from term {applied_term}, the current term is {}",
+                self.applied_index, raft.term
+            ));
+        }
+        None
+    }
+
+    /// Logs the operator-level transitions seen at a tick: quorum lost/regained, member
+    /// down/up and replica lagging (the last two on the leader only).
+    fn observe_cluster(&mut self) {
+        let logger = self.params.supervision.logger.clone();
+        let node_id = self.params.node_id;
+        let Some(node) = self.node.as_ref() else {
+            return;
+        };
+        let raft = &node.raft;
+        let quorum_ok = raft.leader_id != 0
+            && (raft.state == StateRole::Leader || raft.election_elapsed < raft.election_timeout());
+        match (self.quorum_ok, quorum_ok) {
+            (Some(true), false) => slog::error!(logger, "quorum lost";
+                "term" => raft.term, "role" => ?raft.state, "leader" => raft.leader_id),
+            (Some(false), true) => slog::info!(logger, "quorum regained";
+                "term" => raft.term, "leader" => raft.leader_id),
+            _ => {}
+        }
+        // Not before the first quorum: a starting node has not lost anything yet.
+        if self.quorum_ok.is_some() || quorum_ok {
+            self.quorum_ok = Some(quorum_ok);
+        }
+        self.ticks += 1;
+        if raft.state != StateRole::Leader {
+            self.peers_down.clear();
+            self.peer_active_at_tick.clear();
+            return;
+        }
+        // Silent for two election timeouts: down.
+        let down_after_ticks = 2 * raft.election_timeout() as u64;
+        let last_index = raft.raft_log.last_index();
+        let mut down_now = Vec::new();
+        for (id, progress) in raft.prs().iter() {
+            if *id == node_id {
+                continue;
+            }
+            let lag_entries = last_index.saturating_sub(progress.matched);
+            let ticks = self.ticks;
+            let active_at = self.peer_active_at_tick.entry(*id).or_insert(ticks);
+            if progress.recent_active {
+                *active_at = ticks;
+            }
+            if ticks.saturating_sub(*active_at) > down_after_ticks {
+                down_now.push(*id);
+            } else if lag_entries > REPLICA_LAG_WARNING_ENTRIES {
+                let warnings = crate::logging::operator_warnings();
+                if let Some(suppressed) = warnings.limiter.admit(&format!("replica lagging {id}")) {
+                    slog::warn!(logger, "replica lagging"; "member" => *id,
+                        "lag_entries" => lag_entries, "state" => ?progress.state,
+                        "suppressed" => suppressed);
+                }
+            }
+        }
+        for id in &down_now {
+            if self.peers_down.insert(*id) {
+                slog::warn!(logger, "member down"; "member" => *id, "term" => raft.term);
+            }
+        }
+        let up: Vec<u64> = self
+            .peers_down
+            .iter()
+            .filter(|id| !down_now.contains(id))
+            .copied()
+            .collect();
+        for id in up {
+            self.peers_down.remove(&id);
+            slog::info!(logger, "member up"; "member" => id, "term" => raft.term);
         }
     }
 
@@ -919,6 +1033,7 @@ impl Handler<Tick> for RaftActor {
     fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
             actor.node().tick();
+            actor.observe_cluster();
             actor.expire_waiters();
             actor.schedule_ready(ctx);
         });
@@ -1105,6 +1220,10 @@ impl Handler<GetRaftStatus> for RaftActor {
         conf_state.voters.sort_unstable();
         conf_state.learners.sort_unstable();
         conf_state.voters_outgoing.sort_unstable();
+        let health_problem = match self.node.as_ref() {
+            Some(_) => self.health_problem(),
+            None => Some("the Raft actor is restarting".to_string()),
+        };
         let status = match self.node.as_ref() {
             Some(node) => RaftStatus {
                 peers: if node.raft.state == StateRole::Leader {
@@ -1141,6 +1260,7 @@ impl Handler<GetRaftStatus> for RaftActor {
                 voters: conf_state.voters,
                 learners: conf_state.learners,
                 voters_outgoing: conf_state.voters_outgoing,
+                health_problem: health_problem.clone(),
             },
             None => RaftStatus {
                 group_id,
@@ -1159,6 +1279,7 @@ impl Handler<GetRaftStatus> for RaftActor {
                 voters: Vec::new(),
                 learners: Vec::new(),
                 voters_outgoing: Vec::new(),
+                health_problem,
             },
         };
         MessageResult(status)

@@ -74,6 +74,13 @@ pub trait SessionBackend: Clone + Unpin + 'static {
     /// Starts `request`. Anything that depends on the moment of the call (e.g. whether a read
     /// needs a barrier) is decided before the future is returned.
     fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static;
+
+    /// The export's size now, if the backend knows it: a volume grown by an online resize
+    /// accepts requests in its new range on connections negotiated before (the proxy's
+    /// long-lived upstream connections need that). Never used to shrink.
+    fn live_size_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Limits of one session, from `[nbd]` (server) or `[proxy]` (proxy) in the configuration.
@@ -244,6 +251,11 @@ impl<B: SessionBackend> NbdSessionActor<B> {
         let request_limits = RequestLimits {
             request_max_bytes: self.limits.request_max_bytes,
         };
+        if let Some(size_bytes) = self.backend.live_size_bytes() {
+            if size_bytes > self.negotiated.export.size_bytes {
+                self.negotiated.export.size_bytes = size_bytes;
+            }
+        }
         if let Err(errno) = check_request_negotiated(&header, &self.negotiated, &request_limits) {
             slog::debug!(self.supervision.logger, "request rejected";
                 "peer" => %self.peer, "command" => ?header.command, "errno" => ?errno);
@@ -282,7 +294,18 @@ impl<B: SessionBackend> NbdSessionActor<B> {
             });
             return;
         }
-        let deadline = Instant::now() + self.limits.request_timeout;
+        let started_at = Instant::now();
+        let deadline = started_at + self.limits.request_timeout;
+        let op = match header.command {
+            Command::Read => "read",
+            Command::Write => "write",
+            Command::Trim => "trim",
+            Command::WriteZeroes => "write_zeroes",
+            Command::BlockStatus => "block_status",
+            _ => "other",
+        };
+        let op_metrics = crate::metrics::global().volume_op(&self.negotiated.export.name, op);
+        let length_bytes = u64::from(header.length);
         let future = self.backend.execute(BackendRequest {
             header,
             payload,
@@ -294,6 +317,16 @@ impl<B: SessionBackend> NbdSessionActor<B> {
         self.requests_in_flight += 1;
         actix_rt::spawn(async move {
             let reply = future.await;
+            let ok = !matches!(reply, BackendReply::Error { .. });
+            if ok {
+                op_metrics.ok_total.fetch_add(1, Ordering::Relaxed);
+                op_metrics
+                    .bytes_total
+                    .fetch_add(length_bytes, Ordering::Relaxed);
+            } else {
+                op_metrics.error_total.fetch_add(1, Ordering::Relaxed);
+            }
+            op_metrics.duration.observe(started_at.elapsed());
             let (reply_header, data) = encode_backend_reply(&negotiated, &header, reply);
             if let Some(replies) = replies {
                 let _ = replies.send(OutgoingReply {
@@ -411,6 +444,10 @@ pub struct RaftVolumeBackend {
 }
 
 impl SessionBackend for RaftVolumeBackend {
+    fn live_size_bytes(&self) -> Option<u64> {
+        Some(self.volume.size_bytes())
+    }
+
     fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static {
         let BackendRequest {
             header,

@@ -263,9 +263,12 @@ impl StorageActor {
         self.checkpoint_in_flight = Some(checkpoint_id);
         self.bytes_since_checkpoint = 0;
         let address = ctx.address();
+        let logger = self.params.supervision.logger.clone();
         actix_rt::spawn(async move {
             let result = tokio::task::spawn_blocking(move || {
+                let started_at = std::time::Instant::now();
                 let result = ticket.sync_images();
+                crate::logging::record_fsync(&logger, started_at.elapsed());
                 (ticket, result)
             })
             .await;
@@ -302,10 +305,12 @@ impl StorageActor {
     /// fdatasync the images, then record the applied index (the durability rule), and let the
     /// Raft actor compact the log below it.
     fn checkpoint(&mut self) -> u64 {
+        let started_at = std::time::Instant::now();
         let durable_index = match self.machine().make_durable() {
             Ok(index) => index,
             Err(error) => panic!("checkpoint failed: {error}"),
         };
+        crate::logging::record_fsync(&self.params.supervision.logger, started_at.elapsed());
         self.bytes_since_checkpoint = 0;
         self.durable_applied_index_max = self.durable_applied_index_max.max(durable_index);
         if let Some(raft) = &self.raft {

@@ -1,7 +1,10 @@
 //! The HTTP control API of a server (actix-web), and the client the `raftblk volume …`
 //! commands use to call it.
 //!
-//! - `GET /health`: 200 while this node knows a leader of its Raft group, 503 otherwise.
+//! - `GET /health`: 200 while this node is in a working quorum and caught up (it knows a
+//!   leader, heard from it within an election timeout, and applied an entry of the current
+//!   term); 503 otherwise, with the reason (`{"healthy", "reason", "raft"}`).
+//! - `GET /metrics`: Prometheus text exposition (see `control::metrics`).
 //! - `GET /v1/status`: Raft state (with the followers' progress on the leader), the cluster's
 //!   members and their addresses, volumes and actor restart counts as JSON.
 //! - `GET /v1/volumes`, `POST /v1/volumes` (`{"name", "size_bytes", "block_size_bytes"}`),
@@ -10,6 +13,14 @@
 //!   `DELETE /v1/volumes/{name}/attach?epoch=N`: the single read-write attachment of a volume
 //!   and its fencing epoch (see `storage::command::Command::Attach`).
 //! - `GET /v1/volumes/{name}/digest`: a checksum of this node's own copy, to compare replicas.
+//! - `POST /v1/volumes/{name}/resize` (`{"size_bytes"}`): grows a volume online; new NBD
+//!   connections see the new size. Shrinking is refused (409).
+//!
+//! Every request but GET and HEAD needs `Authorization: Bearer <control.token>` (see
+//! [`auth`]).
+
+pub mod auth;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +83,22 @@ fn default_block_size_bytes() -> u32 {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResizeVolumeRequest {
+    pub size_bytes: u64,
+}
+
+/// The body of `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthBody {
+    pub healthy: bool,
+    /// Why not healthy; absent when healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub raft: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
 }
@@ -112,12 +139,88 @@ async fn raft_status(state: &ControlState) -> Option<RaftStatus> {
 
 async fn health(state: web::Data<ControlState>) -> HttpResponse {
     match raft_status(&state).await {
-        Some(status) if status.leader_id != 0 => HttpResponse::Ok().json(status),
-        Some(status) => HttpResponse::ServiceUnavailable().json(status),
-        None => error_response(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
-            "the Raft actor is restarting",
+        Some(status) => {
+            let reason = status.health_problem.clone();
+            let body = HealthBody {
+                healthy: reason.is_none(),
+                reason,
+                raft: serde_json::to_value(&status).unwrap_or_default(),
+            };
+            if body.healthy {
+                HttpResponse::Ok().json(body)
+            } else {
+                HttpResponse::ServiceUnavailable().json(body)
+            }
+        }
+        None => HttpResponse::ServiceUnavailable().json(HealthBody {
+            healthy: false,
+            reason: Some("the Raft actor is restarting".to_string()),
+            raft: serde_json::Value::Null,
+        }),
+    }
+}
+
+async fn metrics_endpoint(state: web::Data<ControlState>) -> HttpResponse {
+    let raft = raft_status(&state).await;
+    let text = metrics::render_server_metrics(
+        raft.as_ref(),
+        &state.registry.list(),
+        &state.restarts.snapshot(),
+    );
+    HttpResponse::Ok()
+        .content_type(crate::metrics::CONTENT_TYPE)
+        .body(text)
+}
+
+async fn resize_volume(
+    state: web::Data<ControlState>,
+    name: web::Path<String>,
+    body: web::Json<ResizeVolumeRequest>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let Some(current) = state.registry.get(&name).map(|reader| reader.info()) else {
+        return error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"));
+    };
+    if body.size_bytes < current.size_bytes {
+        return error_response(
+            StatusCode::CONFLICT,
+            format!(
+                "volume '{name}' has {} bytes; shrinking to {} is refused (it would cut off                  data clients may still address)",
+                current.size_bytes, body.size_bytes
+            ),
+        );
+    }
+    if let Err(problem) = validate_volume_geometry(body.size_bytes, current.block_size_bytes) {
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
+    let command = encode_command(&Command::ResizeVolume {
+        name: &name,
+        size_bytes: body.size_bytes,
+    });
+    match propose(&state, command).await {
+        Ok(ApplyOutcome::VolumeResized(info)) => HttpResponse::Ok().json(info),
+        Ok(ApplyOutcome::Rejected(ApplyRejection::WouldShrink)) => error_response(
+            StatusCode::CONFLICT,
+            format!(
+                "volume '{name}' is larger than {} bytes; shrinking is refused",
+                body.size_bytes
+            ),
         ),
+        Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)) => {
+            error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"))
+        }
+        Ok(ApplyOutcome::Rejected(ApplyRejection::InvalidCommand)) => error_response(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} bytes is not a valid size for volume '{name}' (a multiple of its block size)",
+                body.size_bytes
+            ),
+        ),
+        Ok(other) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected outcome {other:?}"),
+        ),
+        Err(response) => response,
     }
 }
 
@@ -381,6 +484,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
     configure_failpoints(config);
     config
         .route("/health", web::get().to(health))
+        .route("/metrics", web::get().to(metrics_endpoint))
+        .route("/v1/volumes/{name}/resize", web::post().to(resize_volume))
         .route("/v1/status", web::get().to(status))
         .route("/v1/volumes", web::get().to(list_volumes))
         .route("/v1/volumes", web::post().to(create_volume))
@@ -402,21 +507,68 @@ pub enum ControlClientError {
     BadReply { address: String, detail: String },
 }
 
-/// A blocking client for the `raftblk volume` commands.
+/// A blocking client for the `raftblk volume` and `raftblk ctl` commands.
 pub struct ControlClient {
     address: String,
     agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer` on mutating requests; empty: none.
+    token: String,
 }
 
 impl ControlClient {
     pub fn new(address: &str) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(60))
-            .build();
+        Self::with_timeout(address, Duration::from_secs(60))
+    }
+
+    pub fn with_timeout(address: &str, timeout: Duration) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout(timeout).build();
         ControlClient {
             address: address.to_string(),
             agent,
+            token: String::new(),
         }
+    }
+
+    /// The token for mutating requests (`control.token` of the cluster).
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = token.to_string();
+        self
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A mutating request, with the token if there is one.
+    fn mutation(&self, method: &str, path: &str) -> ureq::Request {
+        let request = self.agent.request(method, &self.url(path));
+        if self.token.is_empty() {
+            request
+        } else {
+            request.set("Authorization", &format!("Bearer {}", self.token))
+        }
+    }
+
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, ControlClientError> {
+        let response = self
+            .mutation("POST", &format!("/v1/volumes/{name}/resize"))
+            .send_json(ResizeVolumeRequest { size_bytes })
+            .map_err(|error| self.map_error(error))?;
+        response.into_json().map_err(|error| self.bad_reply(error))
+    }
+
+    /// `GET /health`: the body whether the node is healthy (200) or not (503).
+    pub fn health(&self) -> Result<HealthBody, ControlClientError> {
+        let response = match self.agent.get(&self.url("/health")).call() {
+            Ok(response) => response,
+            Err(ureq::Error::Status(503, response)) => response,
+            Err(error) => return Err(self.map_error(error)),
+        };
+        response.into_json().map_err(|error| self.bad_reply(error))
     }
 
     fn url(&self, path: &str) -> String {
@@ -460,16 +612,14 @@ impl ControlClient {
         request: &CreateVolumeRequest,
     ) -> Result<VolumeInfo, ControlClientError> {
         let response = self
-            .agent
-            .post(&self.url("/v1/volumes"))
+            .mutation("POST", "/v1/volumes")
             .send_json(request)
             .map_err(|error| self.map_error(error))?;
         response.into_json().map_err(|error| self.bad_reply(error))
     }
 
     pub fn delete_volume(&self, name: &str) -> Result<(), ControlClientError> {
-        self.agent
-            .delete(&self.url(&format!("/v1/volumes/{name}")))
+        self.mutation("DELETE", &format!("/v1/volumes/{name}"))
             .call()
             .map_err(|error| self.map_error(error))?;
         Ok(())
@@ -481,18 +631,19 @@ impl ControlClient {
         request: &AttachRequest,
     ) -> Result<AttachReply, ControlClientError> {
         let response = self
-            .agent
-            .post(&self.url(&format!("/v1/volumes/{name}/attach")))
+            .mutation("POST", &format!("/v1/volumes/{name}/attach"))
             .send_json(request)
             .map_err(|error| self.map_error(error))?;
         response.into_json().map_err(|error| self.bad_reply(error))
     }
 
     pub fn detach(&self, name: &str, epoch: u64) -> Result<(), ControlClientError> {
-        self.agent
-            .delete(&self.url(&format!("/v1/volumes/{name}/attach?epoch={epoch}")))
-            .call()
-            .map_err(|error| self.map_error(error))?;
+        self.mutation(
+            "DELETE",
+            &format!("/v1/volumes/{name}/attach?epoch={epoch}"),
+        )
+        .call()
+        .map_err(|error| self.map_error(error))?;
         Ok(())
     }
 

@@ -341,12 +341,19 @@ pub struct CacheCrash;
 impl Handler<CacheLookup> for CacheActor {
     type Result = MessageResult<CacheLookup>;
     fn handle(&mut self, msg: CacheLookup, ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.guarded(ctx, Lookup::Bypass, |cache| {
+        let lookup = self.guarded(ctx, Lookup::Bypass, |cache| {
             fail::fail_point!("proxy_cache_lookup", |_| {
                 panic!("failpoint proxy_cache_lookup");
             });
             cache.lookup(msg.volume, msg.offset, msg.length)
-        }))
+        });
+        let metrics = crate::metrics::global();
+        match &lookup {
+            Lookup::Hit(_) => &metrics.proxy_cache_hits_total,
+            _ => &metrics.proxy_cache_misses_total,
+        }
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        MessageResult(lookup)
     }
 }
 

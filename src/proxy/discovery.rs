@@ -215,18 +215,21 @@ struct ClusterViewInner {
     /// Members learned from the last poll's member lists and not configured.
     learned: Mutex<Vec<ServerEndpoint>>,
     control_timeout: Duration,
+    /// The cluster's `control.token`, sent with attach and detach.
+    token: String,
     snapshot: Mutex<(ClusterSnapshot, bool, Option<Instant>)>,
     refresh_requested: Notify,
     refreshed: Notify,
 }
 
 impl ClusterView {
-    pub fn new(endpoints: Vec<ServerEndpoint>, control_timeout: Duration) -> Self {
+    pub fn new(endpoints: Vec<ServerEndpoint>, control_timeout: Duration, token: String) -> Self {
         ClusterView {
             inner: Arc::new(ClusterViewInner {
                 configured: endpoints,
                 learned: Mutex::new(Vec::new()),
                 control_timeout,
+                token,
                 snapshot: Mutex::new((ClusterSnapshot::default(), false, None)),
                 refresh_requested: Notify::new(),
                 refreshed: Notify::new(),
@@ -236,6 +239,11 @@ impl ClusterView {
 
     pub fn control_timeout(&self) -> Duration {
         self.inner.control_timeout
+    }
+
+    /// The control token for attach and detach (empty: none).
+    pub fn token(&self) -> String {
+        self.inner.token.clone()
     }
 
     /// The last snapshot and whether the leader's NBD address is in it.
@@ -312,6 +320,15 @@ fn agent(timeout: Duration) -> ureq::Agent {
     ureq::AgentBuilder::new().timeout(timeout).build()
 }
 
+/// Adds `Authorization: Bearer` when the cluster has a token.
+fn authorized(request: ureq::Request, token: &str) -> ureq::Request {
+    if token.is_empty() {
+        request
+    } else {
+        request.set("Authorization", &format!("Bearer {token}"))
+    }
+}
+
 /// `GET /v1/status` of one server (blocking; run it on the blocking pool).
 pub fn fetch_status(control: SocketAddr, timeout: Duration) -> Result<serde_json::Value, String> {
     agent(timeout)
@@ -357,9 +374,10 @@ pub fn attach_once(
     client_id: &str,
     force: bool,
     timeout: Duration,
+    token: &str,
 ) -> Result<u64, AttachError> {
-    let result = agent(timeout)
-        .post(&format!("http://{control}/v1/volumes/{volume_name}/attach"))
+    let request = agent(timeout).post(&format!("http://{control}/v1/volumes/{volume_name}/attach"));
+    let result = authorized(request, token)
         .send_json(serde_json::json!({ "client": client_id, "force": force }));
     match result {
         Ok(response) => response
@@ -374,6 +392,10 @@ pub fn attach_once(
                 (409, Err(_)) => Err(AttachError::Refused(body)),
                 (404, Ok(message)) => Err(AttachError::NoSuchVolume(message)),
                 (404, Err(_)) => Err(AttachError::Unsupported),
+                // The same token goes to every server: another one will not take it either.
+                (401 | 403, Ok(message)) => Err(AttachError::Refused(format!(
+                    "{message} (set control.token in the proxy's --config, or RAFTBLK_TOKEN)"
+                ))),
                 (status, Ok(message)) => {
                     Err(AttachError::Unavailable(format!("{status}: {message}")))
                 }
@@ -390,11 +412,12 @@ pub fn detach_once(
     volume_name: &str,
     epoch: u64,
     timeout: Duration,
+    token: &str,
 ) -> Result<(), String> {
-    agent(timeout)
-        .delete(&format!(
-            "http://{control}/v1/volumes/{volume_name}/attach?epoch={epoch}"
-        ))
+    let request = agent(timeout).delete(&format!(
+        "http://{control}/v1/volumes/{volume_name}/attach?epoch={epoch}"
+    ));
+    authorized(request, token)
         .call()
         .map(|_| ())
         .map_err(|error| error.to_string())

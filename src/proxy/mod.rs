@@ -48,6 +48,9 @@ pub struct ProxyReadyInfo {
     pub nbd: std::net::SocketAddr,
     pub pid: u32,
     pub client_id: String,
+    /// The metrics listener's address, when `proxy.metrics_listen` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Marks this process as one that flushes I/O for others (`PR_SET_IO_FLUSHER`), so memory
@@ -92,7 +95,28 @@ pub async fn run_proxy(
         anyhow::bail!("proxy.servers is empty: give the servers' control addresses (--servers)");
     }
     let client_id = proxy.effective_client_id();
-    let view = ClusterView::new(endpoints, Duration::from_millis(proxy.control_timeout_ms));
+    let view = ClusterView::new(
+        endpoints,
+        Duration::from_millis(proxy.control_timeout_ms),
+        config.control.token.clone(),
+    );
+    let metrics_address = if proxy.metrics_listen.is_empty() {
+        None
+    } else {
+        let listen: std::net::SocketAddr = proxy.metrics_listen.parse().with_context(|| {
+            format!(
+                "proxy.metrics_listen '{}' is not ip:port",
+                proxy.metrics_listen
+            )
+        })?;
+        Some(
+            crate::metrics::serve_proxy_metrics(
+                listen,
+                logger.new(slog::o!("component" => "metrics")),
+            )
+            .await?,
+        )
+    };
     view.poll_once().await;
     actix_rt::spawn(view.clone().run(
         Duration::from_millis(proxy.status_poll_interval_ms),
@@ -189,6 +213,7 @@ pub async fn run_proxy(
                 nbd: nbd_address,
                 pid: std::process::id(),
                 client_id: client_id.clone(),
+                metrics: metrics_address,
             },
         )?;
     }
@@ -233,9 +258,11 @@ async fn detach(view: &ClusterView, name: &str, epoch: u64, logger: &slog::Logge
     let timeout = view.control_timeout();
     for control in snapshot.control_candidates {
         let volume = name.to_string();
-        let result =
-            tokio::task::spawn_blocking(move || detach_once(control, &volume, epoch, timeout))
-                .await;
+        let token = view.token();
+        let result = tokio::task::spawn_blocking(move || {
+            detach_once(control, &volume, epoch, timeout, &token)
+        })
+        .await;
         match result {
             Ok(Ok(())) => {
                 slog::info!(logger, "volume detached"; "volume" => name, "epoch" => epoch);

@@ -88,12 +88,21 @@ impl ExportCatalog for ProxyCatalog {
     }
 
     fn export(&self, name: &str) -> Option<ExportDescription> {
-        let volumes = self.shared.volumes.lock();
-        // Only attached volumes are exports; a listed volume is attached by the first option
-        // that names it (see `prepare_export`).
-        volumes
-            .get(name)
-            .map(|volume| description(&volume.summary, self.shared.request_max_bytes))
+        let mut summary = {
+            let volumes = self.shared.volumes.lock();
+            // Only attached volumes are exports; a listed volume is attached by the first
+            // option that names it (see `prepare_export`).
+            volumes.get(name)?.summary.clone()
+        };
+        // A volume grown online since it was attached: new connections get the new size
+        // (the servers accept the new range on the existing upstream connection too).
+        let (snapshot, _) = self.shared.view.snapshot();
+        if let Some(current) = snapshot.volumes.iter().find(|volume| {
+            volume.name == summary.name && volume.block_size_bytes == summary.block_size_bytes
+        }) {
+            summary.size_bytes = summary.size_bytes.max(current.size_bytes);
+        }
+        Some(description(&summary, self.shared.request_max_bytes))
     }
 
     fn export_refusal(&self, name: &str) -> Option<String> {

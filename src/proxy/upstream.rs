@@ -637,8 +637,9 @@ pub async fn attach(
     for control in snapshot.control_candidates {
         let name = volume_name.to_string();
         let client = client_id.to_string();
+        let token = view.token();
         let result = tokio::task::spawn_blocking(move || {
-            attach_once(control, &name, &client, force, timeout)
+            attach_once(control, &name, &client, force, timeout, &token)
         })
         .await
         .unwrap_or_else(|error| Err(AttachError::Unavailable(error.to_string())));

@@ -16,10 +16,11 @@
 //!   5 DeleteVolume  name_length u16, name (UTF-8)
 //!   6 Attach        flags u8 (bit 0: force), name_length u16, name, client_length u16, client
 //!   7 Detach        epoch u64, name_length u16, name (UTF-8)
+//!   8 ResizeVolume  size_bytes u64, name_length u16, name (UTF-8)
 //! ```
 //!
-//! Version 1 (before writer fencing) is the same without `writer_epoch` and without tags 6 and
-//! 7. It still decodes, with `writer_epoch = 0`, because Raft logs written by version 1 may
+//! Version 1 (before writer fencing) is the same without `writer_epoch` and without tags 6,
+//! 7 and 8. It still decodes, with `writer_epoch = 0`, because Raft logs written by version 1 may
 //! still hold such entries; only version 2 is ever encoded.
 //!
 //! Every command except `Write` must end exactly where its fields end, so two encodings of the
@@ -42,6 +43,7 @@ const TAG_CREATE_VOLUME: u8 = 4;
 const TAG_DELETE_VOLUME: u8 = 5;
 const TAG_ATTACH: u8 = 6;
 const TAG_DETACH: u8 = 7;
+const TAG_RESIZE_VOLUME: u8 = 8;
 
 const FLAG_MAY_PUNCH_HOLE: u8 = 0x01;
 const FLAG_FORCE: u8 = 0x01;
@@ -94,6 +96,9 @@ pub enum Command<'a> {
     },
     /// Ends the attachment of the given epoch (refused as fenced for any other epoch).
     Detach { name: &'a str, epoch: u64 },
+    /// Grows a volume to `size_bytes` (refused if that is smaller than its size: shrinking
+    /// would silently cut off data a client may still address).
+    ResizeVolume { name: &'a str, size_bytes: u64 },
 }
 
 /// Why a byte string is not a command. Deterministic: every replica rejects the same entry.
@@ -207,6 +212,14 @@ pub fn encode_command(command: &Command<'_>) -> Vec<u8> {
             let mut bytes = Vec::with_capacity(2 + 10 + name.len());
             bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_DETACH]);
             bytes.extend_from_slice(&epoch.to_be_bytes());
+            push_name(&mut bytes, name);
+            bytes
+        }
+        Command::ResizeVolume { name, size_bytes } => {
+            let name = truncated_name(name);
+            let mut bytes = Vec::with_capacity(2 + 10 + name.len());
+            bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_RESIZE_VOLUME]);
+            bytes.extend_from_slice(&size_bytes.to_be_bytes());
             push_name(&mut bytes, name);
             bytes
         }
@@ -426,6 +439,13 @@ pub fn decode_command(data: &[u8]) -> Result<Command<'_>, CommandDecodeError> {
                 name: fields.name()?,
             }
         }
+        TAG_RESIZE_VOLUME if version == COMMAND_FORMAT_VERSION => {
+            let size_bytes = fields.u64()?;
+            Command::ResizeVolume {
+                size_bytes,
+                name: fields.name()?,
+            }
+        }
         tag => return Err(CommandDecodeError::UnknownTag { tag }),
     };
     fields.finish()?;
@@ -442,7 +462,7 @@ mod tests {
 
     fn command_strategy() -> impl Strategy<Value = CommandParts> {
         (
-            1u8..=7,
+            1u8..=8,
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
@@ -487,7 +507,11 @@ mod tests {
                 client,
                 force: flag,
             },
-            _ => Command::Detach { name, epoch: a },
+            7 => Command::Detach { name, epoch: a },
+            _ => Command::ResizeVolume {
+                name,
+                size_bytes: a,
+            },
         }
     }
 

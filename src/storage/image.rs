@@ -82,6 +82,22 @@ impl ImageFile {
         &self.path
     }
 
+    /// Grows the file to `size_bytes` (sparse: the new range reads as zeroes and allocates
+    /// nothing) and makes the new size durable before returning.
+    pub fn grow(&self, size_bytes: u64) -> Result<(), StorageError> {
+        self.file
+            .set_len(size_bytes)
+            .map_err(|error| self.io_error(error))?;
+        // fsync (not fdatasync): the size is metadata.
+        self.file.sync_all().map_err(|error| self.io_error(error))
+    }
+
+    /// Shrinks the file back to `size_bytes`: only for undoing a grow whose volume row was
+    /// never written (see `StateMachine::open`).
+    pub fn truncate_to(&self, size_bytes: u64) -> Result<(), StorageError> {
+        self.grow(size_bytes)
+    }
+
     /// The file size (the volume size).
     pub fn size_bytes(&self) -> Result<u64, StorageError> {
         Ok(self

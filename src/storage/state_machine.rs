@@ -58,7 +58,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockWriteGuard};
@@ -123,6 +123,8 @@ pub enum ApplyOutcome {
     Attached(VolumeInfo),
     /// The attachment ended; `attachment` is `None`.
     Detached(VolumeInfo),
+    /// The volume has its new (or already had the requested) size.
+    VolumeResized(VolumeInfo),
     /// The command was refused, the same way on every replica; the state is unchanged.
     Rejected(ApplyRejection),
     /// The index is at or below [`StateMachine::applied_index`]: it was applied before (for
@@ -145,6 +147,8 @@ pub enum ApplyRejection {
     /// A data command whose writer epoch is not the volume's current one (0 when unattached),
     /// or a `Detach` of an epoch that is not current.
     Fenced,
+    /// A `ResizeVolume` to fewer bytes than the volume has.
+    WouldShrink,
 }
 
 /// One extent of a `BLOCK_STATUS` reply for `base:allocation`.
@@ -159,8 +163,12 @@ pub struct Extent {
 
 /// State of one volume shared between the state machine and its readers.
 struct VolumeShared {
-    /// Geometry and name; its `attachment` is not maintained (see `attachment`).
+    /// Geometry and name; its `attachment` and `size_bytes` are not maintained (see the
+    /// fields of the same names).
     info: VolumeInfo,
+    /// The current size: grows when a `ResizeVolume` is applied (after the image file grew),
+    /// never shrinks.
+    size_bytes: AtomicU64,
     /// The current attachment. Written only by apply (the single writer); a mutex rather than
     /// part of `info` because readers hold this struct across attachments.
     attachment: parking_lot::Mutex<Option<Attachment>>,
@@ -188,8 +196,13 @@ impl VolumeShared {
     fn info_now(&self) -> VolumeInfo {
         VolumeInfo {
             attachment: self.attachment.lock().clone(),
+            size_bytes: self.size_bytes(),
             ..self.info.clone()
         }
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
     }
 
     /// Whether a data command carrying `writer_epoch` may change this volume: the writer
@@ -430,8 +443,13 @@ impl VolumeReader {
         self.volume.info_now()
     }
 
+    /// The volume's size as of now (it grows when a resize is applied).
+    pub fn size_bytes(&self) -> u64 {
+        self.volume.size_bytes()
+    }
+
     fn check_range(&self, offset: u64, length_bytes: u64) -> Result<(), StorageError> {
-        let size_bytes = self.volume.info.size_bytes;
+        let size_bytes = self.volume.size_bytes();
         match offset.checked_add(length_bytes) {
             Some(end) if end <= size_bytes => Ok(()),
             _ => Err(StorageError::OutOfRange {
@@ -757,7 +775,14 @@ impl StateMachine {
         {
             let path = images_dir.join(image_file_name(group_id, info.id, image_generation));
             let image = ImageFile::open(&path)?;
-            let file_size_bytes = image.size_bytes()?;
+            let mut file_size_bytes = image.size_bytes()?;
+            if file_size_bytes > info.size_bytes {
+                // A resize grew the file but its row was never written (a crash in between):
+                // the entry is applied again after the durable applied index, so undo the
+                // growth. The range beyond the row's size was never addressable: no data.
+                image.truncate_to(info.size_bytes)?;
+                file_size_bytes = image.size_bytes()?;
+            }
             if file_size_bytes != info.size_bytes {
                 return Err(StorageError::Corruption {
                     what: "image file size",
@@ -837,6 +862,7 @@ impl StateMachine {
     ) -> VolumeShared {
         let block_size_bytes = u64::from(info.block_size_bytes);
         VolumeShared {
+            size_bytes: AtomicU64::new(info.size_bytes),
             attachment: parking_lot::Mutex::new(info.attachment.clone()),
             zero_block_crc32c: crc32c::crc32c(&vec![0u8; info.block_size_bytes as usize]),
             region_bytes: LOCK_REGION_BYTES.max(block_size_bytes),
@@ -985,6 +1011,10 @@ impl StateMachine {
                     self.apply_segment(&mut segment, index - 1)?;
                     outcomes.push(self.detach(index, name, epoch)?);
                 }
+                Command::ResizeVolume { name, size_bytes } => {
+                    self.apply_segment(&mut segment, index - 1)?;
+                    outcomes.push(self.resize_volume(index, name, size_bytes)?);
+                }
             }
         }
         self.apply_segment(&mut segment, last_index)?;
@@ -1010,7 +1040,7 @@ impl StateMachine {
             return ApplyOutcome::Rejected(ApplyRejection::Fenced);
         }
         match offset.checked_add(length) {
-            Some(end) if end <= volume.info.size_bytes => {}
+            Some(end) if end <= volume.size_bytes() => {}
             _ => return ApplyOutcome::Rejected(ApplyRejection::OutOfRange),
         }
         if length > 0 {
@@ -1371,6 +1401,58 @@ impl StateMachine {
         Ok(ApplyOutcome::Attached(info))
     }
 
+    /// `ResizeVolume`: grows the image file (sparse, durable), then records the row with the
+    /// new size and `index` as the durable applied index in one synced batch, then lets
+    /// readers address the new range. A request for the current size is a no-op success.
+    fn resize_volume(
+        &mut self,
+        index: u64,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<ApplyOutcome, StorageError> {
+        let Some(volume) = self.volume_named(name) else {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
+        };
+        let current_size_bytes = volume.size_bytes();
+        let rejection = if size_bytes < current_size_bytes {
+            Some(ApplyRejection::WouldShrink)
+        } else if !valid_volume_geometry(name, size_bytes, volume.info.block_size_bytes) {
+            Some(ApplyRejection::InvalidCommand)
+        } else {
+            None
+        };
+        if let Some(rejection) = rejection {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Rejected(rejection));
+        }
+        if size_bytes == current_size_bytes {
+            self.applied_index = index;
+            return Ok(ApplyOutcome::VolumeResized(volume.info_now()));
+        }
+        // Every image write before this entry must be durable before `index` is recorded.
+        self.sync_written_images(None)?;
+        volume.image.grow(size_bytes)?;
+        let info = VolumeInfo {
+            size_bytes,
+            ..volume.info_now()
+        };
+        let meta = column_family(&self.db, keys::CF_META)?;
+        let row = encode_volume_row(&info, volume.image_generation)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, keys::volume_key(self.group_id, info.id), row);
+        batch.put_cf(
+            meta,
+            keys::applied_index_key(self.group_id),
+            index.to_be_bytes(),
+        );
+        self.db.write_opt(batch, &write_options(true))?;
+        volume.size_bytes.store(size_bytes, Ordering::Release);
+        self.applied_index = index;
+        self.durable_applied_index = index;
+        Ok(ApplyOutcome::VolumeResized(info))
+    }
+
     /// `Detach`: only the current epoch may detach; anything else is fenced.
     fn detach(&mut self, index: u64, name: &str, epoch: u64) -> Result<ApplyOutcome, StorageError> {
         let Some(volume) = self.volume_named(name) else {
@@ -1402,6 +1484,7 @@ impl StateMachine {
     ) -> Result<VolumeInfo, StorageError> {
         let info = VolumeInfo {
             attachment,
+            size_bytes: volume.size_bytes(),
             ..volume.info.clone()
         };
         // Every image write before this entry must be durable before `index` is recorded.
@@ -1733,6 +1816,76 @@ mod tests {
             reader.read(256 * KIB - 1, &mut [0u8; 2]),
             Err(StorageError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn resize_grows_online_refuses_to_shrink_and_survives_reopen() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        fixture.apply(&encode_write_command(info.id, 0, 60 * KIB, &[5u8; 4096]));
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert!(reader.read(64 * KIB, &mut [0u8; 4096]).is_err());
+        let resize = |size_bytes| {
+            encode_command(&Command::ResizeVolume {
+                name: "disk",
+                size_bytes,
+            })
+        };
+        match fixture.apply(&resize(128 * KIB)) {
+            ApplyOutcome::VolumeResized(resized) => assert_eq!(resized.size_bytes, 128 * KIB),
+            other => panic!("resize returned {other:?}"),
+        }
+        // The reader taken before the resize sees the new range, zeroes, and the old data.
+        assert_eq!(reader.info().size_bytes, 128 * KIB);
+        assert_eq!(read(&reader, 64 * KIB, 4096), vec![0u8; 4096]);
+        assert_eq!(read(&reader, 60 * KIB, 4096), vec![5u8; 4096]);
+        assert_eq!(
+            fixture.apply(&encode_write_command(info.id, 0, 100 * KIB, &[6u8; 4096])),
+            ApplyOutcome::Applied
+        );
+        assert_eq!(
+            fixture.apply(&resize(64 * KIB)),
+            ApplyOutcome::Rejected(ApplyRejection::WouldShrink)
+        );
+        assert_eq!(
+            fixture.apply(&resize(128 * KIB + 1)),
+            ApplyOutcome::Rejected(ApplyRejection::InvalidCommand)
+        );
+        assert!(matches!(
+            fixture.apply(&resize(128 * KIB)),
+            ApplyOutcome::VolumeResized(_)
+        ));
+        fixture.state_machine.make_durable().unwrap();
+        // A reader holds the database open.
+        drop(reader);
+        let fixture = fixture.reopen();
+        let reopened = fixture.state_machine.volume_by_name("disk").unwrap();
+        assert_eq!(reopened.size_bytes, 128 * KIB);
+        let reader = fixture.state_machine.reader(info.id).unwrap();
+        assert_eq!(read(&reader, 100 * KIB, 4096), vec![6u8; 4096]);
+    }
+
+    #[test]
+    fn an_image_grown_without_its_row_is_cut_back_on_open() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let path = fixture.image_path(info.id);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(128 * KIB)
+            .unwrap();
+        let fixture = fixture.reopen();
+        assert_eq!(
+            fixture
+                .state_machine
+                .volume_by_name("disk")
+                .unwrap()
+                .size_bytes,
+            64 * KIB
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 * KIB);
     }
 
     #[test]
