@@ -54,6 +54,8 @@ pub struct DrillOptions {
     pub controls: Vec<String>,
     /// The proxy's control API address, for cache crashes and its restart counts.
     pub proxy_control: Option<String>,
+    /// Bearer token of the servers' control API (arming a failpoint is a change).
+    pub token: Option<String>,
     pub duration: Duration,
     /// Zero: kill nothing.
     pub kill_interval: Duration,
@@ -507,15 +509,28 @@ fn get_status(agent: &ureq::Agent, control: &str) -> Option<serde_json::Value> {
         .ok()
 }
 
-fn arm_failpoint(agent: &ureq::Agent, control: &str, name: &str) -> Result<(), String> {
-    agent
-        .put(&format!("http://{control}/v1/failpoints/{name}"))
+fn arm_failpoint(
+    agent: &ureq::Agent,
+    control: &str,
+    name: &str,
+    token: Option<&str>,
+) -> Result<(), String> {
+    let request = agent.put(&format!("http://{control}/v1/failpoints/{name}"));
+    let request = match token {
+        Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+        None => request,
+    };
+    request
         .send_string("1*panic")
         .map(|_| ())
         .map_err(|error| match error {
             ureq::Error::Status(404, _) => {
                 format!("{control} has no failpoints endpoint (build with --features failpoints)")
             }
+            ureq::Error::Status(401 | 403, _) => format!(
+                "arming {name} on {control}: the control API wants the cluster's token \
+                 (--token or RAFTBLK_TOKEN)"
+            ),
             other => format!("arming {name} on {control}: {other}"),
         })
 }
@@ -693,7 +708,7 @@ fn inject(
         return None;
     };
     let restarts_before = status["actor_restarts"][kind.name()].as_u64().unwrap_or(0);
-    if let Err(error) = arm_failpoint(agent, &target, failpoint) {
+    if let Err(error) = arm_failpoint(agent, &target, failpoint, options.token.as_deref()) {
         report.notes.push(error);
         report.injected_not_restarted.push(kind.name().to_string());
         return None;

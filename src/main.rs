@@ -109,6 +109,10 @@ enum CtlCommand {
         /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Bearer token of the control API (default: RAFTBLK_TOKEN, else the dev cluster's
+        /// ./raftblk-data/control.token when it exists).
+        #[arg(long, env = "RAFTBLK_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// The cluster at a glance: a health line, the leader, the quorum, and each member (up,
     /// down or lagging) with its Raft role and indexes. Exits non-zero when no server answers
@@ -134,7 +138,8 @@ enum CtlCommand {
         /// Control API addresses to find the leader through, comma-separated.
         #[arg(long, default_value = DEV_CONTROL_ADDRESSES, value_delimiter = ',', global = true)]
         control: Vec<String>,
-        /// Bearer token for the control API's mutations.
+        /// Bearer token for the control API's mutations (default: RAFTBLK_TOKEN, else the dev
+        /// cluster's ./raftblk-data/control.token when it exists).
         #[arg(long, env = "RAFTBLK_TOKEN", global = true, hide_env_values = true)]
         token: Option<String>,
         #[command(subcommand)]
@@ -575,7 +580,7 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
             token,
             command,
         } => run_members_command(
-            &MembershipClient::new(&control, token),
+            &MembershipClient::new(&control, token_or_dev_token(token)),
             command.unwrap_or(MembersCommand::List { json: false }),
         )?,
         CtlCommand::Status {
@@ -605,6 +610,7 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
             blocks,
             requests_in_flight,
             json,
+            token,
         } => {
             let inject = parse_actor_kinds(&inject)?;
             let seed = seed.unwrap_or_else(|| {
@@ -618,6 +624,7 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
                 export_name: export,
                 controls: control,
                 proxy_control: (!proxy_control.is_empty()).then_some(proxy_control),
+                token: token_or_dev_token(token),
                 duration: parse_duration_text(&duration)?,
                 kill_interval: parse_duration_text(&kill_interval)?,
                 inject,
@@ -780,4 +787,15 @@ fn run_members_command(client: &MembershipClient, command: MembersCommand) -> an
     };
     print_members(&body);
     Ok(())
+}
+
+/// The token given, else the one `raftblk dev` keeps in its default data directory, so the
+/// commands work on the dev cluster as they are.
+fn token_or_dev_token(token: Option<String>) -> Option<String> {
+    token.or_else(|| {
+        std::fs::read_to_string("raftblk-data/control.token")
+            .ok()
+            .map(|text| text.trim().to_string())
+            .filter(|text| !text.is_empty())
+    })
 }

@@ -76,6 +76,9 @@ fn drill_on_the_dev_cluster_loses_nothing() {
     let controls: Vec<String> = (1..=3)
         .map(|node| format!("127.0.0.1:{}", base + 10 * node + 1))
         .collect();
+    // Arming a failpoint is a change: it needs the token the dev cluster generated.
+    let dev_token = std::fs::read_to_string(workspace.path().join("cluster/control.token"))
+        .expect("raftblk dev writes its control token");
     let seconds = drill_seconds();
     let drill = run_command(
         Command::new(server_program())
@@ -85,7 +88,8 @@ fn drill_on_the_dev_cluster_loses_nothing() {
             .arg(format!("127.0.0.1:{}", base + 1))
             .arg("--duration")
             .arg(format!("{seconds}s"))
-            .args(["--kill-interval", "10s", "--inject", "all", "--json"]),
+            .args(["--kill-interval", "10s", "--inject", "all", "--json"])
+            .env("RAFTBLK_TOKEN", dev_token.trim()),
         Duration::from_secs(seconds + 180),
     );
     println!("{}", drill.describe());

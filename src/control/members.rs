@@ -662,6 +662,7 @@ mod tests {
             voters: voters.to_vec(),
             learners: Vec::new(),
             voters_outgoing: Vec::new(),
+            health_problem: None,
         }
     }
 
