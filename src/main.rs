@@ -253,6 +253,9 @@ struct ProxyArgs {
     /// Take volumes over even if another client has them attached (fences that client).
     #[arg(long)]
     force_attach: bool,
+    /// Bytes of block data the read cache may hold, e.g. 64M or 1G (0 disables it).
+    #[arg(long)]
+    cache_bytes: Option<String>,
     /// Once serving, write {"nbd","pid","client_id"} as JSON to this file.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -277,6 +280,10 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     }
     if args.force_attach {
         overrides.push(("proxy.force_attach", "true".to_string()));
+    }
+    if let Some(cache_bytes) = args.cache_bytes {
+        let bytes = parse_size_argument("--cache-bytes", &cache_bytes)?;
+        overrides.push(("proxy.cache_bytes", bytes.to_string()));
     }
     if let Some(format) = args.log_format {
         overrides.push(("log.format", format));
@@ -400,11 +407,11 @@ enum VolumeCommand {
 }
 
 /// Storage sizes are binary: 64M means 64 MiB, as in qemu-img and truncate.
-fn parse_size_argument(size: &str) -> anyhow::Result<u64> {
+fn parse_size_argument(flag: &str, size: &str) -> anyhow::Result<u64> {
     parse_size::Config::new()
         .with_binary()
         .parse_size(size)
-        .map_err(|error| anyhow::anyhow!("invalid --size '{size}': {error}"))
+        .map_err(|error| anyhow::anyhow!("invalid {flag} '{size}': {error}"))
 }
 
 fn run_server(args: ServerArgs) -> anyhow::Result<()> {
@@ -469,7 +476,7 @@ fn run_volume_command(command: VolumeCommand) -> anyhow::Result<()> {
         } => {
             let request = CreateVolumeRequest {
                 name,
-                size_bytes: parse_size_argument(&size)?,
+                size_bytes: parse_size_argument("--size", &size)?,
                 block_size_bytes: block_size,
             };
             let info = target.call(|client| client.create_volume(&request))?;
@@ -507,7 +514,7 @@ fn run_volume_command(command: VolumeCommand) -> anyhow::Result<()> {
             println!("deleted volume {name}");
         }
         VolumeCommand::Resize { name, size, target } => {
-            let size_bytes = parse_size_argument(&size)?;
+            let size_bytes = parse_size_argument("--size", &size)?;
             let info = target.call(|client| client.resize_volume(&name, size_bytes))?;
             println!(
                 "volume {} now has {} bytes; new NBD connections see the new size",

@@ -7,9 +7,11 @@
 //! - [`storage::StorageActor`]: applies committed entries to the images; checkpoints.
 //! - [`peer`]: the Raft peer transport (links to the other members, snapshot transfers).
 //! - [`supervisor`]: turns handler panics into restarts, counts them.
+//! - [`frame_writer`]: the coalescing socket writer of sessions and proxy upstreams.
 //!
 //! [`messages`] lists every message between them.
 
+pub mod frame_writer;
 pub mod listener;
 pub mod messages;
 pub mod peer;

@@ -147,6 +147,10 @@ pub struct RaftActor {
     /// Highest committed index handed to the storage actor.
     delivered_index: u64,
     pending_proposals: HashMap<u64, PendingProposal>,
+    /// Proposals received since the last Ready, stepped into raft-rs together (see
+    /// [`RaftActor::step_proposal_batch`]).
+    proposal_batch: Vec<(Bytes, ProposalResponder)>,
+    proposal_batch_bytes: usize,
     next_request_id: u64,
     /// Read barriers not yet sent as a ReadIndex request.
     read_batch: Vec<ReadBarrierResponder>,
@@ -183,6 +187,10 @@ pub struct RaftActor {
 /// A follower further behind the leader's last index than this is reported as lagging.
 const REPLICA_LAG_WARNING_ENTRIES: u64 = 1024;
 
+/// Bytes of proposals stepped into raft-rs as one `MsgPropose`; also raft-rs's
+/// `max_size_per_msg`, so one batch fits one append message.
+const PROPOSAL_BATCH_BYTES_MAX: usize = 1 << 20;
+
 /// Entries of appended-bytes history kept for compaction decisions.
 const APPENDED_BYTES_HISTORY_MAX: usize = 65536;
 
@@ -194,6 +202,8 @@ impl RaftActor {
             applied_index: 0,
             delivered_index: 0,
             pending_proposals: HashMap::new(),
+            proposal_batch: Vec::new(),
+            proposal_batch_bytes: 0,
             next_request_id: 0,
             read_batch: Vec::new(),
             reads_in_progress: HashMap::new(),
@@ -341,7 +351,7 @@ impl RaftActor {
             election_tick: self.params.config.election_ticks,
             heartbeat_tick: self.params.config.heartbeat_ticks,
             applied: applied_index,
-            max_size_per_msg: 1 << 20,
+            max_size_per_msg: PROPOSAL_BATCH_BYTES_MAX as u64,
             max_inflight_msgs: 256,
             // A committed Ready carries at most this many bytes of entries, bounding memory.
             max_committed_size_per_ready: 64 << 20,
@@ -401,52 +411,85 @@ impl RaftActor {
     }
 
     fn propose(&mut self, msg: Propose) {
-        if self.pending_proposals.len() >= self.params.config.proposals_pending_max {
+        if self.pending_proposals.len() + self.proposal_batch.len()
+            >= self.params.config.proposals_pending_max
+        {
             let _ = msg.responder.send(Err(ProposalError::Overloaded));
             return;
         }
+        self.proposal_batch_bytes += msg.command.len();
+        self.proposal_batch.push((msg.command, msg.responder));
+        if self.proposal_batch_bytes >= PROPOSAL_BATCH_BYTES_MAX {
+            self.step_proposal_batch();
+        }
+    }
+
+    /// Steps every batched proposal into raft-rs as ONE `MsgPropose`. raft-rs broadcasts an
+    /// append per `MsgPropose`, so proposing each write on its own sent every follower one
+    /// `MsgAppend` per write and got one response per write back; batched, a Ready's writes
+    /// travel in one message per follower (up to [`PROPOSAL_BATCH_BYTES_MAX`], the size of one
+    /// append message). The entry contexts carry the term at stepping time, the term raft-rs
+    /// appends them in.
+    fn step_proposal_batch(&mut self) {
+        self.proposal_batch_bytes = 0;
+        if self.proposal_batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.proposal_batch);
         let node = self.node();
         let term = node.raft.term;
         if node.raft.state != StateRole::Leader && node.raft.leader_id == 0 {
-            // No leader to forward to (an election is running): the caller retries.
-            let _ = msg.responder.send(Err(ProposalError::Dropped));
+            // No leader to forward to (an election is running): the callers retry.
+            for (_, responder) in batch {
+                let _ = responder.send(Err(ProposalError::Dropped));
+            }
             return;
         }
-        let proposal_id = self.take_request_id();
-        let context = ProposalContext {
-            node_id: self.params.node_id,
-            proposal_id,
-            term,
-        };
-        // Proposing through `step` lets the entry keep the caller's `Bytes` without a copy
-        // (`RawNode::propose` takes a `Vec` and would copy up to 32 MiB).
-        let entry = Entry {
-            data: msg.command,
-            context: context.encode(),
-            ..Default::default()
-        };
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut responders = Vec::with_capacity(batch.len());
+        for (command, responder) in batch {
+            let proposal_id = self.take_request_id();
+            let context = ProposalContext {
+                node_id: self.params.node_id,
+                proposal_id,
+                term,
+            };
+            // Proposing through `step` lets the entry keep the caller's `Bytes` without a
+            // copy (`RawNode::propose` takes a `Vec` and would copy up to 32 MiB).
+            entries.push(Entry {
+                data: command,
+                context: context.encode(),
+                ..Default::default()
+            });
+            responders.push((proposal_id, responder));
+        }
         let mut message = RaftMessage::default();
         message.set_msg_type(MessageType::MsgPropose);
         message.from = self.params.node_id;
-        message.set_entries(vec![entry].into());
-        let node = self.node();
-        match node.step(message) {
+        message.set_entries(entries.into());
+        let result = self.node().step(message);
+        match result {
             Ok(()) => {
-                self.pending_proposals.insert(
-                    proposal_id,
-                    PendingProposal {
-                        responder: msg.responder,
-                        proposed_at: Instant::now(),
-                        term,
-                    },
-                );
-            }
-            Err(raft::Error::ProposalDropped) => {
-                let _ = msg.responder.send(Err(ProposalError::Dropped));
+                let proposed_at = Instant::now();
+                for (proposal_id, responder) in responders {
+                    self.pending_proposals.insert(
+                        proposal_id,
+                        PendingProposal {
+                            responder,
+                            proposed_at,
+                            term,
+                        },
+                    );
+                }
             }
             Err(error) => {
-                slog::warn!(self.params.supervision.logger, "proposal rejected"; "error" => %error);
-                let _ = msg.responder.send(Err(ProposalError::Dropped));
+                if !matches!(error, raft::Error::ProposalDropped) {
+                    slog::warn!(self.params.supervision.logger, "proposal rejected";
+                        "error" => %error);
+                }
+                for (_, responder) in responders {
+                    let _ = responder.send(Err(ProposalError::Dropped));
+                }
             }
         }
     }
@@ -799,6 +842,7 @@ impl RaftActor {
     /// Drives one Ready through raft-rs's required order.
     fn process_ready(&mut self) {
         self.ready_scheduled = false;
+        self.step_proposal_batch();
         if !self.read_batch.is_empty() {
             let request_id = self.take_request_id();
             let batch = std::mem::take(&mut self.read_batch);
@@ -995,6 +1039,8 @@ impl actix::Supervised for RaftActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         // Callers holding responders see them dropped and retry against the new instance.
         self.pending_proposals.clear();
+        self.proposal_batch.clear();
+        self.proposal_batch_bytes = 0;
         self.read_batch.clear();
         self.reads_in_progress.clear();
         self.reads_waiting_for_apply.clear();
@@ -1209,7 +1255,7 @@ impl Handler<ReportSnapshot> for RaftActor {
 impl Handler<GetRaftStatus> for RaftActor {
     type Result = MessageResult<GetRaftStatus>;
     fn handle(&mut self, _: GetRaftStatus, _ctx: &mut Context<Self>) -> Self::Result {
-        let proposals_pending = self.pending_proposals.len();
+        let proposals_pending = self.pending_proposals.len() + self.proposal_batch.len();
         let applied_index = self.applied_index;
         let group_id = self.params.group_id;
         let node_id = self.params.node_id;

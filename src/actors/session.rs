@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::frame_writer::{write_frames, Frame};
 use super::raft::{propose_until, read_barrier_until, RaftActor, ReadGate};
 use super::supervisor::{run_guarded, Supervision};
 use crate::nbd::proto;
@@ -793,36 +794,20 @@ impl<B: SessionBackend> Handler<SendRaw> for NbdSessionActor<B> {
 /// Writes replies until every sender is gone, then shuts the socket down.
 async fn write_replies(
     write_half: OwnedWriteHalf,
-    mut replies: mpsc::UnboundedReceiver<OutgoingReply>,
+    replies: mpsc::UnboundedReceiver<OutgoingReply>,
     logger: slog::Logger,
 ) {
-    let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
-    while let Some(reply) = replies.recv().await {
-        let mut next = Some(reply);
-        // Coalesce every reply already waiting into one flush.
-        while let Some(reply) = next {
-            if let Err(error) = write_one(&mut writer, &reply).await {
-                slog::debug!(logger, "client connection broke while replying"; "error" => %error);
-                return;
-            }
-            drop(reply);
-            next = replies.try_recv().ok();
-        }
-        if let Err(error) = writer.flush().await {
-            slog::debug!(logger, "client connection broke while replying"; "error" => %error);
-            return;
-        }
+    if let Err(error) = write_frames(write_half, replies).await {
+        slog::debug!(logger, "client connection broke while replying"; "error" => %error);
     }
-    let _ = writer.shutdown().await;
 }
 
-async fn write_one(
-    writer: &mut BufWriter<OwnedWriteHalf>,
-    reply: &OutgoingReply,
-) -> std::io::Result<()> {
-    writer.write_all(&reply.header).await?;
-    if let Some(data) = &reply.data {
-        writer.write_all(data).await?;
+impl Frame for OutgoingReply {
+    fn head(&self) -> &[u8] {
+        &self.header
     }
-    Ok(())
+
+    fn body(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or_default()
+    }
 }

@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::discovery::{attach_once, AttachError, ClusterView};
+use crate::actors::frame_writer;
 use crate::nbd::client::{
     parse_simple_reply, ClientHandshake, ClientHandshakeStep, SIMPLE_REPLY_BYTES,
 };
@@ -451,7 +452,8 @@ fn start_connection(
     let (read_half, write_half) = stream.into_split();
     let (frames, frame_receiver) = mpsc::unbounded_channel();
     let read_lengths = Arc::new(Mutex::new(HashMap::new()));
-    actix_rt::spawn(write_frames(write_half, frame_receiver));
+    // A write error shows up on the read side too (EOF or reset), which reconnects.
+    actix_rt::spawn(frame_writer::write_frames(write_half, frame_receiver));
     let reader = actix_rt::spawn(read_replies(
         id,
         read_half,
@@ -468,23 +470,14 @@ fn start_connection(
     }
 }
 
-async fn write_frames(write_half: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Frame>) {
-    let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
-    while let Some(frame) = frames.recv().await {
-        let mut next = Some(frame);
-        while let Some(frame) = next {
-            if writer.write_all(&frame.header).await.is_err()
-                || writer.write_all(&frame.payload).await.is_err()
-            {
-                return;
-            }
-            next = frames.try_recv().ok();
-        }
-        if writer.flush().await.is_err() {
-            return;
-        }
+impl frame_writer::Frame for Frame {
+    fn head(&self) -> &[u8] {
+        &self.header
     }
-    let _ = writer.shutdown().await;
+
+    fn body(&self) -> &[u8] {
+        &self.payload
+    }
 }
 
 async fn read_replies(
