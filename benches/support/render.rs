@@ -158,8 +158,13 @@ impl Report<'_> {
     }
 
     /// A table with one row per `(label, values)` and one column per target.
-    fn values_table(&self, rows: &[(String, Vec<Result<f64, ()>>)], decimals: usize) -> Table {
-        let mut table = Table::new("", self.target_columns());
+    fn values_table(
+        &self,
+        first_column: &str,
+        rows: &[(String, Vec<Result<f64, ()>>)],
+        decimals: usize,
+    ) -> Table {
+        let mut table = Table::new(first_column, self.target_columns());
         for (label, values) in rows {
             table.row(label, values.iter().map(|value| number(value, decimals)));
         }
@@ -167,8 +172,8 @@ impl Report<'_> {
     }
 
     /// A table with one row per `(label, values)` and one column per comparison.
-    fn ratio_table(&self, rows: &[(String, Vec<Result<f64, ()>>)]) -> Table {
-        let mut table = Table::new("", self.comparison_columns());
+    fn ratio_table(&self, first_column: &str, rows: &[(String, Vec<Result<f64, ()>>)]) -> Table {
+        let mut table = Table::new(first_column, self.comparison_columns());
         for (label, values) in rows {
             table.row(
                 label,
@@ -308,11 +313,11 @@ impl Report<'_> {
             ("p99 latency (µs)", |m: &Measurement| m.latency_p99_us, 0),
         ] {
             let _ = writeln!(out, "### fio {title}\n");
-            self.values_table(&self.fio_rows(pick), decimals)
+            self.values_table("fio job", &self.fio_rows(pick), decimals)
                 .render(&mut out);
         }
         let _ = writeln!(out, "### fio ratios (IOPS)\n");
-        self.ratio_table(&self.fio_rows(|m| m.iops))
+        self.ratio_table("fio job", &self.fio_rows(|m| m.iops))
             .render(&mut out);
 
         let _ = writeln!(
@@ -321,14 +326,15 @@ impl Report<'_> {
              nbdfuse and a loop device (bare: a loop device on a local sparse file). dd copies \
              a {} MiB file of random bytes (in the page cache) with bs=1M and conv=fsync, then \
              reads it back with bs=1M after `sync; echo 3 > /proc/sys/vm/drop_caches`, once \
-             buffered and, after dropping the caches again, with iflag=direct. MB/s are 10^6 \
-             bytes per second of dd's own timing.\n",
+             buffered and, after dropping the caches again, with iflag=direct (raftblk \
+             proxy's read cache is not dropped, so raftblk 3x may read part of the file from \
+             it). MB/s are 10^6 bytes per second of dd's own timing.\n",
             settings.dd_bytes >> 20
         );
         let _ = writeln!(out, "### dd MB/s\n");
-        self.values_table(&self.dd_rows(), 1).render(&mut out);
+        self.values_table("dd", &self.dd_rows(), 1).render(&mut out);
         let _ = writeln!(out, "### dd ratios (MB/s)\n");
-        self.ratio_table(&self.dd_rows()).render(&mut out);
+        self.ratio_table("dd", &self.dd_rows()).render(&mut out);
 
         let pgbench = settings.pgbench;
         let _ = writeln!(
@@ -348,13 +354,13 @@ impl Report<'_> {
         let _ = writeln!(out, "### pgbench results\n");
         let rows = self.pgbench_rows();
         let decimals = [1, 1, 2];
-        let mut table = Table::new("", self.target_columns());
+        let mut table = Table::new("pgbench", self.target_columns());
         for ((label, values), decimals) in rows.iter().zip(decimals) {
             table.row(label, values.iter().map(|value| number(value, decimals)));
         }
         table.render(&mut out);
         let _ = writeln!(out, "### pgbench ratios (tps)\n");
-        self.ratio_table(&rows[1..2]).render(&mut out);
+        self.ratio_table("pgbench", &rows[1..2]).render(&mut out);
 
         let _ = writeln!(
             out,

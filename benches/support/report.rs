@@ -53,7 +53,9 @@ pub const TARGETS: &[Target] = &[
         key: "raftblk-3x-proxy",
         label: "raftblk 3x",
         description: "three `raftblk server` replicas on loopback (production tick timing) \
-             behind `raftblk proxy`; a write is acknowledged once fsync'd on a majority",
+             behind `raftblk proxy`; a write is acknowledged once fsync'd on a majority. The \
+             proxy keeps its own read cache (`cache_bytes`, 64 MiB by default), which \
+             dropping the kernel's page cache does not empty",
         is_raftblk: true,
     },
     Target {
@@ -261,14 +263,20 @@ fn check_interrupted() {
     );
 }
 
-/// Runs `step`, turning a panic (a failed command, a timeout, an interruption) into `Err` with
-/// the panic message. The step's guards have been dropped by then.
+/// Runs a workload step, unless a signal has interrupted the run, turning a panic (a failed
+/// command, a timeout, the interruption) into `Err` with the panic message. The step's guards
+/// have been dropped by then.
 fn attempt<T>(what: &str, step: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    attempt_cleanup(what, || {
         check_interrupted();
         step()
-    }))
-    .map_err(|payload| {
+    })
+}
+
+/// Like [`attempt`] but runs even after an interruption: for the orderly teardown, which
+/// should stop servers gracefully rather than leave it to the guards' kills.
+fn attempt_cleanup<T>(what: &str, step: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).map_err(|payload| {
         let message = payload
             .downcast_ref::<String>()
             .cloned()
@@ -550,7 +558,7 @@ fn run_target(
                 Err(error) => eprintln!("     pgbench FAILED: {error}"),
             }
             end_phase(&mut phase_seconds);
-            if let Err(error) = attempt("teardown", || volume.detach()) {
+            if let Err(error) = attempt_cleanup("teardown", || volume.detach()) {
                 eprintln!("   teardown FAILED: {error}");
             }
             (dd, pgbench)
@@ -562,7 +570,7 @@ fn run_target(
         }
     };
     // Stopping the servers is part of the teardown phase.
-    if let Err(error) = attempt("stop", || backend.stop()) {
+    if let Err(error) = attempt_cleanup("stop", || backend.stop()) {
         eprintln!("   stopping FAILED: {error}");
     }
     end_phase(&mut phase_seconds);
