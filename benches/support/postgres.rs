@@ -141,7 +141,7 @@ impl Postgres {
         )
         .expect("append to postgresql.conf");
         drop(configuration);
-        let mut postgres = Postgres {
+        let postgres = Postgres {
             binaries,
             data_directory: data_directory.to_owned(),
             socket_directory: socket_directory.to_owned(),
@@ -159,7 +159,8 @@ impl Postgres {
             STEP_TIMEOUT,
         );
         if !start.status.success() {
-            postgres.running = false;
+            // `postgres` stays marked running: a server that is slow to start may still come
+            // up, and its drop stops it (or finds nothing to stop).
             panic!(
                 "pg_ctl start failed\n{}\n--- server log ---\n{}",
                 start.describe(),
