@@ -387,7 +387,7 @@ fn warm_page_cache(path: &Path) {
 
 /// Runs `dd ARGS` (C locale) and returns MB/s (10^6 bytes per second) from its summary line,
 /// "N bytes (…) copied, S s, …".
-fn dd(arguments: &[String]) -> Result<f64, String> {
+fn dd(arguments: &[&str]) -> Result<f64, String> {
     let result = attempt("dd", || {
         run_command(
             Command::new("dd").args(arguments).env("LC_ALL", "C"),
@@ -426,27 +426,12 @@ fn run_dd_steps(mount_directory: &Path, source: &Path) -> Vec<Result<f64, String
     let source_argument = format!("if={}", source.display());
     let file_in = format!("if={}", file.display());
     let file_out = format!("of={}", file.display());
-    let arguments = |list: &[&str]| {
-        list.iter()
-            .map(|item| (*item).to_owned())
-            .collect::<Vec<_>>()
-    };
     warm_page_cache(source);
-    let write = dd(&arguments(&[
-        &source_argument,
-        &file_out,
-        "bs=1M",
-        "conv=fsync",
-    ]));
+    let write = dd(&[&source_argument, &file_out, "bs=1M", "conv=fsync"]);
     drop_caches();
-    let read_buffered = dd(&arguments(&[&file_in, "of=/dev/null", "bs=1M"]));
+    let read_buffered = dd(&[&file_in, "of=/dev/null", "bs=1M"]);
     drop_caches();
-    let read_direct = dd(&arguments(&[
-        &file_in,
-        "of=/dev/null",
-        "bs=1M",
-        "iflag=direct",
-    ]));
+    let read_direct = dd(&[&file_in, "of=/dev/null", "bs=1M", "iflag=direct"]);
     let _ = fs::remove_file(&file);
     vec![write, read_buffered, read_direct]
 }
