@@ -8,10 +8,11 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::mount::MountedVolume;
 use common::*;
 use serde_json::Value;
 
@@ -451,137 +452,6 @@ fn nbdinfo_map_shows_holes_after_trim_and_zero() {
     );
 }
 
-/// nbdfuse exposing an export as a file, a loop device on it, and a mount. Teardown runs in
-/// order (umount, detach loop, fusermount3 -u, wait for nbdfuse); if the test fails half way,
-/// `Drop` tears down whatever exists with lazy unmounts and kills.
-struct MountedVolume {
-    fuse_directory: PathBuf,
-    mount_directory: PathBuf,
-    nbdfuse: Option<BackgroundProcess>,
-    loop_device: Option<String>,
-    mounted: bool,
-}
-
-impl MountedVolume {
-    /// Exposes `uri` through nbdfuse and attaches a loop device (not yet mounted).
-    fn attach(uri: &str, workspace: &Path, tag: &str) -> Self {
-        let fuse_directory = workspace.join(format!("fuse-{tag}"));
-        let mount_directory = workspace.join(format!("mnt-{tag}"));
-        fs::create_dir_all(&fuse_directory).expect("create fuse directory");
-        fs::create_dir_all(&mount_directory).expect("create mount directory");
-        let pid_file = workspace.join(format!("nbdfuse-{tag}.pid"));
-        let mut volume = MountedVolume {
-            fuse_directory: fuse_directory.clone(),
-            mount_directory,
-            nbdfuse: None,
-            loop_device: None,
-            mounted: false,
-        };
-        let nbdfuse = BackgroundProcess::spawn(
-            Command::new("nbdfuse")
-                .arg("-P")
-                .arg(&pid_file)
-                .arg(fuse_directory.join("disk"))
-                .arg(uri),
-            &workspace.join(format!("nbdfuse-{tag}.log")),
-        );
-        volume.nbdfuse = Some(nbdfuse);
-        // nbdfuse writes its pid file once it serves (man nbdfuse, --pidfile).
-        wait_until("nbdfuse to write its pid file", SHORT, || {
-            if let Some(nbdfuse) = volume.nbdfuse.as_mut() {
-                nbdfuse.assert_running();
-            }
-            fs::metadata(&pid_file)
-                .map(|m| m.len() > 0)
-                .unwrap_or(false)
-        });
-        let disk_file = fuse_directory.join("disk");
-        assert_eq!(
-            fs::metadata(&disk_file).expect("nbdfuse's disk file").len(),
-            DEFAULT_EXPORT_SIZE_BYTES,
-            "the nbdfuse file must have the export's size"
-        );
-        let losetup = run_ok(
-            "losetup",
-            &["-f".as_ref(), "--show".as_ref(), disk_file.as_os_str()],
-            SHORT,
-        );
-        let device = losetup.stdout_text().trim().to_owned();
-        assert!(
-            device.starts_with("/dev/loop"),
-            "losetup printed no device\n{}",
-            losetup.describe()
-        );
-        volume.loop_device = Some(device);
-        volume
-    }
-
-    fn device(&self) -> &str {
-        self.loop_device.as_deref().expect("loop device attached")
-    }
-
-    fn mount(&mut self) {
-        run_ok(
-            "mount",
-            &[self.device().as_ref(), self.mount_directory.as_os_str()],
-            SHORT,
-        );
-        self.mounted = true;
-    }
-
-    /// Orderly teardown; asserts each step succeeds.
-    fn detach(mut self) {
-        if self.mounted {
-            run_ok("umount", &[self.mount_directory.as_os_str()], SHORT);
-            self.mounted = false;
-        }
-        if let Some(device) = self.loop_device.take() {
-            run_ok("losetup", &["-d", device.as_str()], SHORT);
-        }
-        run_ok(
-            "fusermount3",
-            &["-u".as_ref(), self.fuse_directory.as_os_str()],
-            SHORT,
-        );
-        if let Some(mut nbdfuse) = self.nbdfuse.take() {
-            let status = nbdfuse.wait_for_exit(SHORT);
-            assert!(
-                status.is_some(),
-                "nbdfuse did not exit after fusermount3 -u\n{}",
-                nbdfuse.log_text()
-            );
-        }
-    }
-}
-
-impl Drop for MountedVolume {
-    fn drop(&mut self) {
-        // Only reached with something still attached when a test failed half way: undo it
-        // all, never blocking for long, and ignore errors (the failure is already reported).
-        let quick = Duration::from_secs(20);
-        if self.mounted {
-            let _ = run_command(
-                Command::new("umount").arg("-l").arg(&self.mount_directory),
-                quick,
-            );
-        }
-        if let Some(device) = self.loop_device.take() {
-            let _ = run_command(Command::new("losetup").args(["-d", device.as_str()]), quick);
-        }
-        if self.nbdfuse.is_some() {
-            let _ = run_command(
-                Command::new("fusermount3")
-                    .arg("-u")
-                    .arg("-z")
-                    .arg(&self.fuse_directory),
-                quick,
-            );
-        }
-        // BackgroundProcess::drop kills nbdfuse if it is still there.
-        self.nbdfuse.take();
-    }
-}
-
 /// `sha256sum` of every file under `directory`, as sorted "hash  relative-path" lines.
 fn checksums(directory: &Path) -> Vec<String> {
     let result = run_command(
@@ -641,8 +511,13 @@ fn ext4_on_nbdfuse_loop_device_survives_server_restart() {
     let expected = checksums(&source);
     assert_eq!(expected.len(), files.len(), "checksums of all source files");
 
-    let mut volume = MountedVolume::attach(&server.uri(DEFAULT_EXPORT_NAME), &workspace, "first");
-    run_ok("mkfs.ext4", &["-q", "-F", volume.device()], LONG);
+    let mut volume = MountedVolume::attach_nbd(
+        &server.uri(DEFAULT_EXPORT_NAME),
+        &workspace,
+        "first",
+        DEFAULT_EXPORT_SIZE_BYTES,
+    );
+    volume.make_ext4();
     volume.mount();
     run_ok(
         "cp",
@@ -664,7 +539,12 @@ fn ext4_on_nbdfuse_loop_device_survives_server_restart() {
     server.terminate_cleanly();
     server.restart();
 
-    let mut volume = MountedVolume::attach(&server.uri(DEFAULT_EXPORT_NAME), &workspace, "second");
+    let mut volume = MountedVolume::attach_nbd(
+        &server.uri(DEFAULT_EXPORT_NAME),
+        &workspace,
+        "second",
+        DEFAULT_EXPORT_SIZE_BYTES,
+    );
     let fsck = run_command(
         Command::new("e2fsck").args(["-f", "-n", volume.device()]),
         LONG,

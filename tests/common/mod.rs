@@ -11,7 +11,8 @@
 //! - [`SplitMix64`]: a seeded generator so every random test prints a seed that replays it.
 //! - [`cluster`]: several servers forming one Raft group, and the client-side proxy;
 //!   [`relay`]: the fault-injecting TCP relay between them; [`verified`]: a write load whose
-//!   every acknowledged write can be checked after crashes.
+//!   every acknowledged write can be checked after crashes; [`mount`]: ext4 on an export
+//!   through nbdfuse and a loop device.
 //!
 //! Invariant: nothing here sleeps and hopes; every wait polls a condition against a deadline
 //! and fails with a message that says what it waited for.
@@ -20,6 +21,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod mount;
 pub mod relay;
 pub mod verified;
 
