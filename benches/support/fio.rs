@@ -50,7 +50,7 @@ pub enum FioTarget<'a> {
 
 /// The comparison's jobs in run order: the write jobs over the whole volume, then a sequential
 /// fill of the first `read_region_bytes` so the read jobs, which stay inside it, read data
-/// rather than holes.
+/// rather than holes, and one read pass over it.
 pub fn standard_jobs(volume_size_bytes: u64, read_region_bytes: u64) -> Vec<Job> {
     let volume = format!("--size={volume_size_bytes}");
     let region = format!("--size={read_region_bytes}");
@@ -100,6 +100,15 @@ pub fn standard_jobs(volume_size_bytes: u64, read_region_bytes: u64) -> Vec<Job>
             &["--rw=write", "--bs=1m", "--iodepth=8", "--refill_buffers=1"],
             &region,
             Write,
+            false,
+        ),
+        // One pass over the region, so the random reads measure caches that hold it (the
+        // proxy's read cache, the servers' page cache) rather than how fast they warm up.
+        job(
+            "warm the read region",
+            &["--rw=read", "--bs=1m", "--iodepth=8"],
+            &region,
+            Read,
             false,
         ),
         job(

@@ -95,7 +95,10 @@ pub fn start_peer(name: &str, directory: &Path) -> Peer {
                 "30000",
             );
             let cluster = Cluster::start(options);
-            let proxy = ProxyProcess::start(&cluster, "bench", &[]);
+            // A read cache that holds the fio read region (256 MiB): the 4k random read jobs
+            // measure cache hits, as the proxy serves a working set that fits its cache.
+            let proxy =
+                ProxyProcess::start(&cluster, "bench", &["--cache-bytes", PROXY_CACHE_SIZE]);
             Peer::Replicated(Box::new((proxy, cluster)))
         }
         "qemu-nbd" => start_qemu_nbd(directory, "writethrough"),
@@ -117,6 +120,10 @@ pub fn start_peer(name: &str, directory: &Path) -> Peer {
         other => panic!("unknown peer {other}; known: {PEER_NAMES:?}"),
     }
 }
+
+/// The read cache of the benchmarked proxy (`raftblk proxy --cache-bytes`; the default is
+/// 64 MiB).
+pub const PROXY_CACHE_SIZE: &str = "512M";
 
 /// `qemu-nbd -t -e 16 --cache=MODE`: `-t` keeps serving after a client disconnects, `-e 16`
 /// lets several clients (nbdfuse opens more than one connection) in at once.

@@ -54,8 +54,8 @@ pub const TARGETS: &[Target] = &[
         label: "raftblk 3x",
         description: "three `raftblk server` replicas on loopback (production tick timing) \
              behind `raftblk proxy`; a write is acknowledged once fsync'd on a majority. The \
-             proxy keeps its own read cache (`cache_bytes`, 64 MiB by default), which \
-             dropping the kernel's page cache does not empty",
+             proxy keeps its own read cache (here `--cache-bytes 512M`, 64 MiB by default), \
+             which dropping the kernel's page cache does not empty",
         is_raftblk: true,
     },
     Target {
