@@ -532,6 +532,18 @@ impl ProxyConfig {
                 "must be at most 255 printable characters",
             ));
         }
+        if let Some(memory_bytes) = physical_memory_bytes() {
+            if self.cache_bytes > memory_bytes / 2 {
+                return Err(invalid(
+                    "proxy.cache_bytes",
+                    format!(
+                        "{} bytes is more than half of this machine's {memory_bytes} bytes of \
+                         memory; the cache would push the client's own pages out",
+                        self.cache_bytes
+                    ),
+                ));
+            }
+        }
         if self.cache_block_size_bytes < 512
             || self.cache_block_size_bytes > 65536
             || !self.cache_block_size_bytes.is_power_of_two()
@@ -578,6 +590,21 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+/// This machine's physical memory, or `None` if the system does not say.
+fn physical_memory_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page_bytes) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page_bytes <= 0 {
+        return None;
+    }
+    (pages as u64).checked_mul(page_bytes as u64)
 }
 
 #[cfg(test)]
@@ -637,6 +664,11 @@ mod tests {
         assert!(error.to_string().contains("proxy.servers"), "{error}");
         bad.servers = vec!["127.0.0.1:10810=127.0.0.1:10809".to_string()];
         assert!(bad.validate().is_ok());
+        bad.cache_bytes = physical_memory_bytes().expect("Linux reports its memory");
+        let error = bad
+            .validate()
+            .expect_err("a cache as large as the machine's memory is refused");
+        assert!(error.to_string().contains("proxy.cache_bytes"), "{error}");
         let error = Config::load(None, &[("proxy.request_deadline_ms", "10".to_string())])
             .expect_err("a deadline shorter than one reply timeout is refused");
         assert!(
