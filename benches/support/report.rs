@@ -22,7 +22,7 @@
 //! the run goes on with the next one.
 
 use std::fs;
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::mount::MountedVolume;
-use crate::common::{require_tools, run_command, run_ok, SplitMix64, MIB, SYSTEM_PYTHON};
+use crate::common::{
+    require_tools, run_command, run_ok, write_random_file, SplitMix64, MIB, SYSTEM_PYTHON,
+};
 use crate::support::fio::{run_job, standard_jobs, FioTarget, Measurement};
 use crate::support::peers::{sparse_image, start_peer, Peer, VOLUME_SIZE_BYTES};
 use crate::support::postgres::{PgbenchMeasurement, PgbenchSettings, Postgres};
@@ -361,18 +363,6 @@ fn drop_caches() {
         .unwrap_or_else(|error| panic!("echo 3 > /proc/sys/vm/drop_caches: {error} (needs root)"));
 }
 
-/// A file of `bytes` random bytes (random so no layer can shortcut zeros).
-fn write_random_file(path: &Path, bytes: u64) {
-    let mut random = SplitMix64::new(0x00dd_5eed);
-    let mut file = fs::File::create(path).expect("create the dd source file");
-    let mut written = 0;
-    while written < bytes {
-        let chunk = random.bytes(MIB.min(bytes - written) as usize);
-        file.write_all(&chunk).expect("write the dd source file");
-        written += chunk.len() as u64;
-    }
-}
-
 /// Reads `path` once so the dd write reads its source from memory, not from the disk it is
 /// also writing to.
 fn warm_page_cache(path: &Path) {
@@ -616,7 +606,12 @@ pub fn run(options: &Options) -> Outcome {
         .expect("create the report's working directory");
     make_traversable(workspace.path());
     let dd_source = workspace.path().join("dd-source.bin");
-    write_random_file(&dd_source, options.settings.dd_bytes);
+    // Random so that no layer can shortcut zeros; seeded so every run copies the same bytes.
+    write_random_file(
+        &dd_source,
+        options.settings.dd_bytes,
+        &mut SplitMix64::new(0x00dd_5eed),
+    );
 
     let fio_labels: Vec<&str> =
         standard_jobs(VOLUME_SIZE_BYTES, options.settings.read_region_bytes)

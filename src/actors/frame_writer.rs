@@ -32,18 +32,18 @@ pub async fn write_frames<W: AsyncWrite + Unpin, F: Frame>(
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, socket);
     while let Some(first) = frames.recv().await {
         let mut next = Some(first);
-        loop {
-            while let Some(frame) = next.take() {
-                writer.write_all(frame.head()).await?;
-                writer.write_all(frame.body()).await?;
-                drop(frame);
-                next = frames.try_recv().ok();
-            }
-            tokio::task::yield_now().await;
-            next = frames.try_recv().ok();
-            if next.is_none() {
-                break;
-            }
+        while let Some(frame) = next {
+            writer.write_all(frame.head()).await?;
+            writer.write_all(frame.body()).await?;
+            drop(frame);
+            next = match frames.try_recv() {
+                Ok(frame) => Some(frame),
+                // The queue looks empty: one scheduler pass for the rest of the burst.
+                Err(_) => {
+                    tokio::task::yield_now().await;
+                    frames.try_recv().ok()
+                }
+            };
         }
         writer.flush().await?;
     }
