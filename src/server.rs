@@ -226,7 +226,6 @@ pub async fn run_server(
     );
     storage.do_send(ConnectRaft(raft.clone()));
 
-    let peer_arbiter = Arbiter::new();
     let mut peer_address = None;
     if clustered {
         let peer_listener = std::net::TcpListener::bind(config.peer.listen)
@@ -244,7 +243,9 @@ pub async fn run_server(
             snapshots,
             supervision: peer_supervision,
         };
-        peer_arbiter.spawn(async move {
+        // On the Raft actor's thread: a message read from a peer is stepped, and a message
+        // Raft sends is written, without waking another thread.
+        raft_arbiter.spawn(async move {
             match tokio::net::TcpListener::from_std(peer_listener) {
                 Ok(listener) => start_peer_transport(listener, peer_links, context),
                 Err(error) => slog::crit!(context.supervision.logger,
@@ -357,10 +358,8 @@ pub async fn run_server(
         Err(error) => slog::warn!(logger, "final checkpoint failed"; "error" => %error),
     }
     // Stop the actors (they hold RocksDB handles) before the database is dropped here.
-    peer_arbiter.stop();
     raft_arbiter.stop();
     storage_arbiter.stop();
-    let _ = peer_arbiter.join();
     let _ = raft_arbiter.join();
     let _ = storage_arbiter.join();
     drop(raft);

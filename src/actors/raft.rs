@@ -840,7 +840,7 @@ impl RaftActor {
     }
 
     /// Drives one Ready through raft-rs's required order.
-    fn process_ready(&mut self) {
+    fn process_ready(&mut self, ctx: &mut Context<Self>) {
         self.ready_scheduled = false;
         self.step_proposal_batch();
         if !self.read_batch.is_empty() {
@@ -854,7 +854,8 @@ impl RaftActor {
             return;
         }
         let mut ready = self.node().ready();
-        if !ready.messages().is_empty() {
+        let sent_before_persisting = !ready.messages().is_empty();
+        if sent_before_persisting {
             let messages = ready.take_messages();
             self.send_messages(messages);
         }
@@ -866,6 +867,23 @@ impl RaftActor {
         self.deliver_committed(committed);
         let read_states = ready.take_read_states();
         self.handle_read_states(read_states);
+        if sent_before_persisting && (!ready.entries().is_empty() || ready.hs().is_some()) {
+            // The peer links run on this thread. Let them write the leader's appends to their
+            // sockets before this thread blocks in the fsync, so that the followers persist in
+            // parallel with the leader. `wait` holds back every other message meanwhile:
+            // nothing is stepped between this Ready and its advance.
+            ctx.wait(tokio::task::yield_now().into_actor(self).map(
+                move |(), actor, ctx| {
+                    actor.guarded(ctx, move |actor, _| actor.persist_and_advance(ready));
+                },
+            ));
+        } else {
+            self.persist_and_advance(ready);
+        }
+    }
+
+    /// The rest of a Ready, from persisting its entries and hard state on.
+    fn persist_and_advance(&mut self, mut ready: raft::Ready) {
         // The one synced write of this Ready: every entry and the hard state in one batch.
         // Nothing is acknowledged before this returns, because entries commit only once
         // persisted on a majority.
@@ -1065,11 +1083,11 @@ struct Tick;
 impl Handler<ProcessReady> for RaftActor {
     type Result = ();
     fn handle(&mut self, _: ProcessReady, ctx: &mut Context<Self>) {
-        self.guarded(ctx, |actor, _| {
+        self.guarded(ctx, |actor, ctx| {
             fail::fail_point!("raft_actor_ready", |_| {
                 panic!("failpoint raft_actor_ready");
             });
-            actor.process_ready()
+            actor.process_ready(ctx)
         });
     }
 }

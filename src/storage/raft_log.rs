@@ -353,8 +353,15 @@ impl RaftLogStore {
         }
 
         // fsync (when `sync`): raft-rs may acknowledge these entries and this vote to peers as
-        // soon as we return, so they must survive a power loss.
-        db.write_opt(batch, &write_options(sync))?;
+        // soon as we return, so they must survive a power loss. The batch is written unsynced
+        // and the WAL then synced with `SyncWAL`, which runs outside RocksDB's write queue: a
+        // synced write would hold that queue through its fdatasync, and every write of the
+        // storage actor (an applied batch's checksums) would wait behind it. The sync covers
+        // everything written to the WAL before it, this batch included.
+        db.write_opt(batch, &write_options(false))?;
+        if sync {
+            db.flush_wal(true)?;
+        }
 
         if let Some(hard_state) = hard_state {
             state.hard_state = hard_state.clone();
