@@ -169,6 +169,8 @@ pub async fn run_server(
     };
     let registry = VolumeRegistry::default();
     let applied_index = Arc::new(AtomicU64::new(0));
+    // Nothing waits for an applied index until the Raft actor says so.
+    let applied_wanted = Arc::new(AtomicU64::new(u64::MAX));
     // Snapshots for lagging followers are taken at the applied index.
     log_store.set_applied_index_source(applied_index.clone());
 
@@ -181,6 +183,7 @@ pub async fn run_server(
         log_store: log_store.clone(),
         registry: registry.clone(),
         applied_index: applied_index.clone(),
+        applied_wanted: applied_wanted.clone(),
         supervision: supervision(ActorKind::Storage),
     };
     let storage = SupervisedActor::start_in_arbiter(
@@ -214,6 +217,7 @@ pub async fn run_server(
         log_store: log_store.clone(),
         storage: storage.clone(),
         applied_index: applied_index.clone(),
+        applied_wanted,
         read_gate: read_gate.clone(),
         supervision: supervision(ActorKind::Raft),
         network: network.clone(),

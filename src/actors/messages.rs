@@ -102,7 +102,8 @@ pub struct ApplyCommitted {
 }
 
 /// Storage actor → Raft actor: every committed entry up to `index` has been applied to the
-/// images (not necessarily fsync'd yet), so reads may see it.
+/// images (not necessarily fsync'd yet), so reads may see it. Sent only once `index` reaches
+/// the Raft actor's `applied_wanted`; otherwise the Raft actor reads the published index.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AppliedUpTo {

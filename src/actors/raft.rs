@@ -1,12 +1,14 @@
 //! `RaftActor`: owns the raft-rs `RawNode` of one Raft group and drives it. It turns proposals
-//! into log entries, persists each `Ready` with one synced RocksDB write (group commit), hands
+//! into log entries, persists each `Ready` with one RocksDB write and one WAL sync (group commit), hands
 //! committed entries to the `StorageActor`, and answers read barriers (ReadIndex) once the
 //! storage actor has applied far enough.
 //!
 //! Ready handling follows raft-rs's required order exactly: send leader messages, apply a
 //! snapshot, hand over committed entries, persist entries and hard state, send persisted
 //! messages, advance, then handle the light ready. Entries are applied asynchronously by the
-//! storage actor; `advance_apply_to` is called when it reports back (`AppliedUpTo`).
+//! storage actor, which publishes its applied index in an atomic; this actor takes it up at
+//! every Ready and tick (`advance_apply_to`), and asks for an `AppliedUpTo` wake-up only while
+//! a read barrier or the read gate waits for an index (`applied_wanted`).
 //!
 //! Group commit: a proposal handler only queues the proposal and schedules one `ProcessReady`;
 //! actix runs every message already in the mailbox before that notification, so all proposals
@@ -61,8 +63,14 @@ pub struct RaftActorParams {
     pub request_timeout: Duration,
     pub log_store: RaftLogStore,
     pub storage: Addr<StorageActor>,
-    /// Index the storage actor has applied (in memory), published by it.
+    /// Index the storage actor has applied (in memory), published by it. This actor takes it
+    /// up at every Ready and tick; the storage actor sends `AppliedUpTo` only once it reaches
+    /// `applied_wanted`.
     pub applied_index: Arc<AtomicU64>,
+    /// Published by this actor: the lowest applied index something waits for (a read
+    /// barrier, the read gate), `u64::MAX` when nothing does. Waking this thread once per
+    /// applied batch cost every node a context switch per write.
+    pub applied_wanted: Arc<AtomicU64>,
     /// Published by this actor: whether reads may skip the ReadIndex round (see `ReadGate`).
     pub read_gate: ReadGate,
     pub supervision: Supervision,
@@ -698,30 +706,57 @@ impl RaftActor {
         self.release_reads();
     }
 
-    fn open_read_gate_if_applied(&mut self) {
-        if let Some(index) = self.read_gate_opens_at {
-            if self.applied_index >= index {
-                self.read_gate_opens_at = None;
-                self.params.read_gate.set_sole_voter_leader(true);
-            }
+    /// Takes up the applied index the storage actor published. Only between Readys: raft-rs
+    /// learns it through `advance_apply_to`.
+    fn sync_applied(&mut self) {
+        let published = self.params.applied_index.load(Ordering::SeqCst);
+        if published > self.applied_index {
+            self.applied_index = published;
+            self.node().advance_apply_to(published);
         }
+        self.release_reads();
     }
 
-    /// Answers every read barrier whose read index has been applied.
+    /// Answers every read barrier whose read index has been applied, and publishes the index
+    /// the rest wait for.
     fn release_reads(&mut self) {
-        self.open_read_gate_if_applied();
-        let applied_index = self.applied_index;
-        self.reads_waiting_for_apply
-            .retain_mut(|(index, responders)| {
-                if *index <= applied_index {
-                    for responder in responders.drain(..) {
-                        let _ = responder.send(Ok(()));
-                    }
-                    false
-                } else {
-                    true
+        loop {
+            // Reads compare with the published index, which may run ahead of what raft-rs has
+            // been told (`sync_applied`).
+            let applied_index = self
+                .applied_index
+                .max(self.params.applied_index.load(Ordering::SeqCst));
+            if let Some(index) = self.read_gate_opens_at {
+                if applied_index >= index {
+                    self.read_gate_opens_at = None;
+                    self.params.read_gate.set_sole_voter_leader(true);
                 }
-            });
+            }
+            self.reads_waiting_for_apply
+                .retain_mut(|(index, responders)| {
+                    if *index <= applied_index {
+                        for responder in responders.drain(..) {
+                            let _ = responder.send(Ok(()));
+                        }
+                        false
+                    } else {
+                        true
+                    }
+                });
+            let wanted = self
+                .reads_waiting_for_apply
+                .iter()
+                .map(|(index, _)| *index)
+                .chain(self.read_gate_opens_at)
+                .min()
+                .unwrap_or(u64::MAX);
+            self.params.applied_wanted.store(wanted, Ordering::SeqCst);
+            // The storage actor may have passed `wanted` before it could see it: look again
+            // (both sides store, then load, sequentially consistent).
+            if wanted == u64::MAX || self.params.applied_index.load(Ordering::SeqCst) < wanted {
+                return;
+            }
+        }
     }
 
     fn send_messages(&mut self, messages: Vec<RaftMessage>) {
@@ -847,6 +882,7 @@ impl RaftActor {
     /// Drives one Ready through raft-rs's required order.
     fn process_ready(&mut self, ctx: &mut Context<Self>) {
         self.ready_scheduled = false;
+        self.sync_applied();
         self.step_proposal_batch();
         if !self.read_batch.is_empty() {
             let request_id = self.take_request_id();
@@ -877,11 +913,13 @@ impl RaftActor {
             // sockets before this thread blocks in the fsync, so that the followers persist in
             // parallel with the leader. `wait` holds back every other message meanwhile:
             // nothing is stepped between this Ready and its advance.
-            ctx.wait(tokio::task::yield_now().into_actor(self).map(
-                move |(), actor, ctx| {
-                    actor.guarded(ctx, move |actor, _| actor.persist_and_advance(ready));
-                },
-            ));
+            ctx.wait(
+                tokio::task::yield_now()
+                    .into_actor(self)
+                    .map(move |(), actor, ctx| {
+                        actor.guarded(ctx, move |actor, _| actor.persist_and_advance(ready));
+                    }),
+            );
         } else {
             self.persist_and_advance(ready);
         }
@@ -986,7 +1024,7 @@ impl RaftActor {
             self.read_gate_opens_at = None;
             self.params.read_gate.set_sole_voter_leader(false);
         }
-        self.open_read_gate_if_applied();
+        self.release_reads();
         let node = self.node();
         let leader_id = node.raft.leader_id;
         let term = node.raft.term;
@@ -1102,6 +1140,7 @@ impl Handler<Tick> for RaftActor {
     fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
             actor.node().tick();
+            actor.sync_applied();
             actor.observe_cluster();
             actor.expire_waiters();
             actor.schedule_ready(ctx);
@@ -1139,6 +1178,8 @@ impl Handler<ProposeConfChange> for RaftActor {
     type Result = ();
     fn handle(&mut self, msg: ProposeConfChange, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
+            // raft-rs admits one conf change at a time, judged by its applied index.
+            actor.sync_applied();
             actor.propose_conf_change(msg);
             actor.schedule_ready(ctx);
         });
@@ -1171,15 +1212,10 @@ impl Handler<TransferLeader> for RaftActor {
 
 impl Handler<AppliedUpTo> for RaftActor {
     type Result = ();
-    fn handle(&mut self, msg: AppliedUpTo, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: AppliedUpTo, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
-            if msg.index <= actor.applied_index {
-                return;
-            }
-            actor.applied_index = msg.index;
-            actor.node().advance_apply_to(msg.index);
-            actor.release_reads();
-            // Applying may let raft-rs release more committed entries.
+            // The published index is at least the message's.
+            actor.sync_applied();
             actor.schedule_ready(ctx);
         });
     }
@@ -1278,6 +1314,9 @@ impl Handler<ReportSnapshot> for RaftActor {
 impl Handler<GetRaftStatus> for RaftActor {
     type Result = MessageResult<GetRaftStatus>;
     fn handle(&mut self, _: GetRaftStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.node.is_some() {
+            self.sync_applied();
+        }
         let proposals_pending = self.pending_proposals.len() + self.proposal_batch.len();
         let applied_index = self.applied_index;
         let group_id = self.params.group_id;

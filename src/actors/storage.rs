@@ -74,8 +74,11 @@ pub struct StorageActorParams {
     pub config: StorageConfig,
     pub log_store: RaftLogStore,
     pub registry: VolumeRegistry,
-    /// Published applied index: read by the Raft actor when it (re)builds its node.
+    /// Published applied index: read by the Raft actor at every Ready and tick, and when it
+    /// (re)builds its node.
     pub applied_index: Arc<AtomicU64>,
+    /// The Raft actor wants `AppliedUpTo` once the applied index reaches this.
+    pub applied_wanted: Arc<AtomicU64>,
     pub supervision: Supervision,
 }
 
@@ -237,11 +240,13 @@ impl StorageActor {
         let applied_index = self.machine().applied_index();
         self.params
             .applied_index
-            .store(applied_index, Ordering::Release);
-        if let Some(raft) = &self.raft {
-            raft.do_send(AppliedUpTo {
-                index: applied_index,
-            });
+            .store(applied_index, Ordering::SeqCst);
+        if applied_index >= self.params.applied_wanted.load(Ordering::SeqCst) {
+            if let Some(raft) = &self.raft {
+                raft.do_send(AppliedUpTo {
+                    index: applied_index,
+                });
+            }
         }
         self.bytes_since_checkpoint += applied_bytes;
         if self.bytes_since_checkpoint >= self.params.config.checkpoint_bytes {
