@@ -980,7 +980,8 @@ impl Simulation {
     }
 
     /// Applies a random prefix of the apply queue, checks each outcome against the model, and
-    /// reports the applied index to raft-rs (the storage actor's `AppliedUpTo`).
+    /// reports the applied index to raft-rs (what `RaftActor::sync_applied` does with the
+    /// index the storage actor publishes).
     fn apply_some(&mut self, index: usize) -> Checked<()> {
         let node_id = self.nodes[index].id;
         let Some(live) = self.nodes[index].live.as_mut() else {

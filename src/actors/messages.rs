@@ -101,14 +101,12 @@ pub struct ApplyCommitted {
     pub responders: Vec<(u64, ProposalResponder)>,
 }
 
-/// Storage actor → Raft actor: every committed entry up to `index` has been applied to the
-/// images (not necessarily fsync'd yet), so reads may see it. Sent only once `index` reaches
-/// the Raft actor's `applied_wanted`; otherwise the Raft actor reads the published index.
+/// Storage actor → Raft actor: the published applied index (the shared atomic) has reached the
+/// Raft actor's `applied_wanted`, so a waiting read may go on. Without a waiter the Raft actor
+/// reads the published index at its next Ready or tick and nothing is sent.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AppliedUpTo {
-    pub index: u64,
-}
+pub struct AppliedUpTo;
 
 /// Storage actor → Raft actor: the images are fdatasync'd and the applied index `index` is
 /// recorded, so the log up to it may be compacted.

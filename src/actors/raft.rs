@@ -1,7 +1,7 @@
 //! `RaftActor`: owns the raft-rs `RawNode` of one Raft group and drives it. It turns proposals
-//! into log entries, persists each `Ready` with one RocksDB write and one WAL sync (group commit), hands
-//! committed entries to the `StorageActor`, and answers read barriers (ReadIndex) once the
-//! storage actor has applied far enough.
+//! into log entries, persists each `Ready` with one RocksDB write and one WAL sync (group
+//! commit), hands committed entries to the `StorageActor`, and answers read barriers
+//! (ReadIndex) once the storage actor has applied far enough.
 //!
 //! Ready handling follows raft-rs's required order exactly: send leader messages, apply a
 //! snapshot, hand over committed entries, persist entries and hard state, send persisted
@@ -927,7 +927,7 @@ impl RaftActor {
 
     /// The rest of a Ready, from persisting its entries and hard state on.
     fn persist_and_advance(&mut self, mut ready: raft::Ready) {
-        // The one synced write of this Ready: every entry and the hard state in one batch.
+        // The one write and WAL sync of this Ready: every entry and the hard state in one batch.
         // Nothing is acknowledged before this returns, because entries commit only once
         // persisted on a majority.
         self.record_appended(ready.entries());
@@ -1214,7 +1214,6 @@ impl Handler<AppliedUpTo> for RaftActor {
     type Result = ();
     fn handle(&mut self, _: AppliedUpTo, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
-            // The published index is at least the message's.
             actor.sync_applied();
             actor.schedule_ready(ctx);
         });

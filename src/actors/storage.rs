@@ -243,9 +243,7 @@ impl StorageActor {
             .store(applied_index, Ordering::SeqCst);
         if applied_index >= self.params.applied_wanted.load(Ordering::SeqCst) {
             if let Some(raft) = &self.raft {
-                raft.do_send(AppliedUpTo {
-                    index: applied_index,
-                });
+                raft.do_send(AppliedUpTo);
             }
         }
         self.bytes_since_checkpoint += applied_bytes;
