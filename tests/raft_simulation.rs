@@ -665,8 +665,6 @@ impl SimNode {
             max_committed_size_per_ready: 16 * 1024,
             check_quorum: true,
             pre_vote: true,
-            // As `RaftActor` runs: commit indexes travel with appends and heartbeats.
-            skip_bcast_commit: true,
             ..Default::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());

@@ -365,11 +365,6 @@ impl RaftActor {
             max_committed_size_per_ready: 64 << 20,
             check_quorum: true,
             pre_vote: true,
-            // Followers learn a new commit index from the next append or heartbeat instead
-            // of a message of its own: writes are acknowledged by the leader, which knows the
-            // commit index first, and a commit-only broadcast woke every follower (a peer
-            // read, a Ready, an apply) once more per write. Conf changes still broadcast.
-            skip_bcast_commit: true,
             ..Default::default()
         };
         let node = match RawNode::new(&config, store, &logger) {
