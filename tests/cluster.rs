@@ -705,6 +705,84 @@ fn a_second_proxy_is_refused_and_with_force_fences_the_first() {
     );
 }
 
+/// The proxy's attach can commit twice: after a leader kill a server may still be retrying the
+/// proxy's first attach when the proxy, timed out there, attaches at another server; if the
+/// late one commits last, the epoch the proxy holds is overtaken. The proxy must then
+/// re-attach and reissue, not answer its client EPERM ("the client never sees an I/O error
+/// while a quorum lives"). The late attach is made here directly through a control API,
+/// with the proxy's own client id; a takeover by another client must still fence it.
+#[test]
+fn a_late_attach_of_the_proxys_own_does_not_fence_its_client() {
+    let _turn = one_cluster_at_a_time();
+    let cluster = Cluster::start(ClusterOptions::default());
+    let proxy = ProxyProcess::start(&cluster, "alpha", &[]);
+    let mut client = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
+    let block = |tag: u8| vec![tag; 4096];
+    client.write_ok(0, &block(1));
+
+    let late_attach = |client_id: &str, force: bool| {
+        let node = cluster.node(cluster.node_ids()[0]);
+        let answer = http_post(
+            node.control_address,
+            "/v1/volumes/disk0/attach",
+            &serde_json::json!({ "client": client_id, "force": force }),
+        )
+        .unwrap_or_else(|error| panic!("POST attach: {error}"));
+        assert_eq!(
+            answer.status, 200,
+            "attach by {client_id}: {:?}",
+            answer.body
+        );
+    };
+    for round in 0..3u8 {
+        late_attach("alpha", false);
+        let tag = 2 + round;
+        let reply = client
+            .write(4096 * u64::from(round + 1), &block(tag))
+            .expect("write");
+        assert_eq!(
+            reply.error,
+            0,
+            "a write after a late attach of the proxy's own client id must succeed, got {}\n{}",
+            nbd_error_name(reply.error),
+            proxy.log_text()
+        );
+    }
+    for round in 0..3u8 {
+        assert_eq!(
+            client.read_ok(4096 * u64::from(round + 1), 4096),
+            block(2 + round),
+            "block {} after the re-attach",
+            round + 1
+        );
+    }
+    assert!(
+        proxy
+            .log_text()
+            .contains("upstream write fenced; re-attaching"),
+        "the writes must have been fenced and reissued, not merely raced past the attach\n{}",
+        proxy.log_text()
+    );
+
+    // A real takeover by another client still ends this proxy's writes.
+    late_attach("beta", true);
+    let reply = client
+        .write(0, &block(9))
+        .expect("write after the takeover");
+    assert_eq!(
+        nbd_error_name(reply.error),
+        "EPERM",
+        "a write after another client's forced takeover must be refused"
+    );
+    // The proxy has lost the volume (it refuses everything now); read through a server.
+    let mut reader = cluster.nbd_client(cluster.node_ids()[0], DEFAULT_EXPORT_NAME);
+    assert_eq!(
+        reader.read_ok(0, 4096),
+        block(1),
+        "the fenced write must not have landed"
+    );
+}
+
 /// The fault-injecting relay itself (the partition test is only as good as it is): bytes pass
 /// intact, a black hole delivers nothing while keeping the connection open and resumes intact
 /// after the heal, a delay delays, and `Close` ends open connections.

@@ -10,6 +10,11 @@
 //! cluster's own answer, or with EIO once its deadline passed, so the proxy never acknowledges a
 //! write the cluster has not acknowledged.
 //!
+//! A write answered `EPERM` (fenced) also re-attaches, without force, and is reissued: an
+//! attach of this client's own can commit after the one whose epoch the proxy holds (a server
+//! that timed out for the proxy still retries its proposal). If another client took the volume
+//! over, that re-attach is refused and every request fails with `EPERM` from then on.
+//!
 //! Memory: requests in flight are bounded by the sessions' flow control (each holds permits for
 //! its payload or read size until answered) and by the bounded queue into this task.
 
@@ -259,6 +264,11 @@ enum EstablishError {
     Lost(String),
 }
 
+/// Fenced writes in a row that make the upstream re-attach; one more is answered EPERM. Each
+/// late attach of this client's own fences it once, and a server retries an attach only until
+/// its control request times out, so a few cover every retry still under way.
+const MAX_FENCED_REATTACHES: u32 = 4;
+
 type EstablishFuture = Pin<Box<dyn Future<Output = Result<Established, EstablishError>>>>;
 
 async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<UpstreamRequest>) {
@@ -276,6 +286,8 @@ async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<Upstr
     let mut retry_at = Instant::now();
     let mut backoff = Duration::from_millis(50);
     let mut lost: Option<String> = None;
+    // Re-attaches caused by fenced writes since the last write that succeeded.
+    let mut fenced_reattaches = 0u32;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -323,7 +335,27 @@ async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<Upstr
                             fail_connection(&mut connection, &mut inflight, &mut reattach, epoch, &params.view);
                             continue;
                         }
+                        let changes_data = inflight.get(cookie).is_some_and(|pending| {
+                            matches!(pending.header.command, Command::Write | Command::Trim | Command::WriteZeroes)
+                        });
+                        if error == proto::NBD_EPERM && changes_data && epoch != 0
+                            && fenced_reattaches < MAX_FENCED_REATTACHES
+                        {
+                            // Our epoch was overtaken. Either another client took the volume
+                            // (the re-attach, without force, is then refused and the volume is
+                            // lost), or an attach of our own that an earlier server was still
+                            // retrying committed after the one we hold. A fenced write changed
+                            // nothing, so it is reissued under the new epoch.
+                            fenced_reattaches += 1;
+                            slog::warn!(logger, "upstream write fenced; re-attaching";
+                                "epoch" => epoch, "attempt" => fenced_reattaches);
+                            fail_connection(&mut connection, &mut inflight, &mut reattach, epoch, &params.view);
+                            continue;
+                        }
                         let Some(pending) = inflight.complete(cookie) else { continue };
+                        if error == 0 && changes_data {
+                            fenced_reattaches = 0;
+                        }
                         let result = if error == 0 {
                             Ok(data)
                         } else {
