@@ -7,9 +7,12 @@
 //!   Raft log ([`RaftLogStore`], bootstrapped with every node as a voter) and the applied state
 //!   ([`StateMachine`], image files beside it);
 //! - a `RawNode` driven through the same `Ready` order as `src/actors/raft.rs`: send leader
-//!   messages, (no snapshot), hand committed entries to the state machine, persist entries and
-//!   hard state in one `persist_ready`, send persisted messages, `advance_append`, persist the
-//!   light ready's commit index lazily, send its messages, hand over its committed entries;
+//!   messages, (no snapshot), hand committed entries to the state machine, write entries and
+//!   hard state unsynced in one `persist_ready`, hold the persisted messages,
+//!   `advance_append_async`; then a WAL sync, one at a time per node, that starts as soon as
+//!   none runs and finishes at a random later step, after which `on_persist_ready` reports
+//!   every Ready written before it started and their held messages are sent (Readies that
+//!   changed only the commit index need no sync, as on the server);
 //! - an apply queue drained at random moments (the storage actor applies asynchronously), each
 //!   batch followed by `advance_apply_to`; checkpoints (`make_durable`) at random moments,
 //!   followed by log compaction below the durable applied index.
@@ -250,6 +253,8 @@ struct Chaos {
     proposal_per_million: u64,
     apply_per_million: u64,
     checkpoint_per_million: u64,
+    /// Chance per step that a running WAL sync finishes.
+    wal_sync_done_per_million: u64,
 }
 
 impl Chaos {
@@ -269,6 +274,7 @@ impl Chaos {
             proposal_per_million: rng.between(50_000, 250_000),
             apply_per_million: rng.between(200_000, 900_000),
             checkpoint_per_million: rng.between(5_000, 40_000),
+            wal_sync_done_per_million: rng.between(100_000, 900_000),
         }
     }
 
@@ -284,6 +290,7 @@ impl Chaos {
             proposal_per_million: 0,
             apply_per_million: 1_000_000,
             checkpoint_per_million: 20_000,
+            wal_sync_done_per_million: 1_000_000,
         }
     }
 }
@@ -595,6 +602,12 @@ struct LiveNode {
     apply_queue: VecDeque<Entry>,
     /// Proposals made on this node and not yet seen applied: proposal id -> digest.
     pending_proposals: BTreeMap<u64, u64>,
+    /// The asynchronous persistence of `RaftActor`: the newest Ready written and not yet
+    /// covered by a sync (and whether any such Ready needs one), the Ready number the running
+    /// sync will report, and the persisted messages held per Ready.
+    unpersisted: Option<(u64, bool)>,
+    wal_sync_running: Option<u64>,
+    held_messages: VecDeque<(u64, Vec<Message>)>,
 }
 
 struct SimNode {
@@ -645,6 +658,10 @@ impl SimNode {
         let machine = StateMachine::open(db, &self.data_dir.join(IMAGES_DIRECTORY_NAME), GROUP_ID)
             .map_err(|error| storage_failure(id, "open the state machine", error))?;
         let applied_index = machine.applied_index();
+        // As `RaftActor::rebuild`: what the last run wrote counts as persisted from now on.
+        log_store
+            .sync_wal()
+            .map_err(|error| storage_failure(id, "sync the WAL", error))?;
         let mut hard_state = log_store.hard_state();
         if hard_state.commit < applied_index {
             hard_state.commit = applied_index;
@@ -676,6 +693,9 @@ impl SimNode {
             machine,
             apply_queue: VecDeque::new(),
             pending_proposals: BTreeMap::new(),
+            unpersisted: None,
+            wal_sync_running: None,
+            held_messages: VecDeque::new(),
         });
         Ok(())
     }
@@ -866,6 +886,18 @@ impl Simulation {
                 }
             }
             self.process_ready(index)?;
+            let sync_running = self.nodes[index]
+                .live
+                .as_ref()
+                .is_some_and(|live| live.wal_sync_running.is_some());
+            if sync_running
+                && self
+                    .rng
+                    .chance(self.chaos.wal_sync_done_per_million, 1_000_000)
+            {
+                self.finish_wal_sync(index)?;
+                self.process_ready(index)?;
+            }
             if self.rng.chance(self.chaos.apply_per_million, 1_000_000) {
                 self.apply_some(index)?;
                 self.process_ready(index)?;
@@ -927,7 +959,7 @@ impl Simulation {
             let live = self.nodes[index].live.as_mut().expect("checked above");
             if !entries.is_empty() || hard_state.is_some() {
                 live.log_store
-                    .persist_ready(&entries, hard_state.as_ref(), must_sync)
+                    .persist_ready(&entries, hard_state.as_ref(), false)
                     .map_err(|error| storage_failure(node_id, "persist_ready", error))?;
                 for entry in &entries {
                     let previous_term = if entry.index <= 1 {
@@ -939,25 +971,73 @@ impl Simulation {
                         .check_log_entry(node_id, entry, previous_term)?;
                 }
             }
-            let persisted_messages = ready.take_persisted_messages();
-            self.send_all(persisted_messages);
             let live = self.nodes[index].live.as_mut().expect("checked above");
-            let mut light_ready = live.raw_node.advance_append(ready);
-            if let Some(commit_index) = light_ready.commit_index() {
-                // Lazily persisted, as the server does: a restart raises it to the applied
-                // index.
-                let mut hard_state = live.log_store.hard_state();
-                hard_state.commit = commit_index;
-                live.log_store
-                    .persist_ready(&[], Some(&hard_state), false)
-                    .map_err(|error| storage_failure(node_id, "persist the commit index", error))?;
+            let number = ready.number();
+            let persisted_messages = ready.take_persisted_messages();
+            if !persisted_messages.is_empty() {
+                live.held_messages.push_back((number, persisted_messages));
             }
-            let messages = light_ready.take_messages();
-            let committed = light_ready.take_committed_entries();
-            self.send_all(messages);
-            self.deliver_committed(index, committed)?;
+            live.raw_node.advance_append_async(ready);
+            let needs_sync = must_sync || live.unpersisted.is_some_and(|(_, needs)| needs);
+            live.unpersisted = Some((number, needs_sync));
+            self.start_wal_sync(index);
         }
         Ok(())
+    }
+
+    /// `RaftActor::start_wal_sync`: at most one sync per node; Readies that need none are
+    /// reported persisted at once when no sync runs.
+    fn start_wal_sync(&mut self, index: usize) {
+        let Some(live) = self.nodes[index].live.as_mut() else {
+            return;
+        };
+        if live.wal_sync_running.is_some() {
+            return;
+        }
+        let Some((number, needs_sync)) = live.unpersisted.take() else {
+            return;
+        };
+        if needs_sync {
+            live.wal_sync_running = Some(number);
+        } else {
+            self.on_persisted(index, number);
+        }
+    }
+
+    /// The running WAL sync returns: it covers every Ready written before it started.
+    fn finish_wal_sync(&mut self, index: usize) -> Checked<()> {
+        let node_id = self.nodes[index].id;
+        let Some(live) = self.nodes[index].live.as_mut() else {
+            return Ok(());
+        };
+        let Some(number) = live.wal_sync_running.take() else {
+            return Ok(());
+        };
+        live.log_store
+            .sync_wal()
+            .map_err(|error| storage_failure(node_id, "sync the WAL", error))?;
+        self.event(|| format!("node {node_id} persisted Readies up to {number}"));
+        self.on_persisted(index, number);
+        self.start_wal_sync(index);
+        Ok(())
+    }
+
+    fn on_persisted(&mut self, index: usize, number: u64) {
+        let Some(live) = self.nodes[index].live.as_mut() else {
+            return;
+        };
+        live.raw_node.on_persist_ready(number);
+        let mut released = Vec::new();
+        while live
+            .held_messages
+            .front()
+            .is_some_and(|(held_for, _)| *held_for <= number)
+        {
+            if let Some((_, messages)) = live.held_messages.pop_front() {
+                released.extend(messages);
+            }
+        }
+        self.send_all(released);
     }
 
     /// Checks committed entries and queues them for the state machine.

@@ -1,18 +1,19 @@
 //! `RaftActor`: owns the raft-rs `RawNode` of one Raft group and drives it. It turns proposals
-//! into log entries, persists each `Ready` with one RocksDB write and one WAL sync (group
-//! commit), hands committed entries to the `StorageActor`, and answers read barriers
-//! (ReadIndex) once the storage actor has applied far enough.
+//! into log entries, writes each `Ready` to RocksDB, makes it durable with a WAL sync shared
+//! by every Ready written while the previous sync ran (group commit), hands committed entries
+//! to the `StorageActor`, and answers read barriers (ReadIndex) once the storage actor has
+//! applied far enough.
 //!
 //! Ready handling follows raft-rs's required order exactly: send leader messages, apply a
 //! snapshot, hand over committed entries, persist entries and hard state, send persisted
-//! messages, advance, then handle the light ready. Entries are applied asynchronously by the
+//! messages, advance. Entries are applied asynchronously by the
 //! storage actor, which publishes its applied index in an atomic; this actor takes it up at
 //! every Ready and tick (`advance_apply_to`), and asks for an `AppliedUpTo` wake-up only while
 //! a read barrier or the read gate waits for an index (`applied_wanted`).
 //!
-//! Group commit: a proposal handler only queues the proposal and schedules one `ProcessReady`;
+//! Batching: a proposal handler only queues the proposal and schedules one `ProcessReady`;
 //! actix runs every message already in the mailbox before that notification, so all proposals
-//! that arrived while the previous fsync ran share the next one.
+//! that arrived meanwhile share one Ready (and one append message per follower).
 //!
 //! Every node serves proposals and reads, not only the leader: a follower's proposal is
 //! forwarded to the leader by raft-rs and answered when this node applies the entry; a read
@@ -31,7 +32,18 @@
 //! while that follower lags by at most `log_lag_entries_max` entries and
 //! `log_lag_bytes_max` bytes. Beyond that the laggard is sent a snapshot instead.
 //!
-//! Runs on its own arbiter (thread) because persisting a Ready blocks on fsync.
+//! Persistence is asynchronous (raft-rs's `advance_append_async` / `on_persist_ready`): a
+//! Ready's entries and hard state are written unsynced, so raft-rs can read them back at once,
+//! and the Ready is advanced. A WAL sync then runs on the blocking pool while this thread goes
+//! on stepping acknowledgements and proposals and writing further Readies; when it returns,
+//! every Ready written before it is reported persisted and the messages those Readies hold
+//! (a follower's append and vote responses) are sent. Until then raft-rs neither counts this
+//! node's copy towards a commit nor hands its entries out as committed, so nothing is
+//! acknowledged or applied from an unsynced log. A Ready that installs a snapshot is persisted
+//! synchronously. A rebuilt node syncs the WAL before it starts.
+//!
+//! Runs on its own arbiter (thread): the peer links run on it too, and installing a snapshot
+//! blocks it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +202,18 @@ pub struct RaftActor {
     /// (raft-rs clears `recent_active` every election timeout, so one look is not enough).
     ticks: u64,
     peer_active_at_tick: HashMap<u64, u64>,
+    /// Asynchronous persistence (see "Persistence" in the module doc): whether a WAL sync runs
+    /// on the blocking pool now, the newest Ready number written but not yet reported
+    /// persisted (and whether any of those Readies needs a sync), and the persisted messages
+    /// held until their Ready is durable, oldest first.
+    wal_sync_running: bool,
+    /// Whether the next WAL sync runs on this thread (see `start_wal_sync`).
+    log_quiet: bool,
+    unpersisted: Option<(u64, bool)>,
+    held_messages: VecDeque<(u64, Vec<RaftMessage>)>,
+    /// Bumped whenever the `RawNode` is rebuilt, so a sync started for an older node is not
+    /// reported to the new one.
+    node_generation: u64,
 }
 
 /// A follower further behind the leader's last index than this is reported as lagging.
@@ -228,6 +252,11 @@ impl RaftActor {
             peers_down: std::collections::BTreeSet::new(),
             ticks: 0,
             peer_active_at_tick: HashMap::new(),
+            wal_sync_running: false,
+            log_quiet: true,
+            unpersisted: None,
+            held_messages: VecDeque::new(),
+            node_generation: 0,
         }
     }
 
@@ -343,6 +372,15 @@ impl RaftActor {
         let logger = self.params.supervision.logger.clone();
         let store = self.params.log_store.clone();
         let applied_index = self.params.applied_index.load(Ordering::Acquire);
+        // The previous node may have written Readies whose WAL sync had not finished. The new
+        // node takes everything in RocksDB as persisted, so make it so before it can say so.
+        if let Err(error) = store.sync_wal() {
+            panic!("cannot sync the Raft log: {error}");
+        }
+        self.node_generation += 1;
+        self.wal_sync_running = false;
+        self.unpersisted = None;
+        self.held_messages.clear();
         // The hard state's commit index is persisted lazily (without fsync), so after a crash
         // it may lag entries that were already applied. Entries are only applied once
         // committed, so raising it to the applied index is safe, and raft-rs refuses to start
@@ -892,6 +930,8 @@ impl RaftActor {
         let mut ready = self.node().ready();
         let sent_before_persisting = !ready.messages().is_empty();
         if sent_before_persisting {
+            // A leader's appends and heartbeats leave before its own write: the followers
+            // persist in parallel with it (raft thesis 10.2.1).
             let messages = ready.take_messages();
             self.send_messages(messages);
         }
@@ -903,38 +943,146 @@ impl RaftActor {
         self.deliver_committed(committed);
         let read_states = ready.take_read_states();
         self.handle_read_states(read_states);
-        if sent_before_persisting && (!ready.entries().is_empty() || ready.hs().is_some()) {
-            // The peer links run on this thread. Let them write the leader's appends to their
-            // sockets before this thread blocks in the fsync, so that the followers persist in
-            // parallel with the leader. `wait` holds back every other message meanwhile:
-            // nothing is stepped between this Ready and its advance.
+        if !ready.snapshot().is_empty() {
+            self.persist_and_advance(ready);
+            self.schedule_ready(ctx);
+        } else if sent_before_persisting && ready.must_sync() && self.syncs_inline() {
+            // This thread is about to block in the write and the fsync. The peer links run on
+            // it: let them write the appends to their sockets first, so that the followers
+            // persist in parallel with the leader. `wait` holds back every other message
+            // meanwhile: nothing is stepped between this Ready and its advance.
             ctx.wait(
                 tokio::task::yield_now()
                     .into_actor(self)
                     .map(move |(), actor, ctx| {
-                        actor.guarded(ctx, move |actor, _| actor.persist_and_advance(ready));
+                        actor.guarded(ctx, move |actor, ctx| actor.write_ready(ready, ctx));
                     }),
             );
         } else {
-            self.persist_and_advance(ready);
+            self.write_ready(ready, ctx);
         }
     }
 
-    /// The rest of a Ready, from persisting its entries and hard state on.
-    fn persist_and_advance(&mut self, mut ready: raft::Ready) {
-        // The one write and WAL sync of this Ready: every entry and the hard state in one batch.
-        // Nothing is acknowledged before this returns, because entries commit only once
-        // persisted on a majority.
+    /// Whether the next WAL sync would run on this thread (see `start_wal_sync`).
+    fn syncs_inline(&self) -> bool {
+        self.log_quiet && !self.wal_sync_running
+    }
+
+    /// Writes a Ready's entries and hard state unsynced and advances raft-rs past it; the
+    /// Ready counts as persisted (its held messages go out, its entries may commit and apply)
+    /// once a later WAL sync has covered it. See "Persistence" in the module doc.
+    fn write_ready(&mut self, mut ready: raft::Ready, ctx: &mut Context<Self>) {
         self.record_appended(ready.entries());
         if !ready.entries().is_empty() || ready.hs().is_some() {
             if let Err(error) =
                 self.params
                     .log_store
-                    .persist_ready(ready.entries(), ready.hs(), ready.must_sync())
+                    .persist_ready(ready.entries(), ready.hs(), false)
             {
                 // The log is our write-ahead log; without it nothing may be acknowledged.
                 panic!("cannot persist the Raft log: {error}");
             }
+        }
+        let number = ready.number();
+        let needs_sync = ready.must_sync();
+        if ready.entries().len() > 1 {
+            // Several proposals or appends piled up while the last Ready was handled: sync
+            // off this thread from now on, so that the next ones are stepped meanwhile.
+            self.log_quiet = false;
+        }
+        if !ready.persisted_messages().is_empty() {
+            let messages = ready.take_persisted_messages();
+            self.held_messages.push_back((number, messages));
+        }
+        self.node().advance_append_async(ready);
+        let needs_sync = needs_sync || self.unpersisted.is_some_and(|(_, needs)| needs);
+        self.unpersisted = Some((number, needs_sync));
+        self.start_wal_sync(ctx);
+        if self.node().has_ready() {
+            self.schedule_ready(ctx);
+        }
+    }
+
+    /// Reports the written Readies as persisted, through a WAL sync when one of them needs it.
+    /// At most one sync runs at a time; Readies written meanwhile share the next one (group
+    /// commit). While the log is quiet the sync runs on this thread: handing it to the
+    /// blocking pool and back costs two context switches on the path of every write, and
+    /// nothing would be stepped meanwhile anyway.
+    fn start_wal_sync(&mut self, ctx: &mut Context<Self>) {
+        if self.wal_sync_running {
+            return;
+        }
+        let Some((number, needs_sync)) = self.unpersisted.take() else {
+            return;
+        };
+        if !needs_sync {
+            // Only the commit index changed, which may be persisted lazily (`rebuild`
+            // recovers it), or nothing was written at all: only held messages wait.
+            self.on_persisted(number);
+            return;
+        }
+        if self.log_quiet {
+            if let Err(error) = self.params.log_store.sync_wal() {
+                panic!("cannot sync the Raft log: {error}");
+            }
+            self.on_persisted(number);
+            return;
+        }
+        self.wal_sync_running = true;
+        let generation = self.node_generation;
+        let store = self.params.log_store.clone();
+        let sync = tokio::task::spawn_blocking(move || store.sync_wal());
+        ctx.spawn(sync.into_actor(self).map(move |result, actor, ctx| {
+            if actor.node_generation != generation {
+                return;
+            }
+            actor.guarded(ctx, move |actor, ctx| {
+                actor.wal_sync_running = false;
+                match result {
+                    Ok(Ok(())) => {}
+                    // Nothing unsynced may ever count as persisted: restart from RocksDB.
+                    Ok(Err(error)) => panic!("cannot sync the Raft log: {error}"),
+                    Err(error) => panic!("the Raft log sync did not finish: {error}"),
+                }
+                // Quiet again once a sync ran without another Ready arriving meanwhile.
+                actor.log_quiet = actor.unpersisted.is_none();
+                actor.on_persisted(number);
+                actor.start_wal_sync(ctx);
+                actor.schedule_ready(ctx);
+            });
+        }));
+    }
+
+    /// Readies up to `number` are durable: tell raft-rs (a leader may now commit, a node apply
+    /// its own entries) and send the messages they held (a follower's append and vote
+    /// responses).
+    fn on_persisted(&mut self, number: u64) {
+        self.node().on_persist_ready(number);
+        while self
+            .held_messages
+            .front()
+            .is_some_and(|(held_for, _)| *held_for <= number)
+        {
+            if let Some((_, messages)) = self.held_messages.pop_front() {
+                self.send_messages(messages);
+            }
+        }
+    }
+
+    /// A Ready that installs a snapshot is persisted synchronously, with one WAL sync that
+    /// also covers every Ready written before it.
+    fn persist_and_advance(&mut self, mut ready: raft::Ready) {
+        self.record_appended(ready.entries());
+        if let Err(error) = self
+            .params
+            .log_store
+            .persist_ready(ready.entries(), ready.hs(), true)
+        {
+            panic!("cannot persist the Raft log: {error}");
+        }
+        self.unpersisted = None;
+        for (_, messages) in std::mem::take(&mut self.held_messages) {
+            self.send_messages(messages);
         }
         if !ready.persisted_messages().is_empty() {
             let messages = ready.take_persisted_messages();

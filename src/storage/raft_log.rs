@@ -373,6 +373,14 @@ impl RaftLogStore {
         Ok(())
     }
 
+    /// fsyncs the WAL: everything written before this call, by any `persist_ready`, survives a
+    /// power loss once it returns. Takes no lock of this store, so the Raft actor can go on
+    /// writing further Readies (unsynced) while another thread runs this.
+    pub fn sync_wal(&self) -> Result<(), StorageError> {
+        self.shared.db.flush_wal(true)?;
+        Ok(())
+    }
+
     fn cache_appended_entries(&self, state: &mut LogState, entries: &[Entry]) {
         let Some(first) = entries.first() else {
             return;
