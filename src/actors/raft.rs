@@ -34,8 +34,9 @@
 //!
 //! Persistence is asynchronous (raft-rs's `advance_append_async` / `on_persist_ready`): a
 //! Ready's entries and hard state are written unsynced, so raft-rs can read them back at once,
-//! and the Ready is advanced. A WAL sync then runs on the blocking pool while this thread goes
-//! on stepping acknowledgements and proposals and writing further Readies; when it returns,
+//! and the Ready is advanced. Under load a WAL sync then runs on the blocking pool while this
+//! thread goes on stepping acknowledgements and proposals and writing further Readies (while
+//! the log is quiet it runs on this thread, see `start_wal_sync`); when it returns,
 //! every Ready written before it is reported persisted and the messages those Readies hold
 //! (a follower's append and vote responses) are sent. Until then raft-rs neither counts this
 //! node's copy towards a commit nor hands its entries out as committed, so nothing is
