@@ -73,6 +73,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType};
 use raft::{GetEntriesContext, RawNode, StateRole, Storage as _};
+use raftblk::actors::raft::PersistQueue;
 use raftblk::storage::command::{decode_command, encode_command, encode_write_command, Command};
 use raftblk::storage::raft_log::RaftLogStore;
 use raftblk::storage::state_machine::{ApplyOutcome, StateMachine};
@@ -602,12 +603,10 @@ struct LiveNode {
     apply_queue: VecDeque<Entry>,
     /// Proposals made on this node and not yet seen applied: proposal id -> digest.
     pending_proposals: BTreeMap<u64, u64>,
-    /// The asynchronous persistence of `RaftActor`: the newest Ready written and not yet
-    /// covered by a sync (and whether any such Ready needs one), the Ready number the running
-    /// sync will report, and the persisted messages held per Ready.
-    unpersisted: Option<(u64, bool)>,
+    /// The asynchronous persistence of `RaftActor`: the Readies written and not yet reported
+    /// persisted, and the Ready number the running sync will report.
+    persist_queue: PersistQueue,
     wal_sync_running: Option<u64>,
-    held_messages: VecDeque<(u64, Vec<Message>)>,
 }
 
 struct SimNode {
@@ -693,9 +692,8 @@ impl SimNode {
             machine,
             apply_queue: VecDeque::new(),
             pending_proposals: BTreeMap::new(),
-            unpersisted: None,
+            persist_queue: PersistQueue::default(),
             wal_sync_running: None,
-            held_messages: VecDeque::new(),
         });
         Ok(())
     }
@@ -974,12 +972,9 @@ impl Simulation {
             let live = self.nodes[index].live.as_mut().expect("checked above");
             let number = ready.number();
             let persisted_messages = ready.take_persisted_messages();
-            if !persisted_messages.is_empty() {
-                live.held_messages.push_back((number, persisted_messages));
-            }
             live.raw_node.advance_append_async(ready);
-            let needs_sync = must_sync || live.unpersisted.is_some_and(|(_, needs)| needs);
-            live.unpersisted = Some((number, needs_sync));
+            live.persist_queue
+                .written(number, must_sync, persisted_messages);
             self.start_wal_sync(index);
         }
         Ok(())
@@ -994,7 +989,7 @@ impl Simulation {
         if live.wal_sync_running.is_some() {
             return;
         }
-        let Some((number, needs_sync)) = live.unpersisted.take() else {
+        let Some((number, needs_sync)) = live.persist_queue.take_unpersisted() else {
             return;
         };
         if needs_sync {
@@ -1027,16 +1022,7 @@ impl Simulation {
             return;
         };
         live.raw_node.on_persist_ready(number);
-        let mut released = Vec::new();
-        while live
-            .held_messages
-            .front()
-            .is_some_and(|(held_for, _)| *held_for <= number)
-        {
-            if let Some((_, messages)) = live.held_messages.pop_front() {
-                released.extend(messages);
-            }
-        }
+        let released = live.persist_queue.persisted(number);
         self.send_all(released);
     }
 

@@ -204,17 +204,69 @@ pub struct RaftActor {
     ticks: u64,
     peer_active_at_tick: HashMap<u64, u64>,
     /// Asynchronous persistence (see "Persistence" in the module doc): whether a WAL sync runs
-    /// on the blocking pool now, the newest Ready number written but not yet reported
-    /// persisted (and whether any of those Readies needs a sync), and the persisted messages
-    /// held until their Ready is durable, oldest first.
+    /// on the blocking pool now, and the Readies written but not yet reported persisted.
     wal_sync_running: bool,
     /// Whether the next WAL sync runs on this thread (see `start_wal_sync`).
     log_quiet: bool,
-    unpersisted: Option<(u64, bool)>,
-    held_messages: VecDeque<(u64, Vec<RaftMessage>)>,
+    persist_queue: PersistQueue,
     /// Bumped whenever the `RawNode` is rebuilt, so a sync started for an older node is not
     /// reported to the new one.
     node_generation: u64,
+}
+
+/// The Readies written (unsynced) and advanced but not yet reported persisted: the newest
+/// one's number, whether any of them needs a WAL sync, and the persisted messages each holds
+/// until it is durable. Pure bookkeeping, also driven by the Raft simulation.
+#[derive(Default)]
+pub struct PersistQueue {
+    unpersisted: Option<(u64, bool)>,
+    held: VecDeque<(u64, Vec<RaftMessage>)>,
+}
+
+impl PersistQueue {
+    /// Ready `number` was written and advanced; `messages` wait until it is durable.
+    pub fn written(&mut self, number: u64, needs_sync: bool, messages: Vec<RaftMessage>) {
+        if !messages.is_empty() {
+            self.held.push_back((number, messages));
+        }
+        let needs_sync = needs_sync || self.unpersisted.is_some_and(|(_, needs)| needs);
+        self.unpersisted = Some((number, needs_sync));
+    }
+
+    /// Whether a Ready was written since the last `take_unpersisted`.
+    pub fn has_unpersisted(&self) -> bool {
+        self.unpersisted.is_some()
+    }
+
+    /// The Readies a sync starting now covers: the newest number, and whether any needs a
+    /// sync at all.
+    pub fn take_unpersisted(&mut self) -> Option<(u64, bool)> {
+        self.unpersisted.take()
+    }
+
+    /// Readies up to `number` are durable: the messages they held, oldest first.
+    pub fn persisted(&mut self, number: u64) -> Vec<RaftMessage> {
+        let mut released = Vec::new();
+        while self
+            .held
+            .front()
+            .is_some_and(|(held_for, _)| *held_for <= number)
+        {
+            if let Some((_, messages)) = self.held.pop_front() {
+                released.extend(messages);
+            }
+        }
+        released
+    }
+
+    /// Everything written is durable (a synchronous sync): every held message.
+    pub fn persisted_all(&mut self) -> Vec<RaftMessage> {
+        self.unpersisted = None;
+        self.held
+            .drain(..)
+            .flat_map(|(_, messages)| messages)
+            .collect()
+    }
 }
 
 /// A follower further behind the leader's last index than this is reported as lagging.
@@ -255,8 +307,7 @@ impl RaftActor {
             peer_active_at_tick: HashMap::new(),
             wal_sync_running: false,
             log_quiet: true,
-            unpersisted: None,
-            held_messages: VecDeque::new(),
+            persist_queue: PersistQueue::default(),
             node_generation: 0,
         }
     }
@@ -380,8 +431,7 @@ impl RaftActor {
         }
         self.node_generation += 1;
         self.wal_sync_running = false;
-        self.unpersisted = None;
-        self.held_messages.clear();
+        self.persist_queue = PersistQueue::default();
         // The hard state's commit index is persisted lazily (without fsync), so after a crash
         // it may lag entries that were already applied. Entries are only applied once
         // committed, so raising it to the applied index is safe, and raft-rs refuses to start
@@ -991,13 +1041,9 @@ impl RaftActor {
             // off this thread from now on, so that the next ones are stepped meanwhile.
             self.log_quiet = false;
         }
-        if !ready.persisted_messages().is_empty() {
-            let messages = ready.take_persisted_messages();
-            self.held_messages.push_back((number, messages));
-        }
+        let messages = ready.take_persisted_messages();
         self.node().advance_append_async(ready);
-        let needs_sync = needs_sync || self.unpersisted.is_some_and(|(_, needs)| needs);
-        self.unpersisted = Some((number, needs_sync));
+        self.persist_queue.written(number, needs_sync, messages);
         self.start_wal_sync(ctx);
         if self.node().has_ready() {
             self.schedule_ready(ctx);
@@ -1013,7 +1059,7 @@ impl RaftActor {
         if self.wal_sync_running {
             return;
         }
-        let Some((number, needs_sync)) = self.unpersisted.take() else {
+        let Some((number, needs_sync)) = self.persist_queue.take_unpersisted() else {
             return;
         };
         if !needs_sync {
@@ -1046,7 +1092,7 @@ impl RaftActor {
                     Err(error) => panic!("the Raft log sync did not finish: {error}"),
                 }
                 // Quiet again once a sync ran without another Ready arriving meanwhile.
-                actor.log_quiet = actor.unpersisted.is_none();
+                actor.log_quiet = !actor.persist_queue.has_unpersisted();
                 actor.on_persisted(number);
                 actor.start_wal_sync(ctx);
                 actor.schedule_ready(ctx);
@@ -1059,15 +1105,8 @@ impl RaftActor {
     /// responses).
     fn on_persisted(&mut self, number: u64) {
         self.node().on_persist_ready(number);
-        while self
-            .held_messages
-            .front()
-            .is_some_and(|(held_for, _)| *held_for <= number)
-        {
-            if let Some((_, messages)) = self.held_messages.pop_front() {
-                self.send_messages(messages);
-            }
-        }
+        let messages = self.persist_queue.persisted(number);
+        self.send_messages(messages);
     }
 
     /// A Ready that installs a snapshot is persisted synchronously, with one WAL sync that
@@ -1081,10 +1120,8 @@ impl RaftActor {
         {
             panic!("cannot persist the Raft log: {error}");
         }
-        self.unpersisted = None;
-        for (_, messages) in std::mem::take(&mut self.held_messages) {
-            self.send_messages(messages);
-        }
+        let messages = self.persist_queue.persisted_all();
+        self.send_messages(messages);
         if !ready.persisted_messages().is_empty() {
             let messages = ready.take_persisted_messages();
             self.send_messages(messages);
