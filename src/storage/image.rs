@@ -19,6 +19,14 @@ use super::StorageError;
 /// `fallocate` hole punching): bounds the memory of the zero buffer.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
+/// Largest piece of one `pwrite` to an image. The kernel sizes the page-cache folios a write
+/// creates by the write's length, and on ext4 (buffer heads, large folios: Linux 6.x) every
+/// later small write into a large folio walks all of its blocks. Measured here on a 1 GiB
+/// sparse file: after 1 MiB pwrites, a 4 KiB pwrite cost 29–33 µs; after 64 KiB pwrites,
+/// 4.3 µs (2.8 µs on a file never written in large pieces), and the 1 MiB of sequential
+/// writing itself was no dearer in 64 KiB pieces.
+const WRITE_PIECE_BYTES: usize = 64 << 10;
+
 /// Most extents [`ImageFile::allocation_map`] returns in one call (a limit on the reply size
 /// of an NBD `BLOCK_STATUS`; the spec lets the server describe a prefix of the range).
 pub const EXTENTS_MAX: usize = 1024;
@@ -111,11 +119,16 @@ impl ImageFile {
         StorageError::io(&self.path, source)
     }
 
-    /// pwrite of all of `data` at `offset`.
+    /// pwrite of all of `data` at `offset`, in pieces of at most [`WRITE_PIECE_BYTES`].
     pub fn write_all_at(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|error| self.io_error(error))
+        let mut position = offset;
+        for piece in data.chunks(WRITE_PIECE_BYTES) {
+            self.file
+                .write_all_at(piece, position)
+                .map_err(|error| self.io_error(error))?;
+            position += piece.len() as u64;
+        }
+        Ok(())
     }
 
     /// pread of exactly `buf.len()` bytes at `offset` (holes read as zeroes).
@@ -363,6 +376,14 @@ mod tests {
         let mut buf = vec![0u8; data.len()];
         image.read_exact_at(12_345, &mut buf).unwrap();
         assert_eq!(buf, data);
+        // A write of several pieces (and a partial last one) lands whole and in order.
+        let long: Vec<u8> = (0..(3 * WRITE_PIECE_BYTES + 777) as u32)
+            .map(|value| (value % 251) as u8)
+            .collect();
+        image.write_all_at(100_001, &long).unwrap();
+        let mut long_back = vec![0u8; long.len()];
+        image.read_exact_at(100_001, &mut long_back).unwrap();
+        assert_eq!(long_back, long);
         // Reading past the end of the file is an error, not a short read.
         let mut past_end = vec![0u8; 10];
         assert!(image.read_exact_at(MIB - 5, &mut past_end).is_err());
