@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::StorageError;
 
@@ -26,6 +27,11 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// 4.3 µs (2.8 µs on a file never written in large pieces), and the 1 MiB of sequential
 /// writing itself was no dearer in 64 KiB pieces.
 const WRITE_PIECE_BYTES: usize = 64 << 10;
+
+/// Readahead window of a sequential reader (see [`ImageFile::read_exact_at`]): eight times
+/// the read, within these bounds.
+const READAHEAD_MIN_BYTES: u64 = 512 << 10;
+const READAHEAD_MAX_BYTES: u64 = 2 << 20;
 
 /// Most extents [`ImageFile::allocation_map`] returns in one call (a limit on the reply size
 /// of an NBD `BLOCK_STATUS`; the spec lets the server describe a prefix of the range).
@@ -44,6 +50,10 @@ pub struct AllocationExtent {
 pub struct ImageFile {
     path: PathBuf,
     file: File,
+    /// Where the last read ended: a read starting there continues a sequential stream.
+    read_stream_end: AtomicU64,
+    /// The end of the readahead already requested for that stream.
+    readahead_end: AtomicU64,
 }
 
 impl ImageFile {
@@ -67,10 +77,7 @@ impl ImageFile {
         if let Some(directory) = path.parent() {
             sync_directory(directory)?;
         }
-        Ok(ImageFile {
-            path: path.to_path_buf(),
-            file,
-        })
+        Ok(ImageFile::with_access_pattern(path, file))
     }
 
     /// Opens an existing image for reading and writing.
@@ -80,10 +87,48 @@ impl ImageFile {
             .write(true)
             .open(path)
             .map_err(|error| StorageError::io(path, error))?;
-        Ok(ImageFile {
+        Ok(ImageFile::with_access_pattern(path, file))
+    }
+
+    /// Turns the kernel's readahead off for the image (`POSIX_FADV_RANDOM`): it fills the
+    /// page cache with large folios (up to the device's `read_ahead_kb`), and every later
+    /// small write into one costs several times a write into a small one (see
+    /// [`WRITE_PIECE_BYTES`]). Measured through the proxy after reading the whole volume:
+    /// 4k randwrite qd32 3734/4872 IOPS with the kernel's readahead, 6196/6227 without.
+    /// Sequential readers get readahead from [`Self::read_exact_at`] instead, whose
+    /// `POSIX_FADV_WILLNEED` fills small folios. Hints only: a file system that ignores
+    /// them serves the image the same.
+    fn with_access_pattern(path: &Path, file: File) -> ImageFile {
+        fadvise(&file, 0, 0, libc::POSIX_FADV_RANDOM);
+        ImageFile {
             path: path.to_path_buf(),
             file,
-        })
+            read_stream_end: AtomicU64::new(0),
+            readahead_end: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes a read of `[offset, offset + length)`; for a read that continues the sequential
+    /// stream, returns the range to read ahead (up to a window past the read's end), unless
+    /// enough of it was requested already. One stream per image: interleaved sequential
+    /// readers defeat it and read without readahead, as random readers do.
+    fn note_read(&self, offset: u64, length: u64) -> Option<(u64, u64)> {
+        let end = offset + length;
+        if self.read_stream_end.swap(end, Ordering::Relaxed) != offset {
+            // A new stream starts here: nothing of it is requested beyond this read.
+            self.readahead_end.store(end, Ordering::Relaxed);
+            return None;
+        }
+        let window = length
+            .saturating_mul(8)
+            .clamp(READAHEAD_MIN_BYTES, READAHEAD_MAX_BYTES);
+        let requested = self.readahead_end.load(Ordering::Relaxed);
+        if requested >= end + window / 2 {
+            return None;
+        }
+        let start = requested.max(offset);
+        self.readahead_end.store(end + window, Ordering::Relaxed);
+        Some((start, end + window - start))
     }
 
     pub fn path(&self) -> &Path {
@@ -131,8 +176,13 @@ impl ImageFile {
         Ok(())
     }
 
-    /// pread of exactly `buf.len()` bytes at `offset` (holes read as zeroes).
+    /// pread of exactly `buf.len()` bytes at `offset` (holes read as zeroes). A read that
+    /// continues a sequential stream first asks the kernel to read ahead
+    /// (`POSIX_FADV_WILLNEED`, which returns once the reads are queued).
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        if let Some((start, length)) = self.note_read(offset, buf.len() as u64) {
+            fadvise(&self.file, start, length, libc::POSIX_FADV_WILLNEED);
+        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|error| self.io_error(error))
@@ -141,7 +191,8 @@ impl ImageFile {
     /// Like [`Self::read_exact_at`], but only from the page cache (`preadv2` with
     /// `RWF_NOWAIT`): `Ok(false)` when part of the range is not cached and reading it would
     /// wait for the disk; `buf` then holds nothing meaningful. Lets a caller on an event loop
-    /// serve cached reads inline and hand only the others to a blocking thread.
+    /// serve cached reads inline and hand only the others to a blocking thread. It follows
+    /// the sequential stream but never reads ahead: that is the blocking read's job.
     pub fn read_exact_at_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, StorageError> {
         let mut done = 0usize;
         while done < buf.len() {
@@ -171,6 +222,8 @@ impl ImageFile {
             }
             done += read as usize;
         }
+        self.read_stream_end
+            .store(offset + buf.len() as u64, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -331,6 +384,21 @@ fn push_extent(extents: &mut Vec<AllocationExtent>, length_bytes: u64, hole: boo
     }
 }
 
+/// `posix_fadvise`; a refusal is ignored, since the advice changes no result.
+fn fadvise(file: &File, offset: u64, length: u64, advice: libc::c_int) {
+    // Offsets and lengths are below the image size, which is far below i64::MAX.
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by
+    // `file`, which outlives the call.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            length as libc::off_t,
+            advice,
+        );
+    }
+}
+
 /// fsync of a directory: makes the creation or removal of an entry in it durable.
 pub fn sync_directory(directory: &Path) -> Result<(), StorageError> {
     File::open(directory)
@@ -387,6 +455,33 @@ mod tests {
         // Reading past the end of the file is an error, not a short read.
         let mut past_end = vec![0u8; 10];
         assert!(image.read_exact_at(MIB - 5, &mut past_end).is_err());
+    }
+
+    #[test]
+    fn only_a_sequential_stream_is_read_ahead_and_each_range_once() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 64 * MIB).unwrap();
+        let window = READAHEAD_MIN_BYTES;
+        // The first read at 0 starts the stream: read ahead from the read to a window past it.
+        assert_eq!(image.note_read(0, 4096), Some((0, 4096 + window)));
+        // Its successors are covered until less than half a window is left ahead of them.
+        let mut offset = 4096;
+        while offset + 4096 + window / 2 <= 4096 + window {
+            assert_eq!(image.note_read(offset, 4096), None, "offset {offset}");
+            offset += 4096;
+        }
+        let (start, length) = image.note_read(offset, 4096).unwrap();
+        assert_eq!(start, 4096 + window, "only what was not requested yet");
+        assert_eq!(start + length, offset + 4096 + window);
+        // A read elsewhere breaks the stream; the next one there starts a new stream.
+        assert_eq!(image.note_read(32 * MIB, 4096), None);
+        let continued = image.note_read(32 * MIB + 4096, 4096).unwrap();
+        assert_eq!(continued, (32 * MIB + 4096, 4096 + window));
+        // Large reads get a larger window, up to the bound.
+        let big = MIB;
+        let (start, length) = image.note_read(32 * MIB + 8192, big).unwrap();
+        assert_eq!(start, 32 * MIB + 8192 + window);
+        assert_eq!(start + length, 32 * MIB + 8192 + big + READAHEAD_MAX_BYTES);
     }
 
     #[test]
