@@ -783,6 +783,61 @@ fn a_late_attach_of_the_proxys_own_does_not_fence_its_client() {
     );
 }
 
+/// One attach request retried at every server (what the proxy does when a server does not
+/// answer in time) makes one attachment: each retry with the same attach id, on the leader or
+/// a follower, answers with the epoch the first made, and writes under it still land. A new
+/// request of the same client (a new id) starts a new epoch and fences the old one.
+#[test]
+fn an_attach_retried_at_every_server_makes_one_epoch() {
+    let _turn = one_cluster_at_a_time();
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let leader = cluster.leader();
+    let nodes = cluster.node_ids();
+    let controls: Vec<(u64, std::net::SocketAddr)> = nodes
+        .iter()
+        .map(|&node| (node, cluster.node(node).control_address))
+        .collect();
+    let attach_at = |(node, control): (u64, std::net::SocketAddr), attach_id: u64| -> u64 {
+        let answer = http_post(
+            control,
+            "/v1/volumes/disk0/attach",
+            &serde_json::json!({ "client": "gamma", "force": false, "attach_id": attach_id }),
+        )
+        .unwrap_or_else(|error| panic!("POST attach at node {node}: {error}"));
+        assert_eq!(
+            answer.status, 200,
+            "attach at node {node}: {:?}",
+            answer.body
+        );
+        answer.body["epoch"]
+            .as_u64()
+            .expect("epoch in the attach reply")
+    };
+    let epoch = attach_at(controls[0], 41);
+    for &control in &controls {
+        assert_eq!(
+            attach_at(control, 41),
+            epoch,
+            "a retry of the same attach at node {} must keep the epoch",
+            control.0
+        );
+    }
+    let mut writer = cluster.nbd_client(leader, &format!("{DEFAULT_EXPORT_NAME}@{epoch}"));
+    writer.write_ok(0, &[5u8; 4096]);
+
+    let next = attach_at(controls[1], 42);
+    assert!(next > epoch, "a new attach request starts a new epoch");
+    let reply = writer.write(4096, &[6u8; 4096]).expect("write");
+    assert_eq!(
+        nbd_error_name(reply.error),
+        "EPERM",
+        "the old epoch is fenced by the new attachment"
+    );
+    let mut reader = cluster.nbd_client(leader, DEFAULT_EXPORT_NAME);
+    assert_eq!(reader.read_ok(0, 4096), vec![5u8; 4096]);
+    assert_eq!(reader.read_ok(4096, 4096), vec![0u8; 4096]);
+}
+
 /// The fault-injecting relay itself (the partition test is only as good as it is): bytes pass
 /// intact, a black hole delivers nothing while keeping the connection open and resumes intact
 /// after the heal, a delay delays, and `Close` ends open connections.

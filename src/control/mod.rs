@@ -9,7 +9,7 @@
 //!   members and their addresses, volumes and actor restart counts as JSON.
 //! - `GET /v1/volumes`, `POST /v1/volumes` (`{"name", "size_bytes", "block_size_bytes"}`),
 //!   `DELETE /v1/volumes/{name}`: the volume table, changed through Raft like any write.
-//! - `POST /v1/volumes/{name}/attach` (`{"client", "force"}`) and
+//! - `POST /v1/volumes/{name}/attach` (`{"client", "force", "attach_id"}`) and
 //!   `DELETE /v1/volumes/{name}/attach?epoch=N`: the single read-write attachment of a volume
 //!   and its fencing epoch (see `storage::command::Command::Attach`).
 //! - `GET /v1/volumes/{name}/digest`: a checksum of this node's own copy, to compare replicas.
@@ -57,6 +57,10 @@ pub struct AttachRequest {
     pub client: String,
     #[serde(default)]
     pub force: bool,
+    /// Names one attach request across its retries (see `Command::Attach`): a caller that
+    /// retries, here or at another server, sends the same id.
+    #[serde(default)]
+    pub attach_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -339,6 +343,7 @@ async fn attach_volume(
         name: &name,
         client: &body.client,
         force: body.force,
+        attach_id: body.attach_id,
     });
     match propose(&state, command).await {
         Ok(ApplyOutcome::Attached(volume)) => match volume.attachment.clone() {

@@ -368,17 +368,22 @@ struct ErrorReply {
 }
 
 /// `POST /v1/volumes/{name}/attach` on one server (blocking). Returns the epoch.
+/// `attach_id` is the same for every server tried for one attach (see `Command::Attach`).
 pub fn attach_once(
     control: SocketAddr,
     volume_name: &str,
     client_id: &str,
     force: bool,
+    attach_id: u64,
     timeout: Duration,
     token: &str,
 ) -> Result<u64, AttachError> {
     let request = agent(timeout).post(&format!("http://{control}/v1/volumes/{volume_name}/attach"));
-    let result = authorized(request, token)
-        .send_json(serde_json::json!({ "client": client_id, "force": force }));
+    let result = authorized(request, token).send_json(serde_json::json!({
+        "client": client_id,
+        "force": force,
+        "attach_id": attach_id,
+    }));
     match result {
         Ok(response) => response
             .into_json::<AttachReply>()

@@ -10,10 +10,13 @@
 //! cluster's own answer, or with EIO once its deadline passed, so the proxy never acknowledges a
 //! write the cluster has not acknowledged.
 //!
-//! A write answered `EPERM` (fenced) also re-attaches, without force, and is reissued: an
-//! attach of this client's own can commit after the one whose epoch the proxy holds (a server
-//! that timed out for the proxy still retries its proposal). If another client took the volume
-//! over, that re-attach is refused and every request fails with `EPERM` from then on.
+//! One re-attach sends the same random attach id to every server it tries, so a server that
+//! timed out for the proxy but still commits the attach later answers with the attachment
+//! another server made instead of starting a new epoch. A write answered `EPERM` (fenced) also
+//! re-attaches, without force, and is reissued: what overtakes the proxy's epoch can still be
+//! an attach of this client's own that no id covers (one of an earlier re-attach, or one made
+//! through the control API). If another client took the volume over, that re-attach is
+//! refused and every request fails with `EPERM` from then on.
 //!
 //! Memory: requests in flight are bounded by the sessions' flow control (each holds permits for
 //! its payload or read size until answered) and by the bounded queue into this task.
@@ -649,13 +652,16 @@ async fn connect_and_handshake(
 }
 
 /// Attaches `volume_name` for `client_id`, trying the leader's control API first, then every
-/// other server. Refusals (409, 404) are final; anything else tries the next server.
+/// other server. Refusals (409, 404) are final; anything else tries the next server. Every
+/// server gets the same random attach id, so a server that timed out here but commits the
+/// attach later answers with the attachment another server made, instead of a new epoch.
 pub async fn attach(
     view: &ClusterView,
     volume_name: &str,
     client_id: &str,
     force: bool,
 ) -> Result<u64, AttachError> {
+    let attach_id = rand::random::<u64>();
     let (snapshot, _) = view.snapshot();
     let timeout = view.control_timeout();
     let mut last = AttachError::Unavailable("no server configured".to_string());
@@ -664,7 +670,7 @@ pub async fn attach(
         let client = client_id.to_string();
         let token = view.token();
         let result = tokio::task::spawn_blocking(move || {
-            attach_once(control, &name, &client, force, timeout, &token)
+            attach_once(control, &name, &client, force, attach_id, timeout, &token)
         })
         .await
         .unwrap_or_else(|error| Err(AttachError::Unavailable(error.to_string())));

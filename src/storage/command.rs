@@ -14,7 +14,8 @@
 //!                   flags u8 (bit 0: may_punch_hole)
 //!   4 CreateVolume  size_bytes u64, block_size_bytes u32, name_length u16, name (UTF-8)
 //!   5 DeleteVolume  name_length u16, name (UTF-8)
-//!   6 Attach        flags u8 (bit 0: force), name_length u16, name, client_length u16, client
+//!   6 Attach        flags u8 (bit 0: force, bit 1: attach_id follows), name_length u16,
+//!                   name, client_length u16, client, [attach_id u64]
 //!   7 Detach        epoch u64, name_length u16, name (UTF-8)
 //!   8 ResizeVolume  size_bytes u64, name_length u16, name (UTF-8)
 //! ```
@@ -47,6 +48,7 @@ const TAG_RESIZE_VOLUME: u8 = 8;
 
 const FLAG_MAY_PUNCH_HOLE: u8 = 0x01;
 const FLAG_FORCE: u8 = 0x01;
+const FLAG_ATTACH_ID: u8 = 0x02;
 
 /// Bytes before the data of a `Write`: version, tag, volume id, writer epoch, offset.
 pub const WRITE_COMMAND_HEADER_BYTES: usize = 2 + 8 + 8 + 8;
@@ -89,10 +91,14 @@ pub enum Command<'a> {
     DeleteVolume { name: &'a str },
     /// Attaches the volume read-write to `client`; the new epoch is the index of this entry.
     /// Refused while another client holds it, unless `force` (which fences that client).
+    /// `attach_id` names one attach request across all its retries, on any server: an
+    /// `Attach` by the holder carrying the id of the current attachment is answered with that
+    /// attachment, so a retry that commits late does not fence the attachment it made.
     Attach {
         name: &'a str,
         client: &'a str,
         force: bool,
+        attach_id: Option<u64>,
     },
     /// Ends the attachment of the given epoch (refused as fenced for any other epoch).
     Detach { name: &'a str, epoch: u64 },
@@ -197,14 +203,22 @@ pub fn encode_command(command: &Command<'_>) -> Vec<u8> {
             name,
             client,
             force,
+            attach_id,
         } => {
             let name = truncated_name(name);
             let client = truncated_client(client);
-            let mut bytes = Vec::with_capacity(2 + 5 + name.len() + client.len());
+            let mut bytes = Vec::with_capacity(2 + 13 + name.len() + client.len());
             bytes.extend_from_slice(&[COMMAND_FORMAT_VERSION, TAG_ATTACH]);
-            bytes.push(if *force { FLAG_FORCE } else { 0 });
+            let mut flags = if *force { FLAG_FORCE } else { 0 };
+            if attach_id.is_some() {
+                flags |= FLAG_ATTACH_ID;
+            }
+            bytes.push(flags);
             push_name(&mut bytes, name);
             push_name(&mut bytes, client);
+            if let Some(attach_id) = attach_id {
+                bytes.extend_from_slice(&attach_id.to_be_bytes());
+            }
             bytes
         }
         Command::Detach { name, epoch } => {
@@ -421,15 +435,21 @@ pub fn decode_command(data: &[u8]) -> Result<Command<'_>, CommandDecodeError> {
         },
         TAG_ATTACH if version == COMMAND_FORMAT_VERSION => {
             let flags = fields.u8()?;
-            if flags & !FLAG_FORCE != 0 {
+            if flags & !(FLAG_FORCE | FLAG_ATTACH_ID) != 0 {
                 return Err(CommandDecodeError::ReservedFlags { flags });
             }
             let name = fields.name()?;
             let client = fields.client()?;
+            let attach_id = if flags & FLAG_ATTACH_ID != 0 {
+                Some(fields.u64()?)
+            } else {
+                None
+            };
             Command::Attach {
                 name,
                 client,
                 force: flags & FLAG_FORCE != 0,
+                attach_id,
             }
         }
         TAG_DETACH if version == COMMAND_FORMAT_VERSION => {
@@ -506,6 +526,7 @@ mod tests {
                 name,
                 client,
                 force: flag,
+                attach_id: (a % 2 == 1).then_some(c),
             },
             7 => Command::Detach { name, epoch: a },
             _ => Command::ResizeVolume {
@@ -637,12 +658,16 @@ mod tests {
             name: "d",
             client: "c",
             force: true,
+            attach_id: None,
         });
-        attach[2] = 0x03;
+        attach[2] = 0x05;
         assert_eq!(
             decode_command(&attach),
-            Err(CommandDecodeError::ReservedFlags { flags: 0x03 })
+            Err(CommandDecodeError::ReservedFlags { flags: 0x05 })
         );
+        // The attach_id flag without its eight bytes is a truncated command.
+        attach[2] = 0x03;
+        assert!(decode_command(&attach).is_err());
     }
 
     /// Entries written before writer fencing (format version 1) decode with epoch 0; the

@@ -68,6 +68,8 @@ const KIND_VOLUME: u8 = 1;
 const KIND_DATA: u8 = 2;
 const KIND_END: u8 = 3;
 const FLAG_ATTACHED: u8 = 0x01;
+/// The attachment carries the attach id of the request that made it (after the client id).
+const FLAG_ATTACH_ID: u8 = 0x02;
 
 /// Bytes of one record of the staged checksum file: volume id, block index, crc32c.
 const CHECKSUM_RECORD_BYTES: usize = 8 + 8 + 4;
@@ -287,9 +289,16 @@ pub fn encode_snapshot_chunk(chunk: &SnapshotChunk<'_>) -> Vec<u8> {
             match &info.attachment {
                 None => body.push(0),
                 Some(attachment) => {
-                    body.push(FLAG_ATTACHED);
+                    let mut flags = FLAG_ATTACHED;
+                    if attachment.attach_id.is_some() {
+                        flags |= FLAG_ATTACH_ID;
+                    }
+                    body.push(flags);
                     body.extend_from_slice(&attachment.epoch.to_be_bytes());
                     push_text(&mut body, &attachment.client, CLIENT_ID_LENGTH_BYTES_MAX);
+                    if let Some(attach_id) = attachment.attach_id {
+                        body.extend_from_slice(&attach_id.to_be_bytes());
+                    }
                 }
             }
             (KIND_VOLUME, body)
@@ -376,15 +385,27 @@ pub fn decode_snapshot_chunk(bytes: &[u8]) -> Result<SnapshotChunk<'_>, Snapshot
                 .text("volume name", VOLUME_NAME_LENGTH_BYTES_MAX)?
                 .to_string();
             let flags = fields.u8()?;
-            if flags & !FLAG_ATTACHED != 0 {
+            let attached = flags & FLAG_ATTACHED != 0;
+            if flags & !(FLAG_ATTACHED | FLAG_ATTACH_ID) != 0
+                || (!attached && flags & FLAG_ATTACH_ID != 0)
+            {
                 return Err(SnapshotChunkDecodeError::ReservedFlags { flags });
             }
-            let attachment = if flags & FLAG_ATTACHED != 0 {
+            let attachment = if attached {
                 let epoch = fields.u64()?;
                 let client = fields
                     .text("client id", CLIENT_ID_LENGTH_BYTES_MAX)?
                     .to_string();
-                Some(Attachment { client, epoch })
+                let attach_id = if flags & FLAG_ATTACH_ID != 0 {
+                    Some(fields.u64()?)
+                } else {
+                    None
+                };
+                Some(Attachment {
+                    client,
+                    epoch,
+                    attach_id,
+                })
             } else {
                 None
             };
@@ -911,10 +932,18 @@ mod tests {
         attached.attachment = Some(Attachment {
             client: "host-é".to_string(),
             epoch: 9,
+            attach_id: None,
+        });
+        let mut attached_with_id = volume(5, "disk2", 8192, 4096);
+        attached_with_id.attachment = Some(Attachment {
+            client: "host-b".to_string(),
+            epoch: 11,
+            attach_id: Some(u64::MAX - 3),
         });
         vec![
             volume_chunk(&volume(3, "plain", 4096, 512)),
             volume_chunk(&attached),
+            volume_chunk(&attached_with_id),
             data_chunk(4, 4096, &[7u8; 4096]),
             end_chunk(12, 2, 1, 4096),
         ]

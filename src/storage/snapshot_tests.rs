@@ -165,6 +165,7 @@ impl Node {
             name,
             client,
             force: true,
+            attach_id: Some(0x5eed),
         })) {
             ApplyOutcome::Attached(info) => info.attachment.unwrap().epoch,
             other => panic!("attach returned {other:?}"),

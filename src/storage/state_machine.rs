@@ -27,7 +27,10 @@
 //! Writer fencing (two writers would corrupt a file system): a volume is attached read-write to
 //! at most one client. `Attach` by the holder (or on a free volume) starts a new epoch, the
 //! index of the `Attach` entry; by another client it is refused as `AttachedByOther` unless
-//! `force`, which takes the volume over and so fences the old epoch. `Detach` succeeds only for
+//! `force`, which takes the volume over and so fences the old epoch. An `Attach` by the holder
+//! that carries the attach id of the current attachment is a retry of the request that made
+//! it (on another server, or after a lost reply) and is answered with the current attachment,
+//! changing nothing. `Detach` succeeds only for
 //! the current epoch (otherwise `Fenced`). A Write/Trim/WriteZeroes is applied iff the volume
 //! is unattached and its `writer_epoch` is 0, or attached and its `writer_epoch` is the
 //! current epoch; otherwise it is rejected as `Fenced`. Every rule reads only the volume table
@@ -110,6 +113,10 @@ pub struct Attachment {
     /// The Raft index of the `Attach` entry: unique, and larger for every later attachment,
     /// so a writer holding an older epoch is fenced.
     pub epoch: u64,
+    /// The attach id of the request that made this attachment (see `Command::Attach`).
+    /// Rows written before attach ids existed have none.
+    #[serde(default)]
+    pub attach_id: Option<u64>,
 }
 
 /// What applying one committed entry did.
@@ -1003,9 +1010,10 @@ impl StateMachine {
                     name,
                     client,
                     force,
+                    attach_id,
                 } => {
                     self.apply_segment(&mut segment, index - 1)?;
-                    outcomes.push(self.attach(index, name, client, force)?);
+                    outcomes.push(self.attach(index, name, client, force, attach_id)?);
                 }
                 Command::Detach { name, epoch } => {
                     self.apply_segment(&mut segment, index - 1)?;
@@ -1372,14 +1380,23 @@ impl StateMachine {
         name: &str,
         client: &str,
         force: bool,
+        attach_id: Option<u64>,
     ) -> Result<ApplyOutcome, StorageError> {
         let Some(volume) = self.volume_named(name) else {
             self.applied_index = index;
             return Ok(ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume));
         };
-        let held_by_other = volume
-            .attachment
-            .lock()
+        let current = volume.attachment.lock().clone();
+        if attach_id.is_some()
+            && current.as_ref().is_some_and(|attachment| {
+                attachment.client == client && attachment.attach_id == attach_id
+            })
+        {
+            // A retry of the request that made the current attachment: the same answer.
+            self.applied_index = index;
+            return Ok(ApplyOutcome::Attached(volume.info_now()));
+        }
+        let held_by_other = current
             .as_ref()
             .is_some_and(|attachment| attachment.client != client);
         let rejection = if client.is_empty() {
@@ -1396,6 +1413,7 @@ impl StateMachine {
         let attachment = Some(Attachment {
             client: client.to_string(),
             epoch: index,
+            attach_id,
         });
         let info = self.record_attachment(index, &volume, attachment)?;
         Ok(ApplyOutcome::Attached(info))
@@ -2015,11 +2033,62 @@ mod tests {
     }
 
     fn attach(fixture: &mut Fixture, client: &str, force: bool) -> ApplyOutcome {
+        attach_with_id(fixture, client, force, None)
+    }
+
+    fn attach_with_id(
+        fixture: &mut Fixture,
+        client: &str,
+        force: bool,
+        attach_id: Option<u64>,
+    ) -> ApplyOutcome {
         fixture.apply(&encode_command(&Command::Attach {
             name: "disk",
             client,
             force,
+            attach_id,
         }))
+    }
+
+    /// An attach request repeated with its attach id (a retry that commits late, on any
+    /// server) gets the attachment it made, without a new epoch; survives a reopen.
+    #[test]
+    fn a_repeated_attach_id_keeps_the_epoch_it_made() {
+        let mut fixture = Fixture::new();
+        let info = fixture.create("disk", 64 * KIB, 4096);
+        let first = attached_epoch(&attach_with_id(&mut fixture, "host-a", false, Some(7)));
+        let retry = attach_with_id(&mut fixture, "host-a", false, Some(7));
+        assert_eq!(attached_epoch(&retry), first, "a retry keeps the epoch");
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, first, 1),
+            ApplyOutcome::Applied
+        );
+        // Still the same after the attachment was reloaded from RocksDB.
+        let mut fixture = fixture.reopen();
+        let retry = attach_with_id(&mut fixture, "host-a", false, Some(7));
+        assert_eq!(attached_epoch(&retry), first);
+        // A new request of the holder (another id, or none) starts a new epoch and fences the
+        // old one; a retry of the old request after that is a new attachment again.
+        let second = attached_epoch(&attach_with_id(&mut fixture, "host-a", false, Some(8)));
+        assert!(second > first);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, first, 2),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
+        let third = attached_epoch(&attach(&mut fixture, "host-a", false));
+        assert!(third > second);
+        // Another client with the holder's attach id is not the holder: refused unless forced.
+        let fourth = attached_epoch(&attach_with_id(&mut fixture, "host-a", false, Some(9)));
+        assert_eq!(
+            attach_with_id(&mut fixture, "host-b", false, Some(9)),
+            ApplyOutcome::Rejected(ApplyRejection::AttachedByOther)
+        );
+        let taken = attached_epoch(&attach_with_id(&mut fixture, "host-b", true, Some(9)));
+        assert!(taken > fourth);
+        assert_eq!(
+            write_with_epoch(&mut fixture, info.id, fourth, 3),
+            ApplyOutcome::Rejected(ApplyRejection::Fenced)
+        );
     }
 
     fn attached_epoch(outcome: &ApplyOutcome) -> u64 {
@@ -2108,7 +2177,8 @@ mod tests {
                 .attachment,
             Some(Attachment {
                 client: "host-a".to_string(),
-                epoch
+                epoch,
+                attach_id: None,
             })
         );
         assert_eq!(
@@ -2180,7 +2250,8 @@ mod tests {
             fixture.apply(&encode_command(&Command::Attach {
                 name: "nope",
                 client: "host-a",
-                force: true
+                force: true,
+                attach_id: None,
             })),
             ApplyOutcome::Rejected(ApplyRejection::NoSuchVolume)
         );
@@ -2255,7 +2326,8 @@ mod tests {
             fixture.state_machine.volumes()[0].attachment,
             Some(Attachment {
                 client: "host-a".to_string(),
-                epoch
+                epoch,
+                attach_id: None,
             })
         );
         // Replay of the two entries after the checkpoint.
