@@ -94,8 +94,8 @@ impl ImageFile {
     /// page cache with large folios (up to the device's `read_ahead_kb`), and every later
     /// small write into one costs several times a write into a small one (see
     /// [`WRITE_PIECE_BYTES`]). Measured through the proxy after reading the whole volume:
-    /// 4k randwrite qd32 3734/4872 IOPS with the kernel's readahead, 6196/6227 without.
-    /// Sequential readers get readahead from [`Self::read_exact_at`] instead, whose
+    /// 4k randwrite qd32 3848/5399 IOPS with the kernel's readahead, 7493/6255 with this
+    /// (bench/RESULTS.md, 2026-12-02 third round). Sequential readers get readahead from [`Self::read_exact_at`] instead, whose
     /// `POSIX_FADV_WILLNEED` fills small folios. Hints only: a file system that ignores
     /// them serves the image the same.
     fn with_access_pattern(path: &Path, file: File) -> ImageFile {
