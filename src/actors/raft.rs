@@ -1595,6 +1595,22 @@ where
     }
 }
 
+/// Puts `message` in the Raft actor's mailbox, waiting for room only when it is full. Unlike
+/// `send`, it does not wait for the handler to run: the handler's completion would wake the
+/// caller's thread for nothing (the answer comes through the message's responder), and that
+/// wake-up would be made by the Raft thread before it sends the appends.
+async fn post<M>(raft: &Addr<RaftActor>, message: M) -> Result<(), actix::MailboxError>
+where
+    M: actix::Message<Result = ()> + Send + 'static,
+    RaftActor: Handler<M>,
+{
+    match raft.try_send(message) {
+        Ok(()) => Ok(()),
+        Err(actix::prelude::SendError::Full(message)) => raft.send(message).await,
+        Err(actix::prelude::SendError::Closed(_)) => Err(actix::MailboxError::Closed),
+    }
+}
+
 /// Proposes `command` and waits for it to be committed and applied, retrying through leader
 /// elections and actor restarts until `deadline`. Used by NBD sessions and the control API.
 pub async fn propose_until(
@@ -1608,7 +1624,7 @@ pub async fn propose_until(
             command: command.clone(),
             responder,
         };
-        match raft.send(proposal).await {
+        match post(raft, proposal).await {
             // A dropped responder means the actor restarted mid-request.
             Ok(()) => reply.await.unwrap_or(Err(ProposalError::Dropped)),
             // The mailbox is closed while the supervisor restarts the actor.
@@ -1626,7 +1642,7 @@ pub async fn read_barrier_until(
 ) -> Result<(), ProposalError> {
     retry_until(deadline, || async {
         let (responder, reply) = tokio::sync::oneshot::channel();
-        match raft.send(ReadBarrier { responder }).await {
+        match post(raft, ReadBarrier { responder }).await {
             Ok(()) => reply.await.unwrap_or(Err(ProposalError::Dropped)),
             Err(_) => Err(ProposalError::Dropped),
         }
