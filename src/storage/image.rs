@@ -566,9 +566,15 @@ mod tests {
         }
         let mut back = vec![0u8; data.len() + 8192];
         image.read_exact_at(offset - 4096, &mut back).unwrap();
-        assert!(back[..4096].iter().all(|&byte| byte == 7), "the bytes before");
+        assert!(
+            back[..4096].iter().all(|&byte| byte == 7),
+            "the bytes before"
+        );
         assert_eq!(&back[4096..4096 + data.len()], &data[..]);
-        assert!(back[4096 + data.len()..].iter().all(|&byte| byte == 7), "the bytes after");
+        assert!(
+            back[4096 + data.len()..].iter().all(|&byte| byte == 7),
+            "the bytes after"
+        );
         // Once the file system refused a direct write, writes go through the page cache.
         image.direct_usable.store(false, Ordering::Relaxed);
         let second: Vec<u8> = data.iter().map(|byte| byte ^ 0xff).collect();
