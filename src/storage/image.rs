@@ -4,16 +4,18 @@
 //! with positional I/O (`pwrite`/`pread`, safe to share between threads), holes punched with
 //! `fallocate(FALLOC_FL_PUNCH_HOLE)`, ranges zeroed with `FALLOC_FL_ZERO_RANGE`, durable with
 //! `fdatasync`, and its allocation map read with `FIEMAP` (`lseek(SEEK_DATA/SEEK_HOLE)` where
-//! the file system has no `FIEMAP`).
+//! the file system has no `FIEMAP`). Large writes bypass the page cache (`O_DIRECT`, see
+//! [`DIRECT_WRITE_MIN_BYTES`]).
 //!
 //! This module knows nothing of checksums, locks or Raft: the state machine decides what to
 //! write and when to sync.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::StorageError;
 
@@ -28,6 +30,29 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 /// 4.3 µs (2.8 µs on a file never written in large pieces), and the 1 MiB of sequential
 /// writing itself was no dearer in 64 KiB pieces.
 const WRITE_PIECE_BYTES: usize = 64 << 10;
+
+/// A write whose 4 KiB-aligned middle is at least this long writes that middle with
+/// `O_DIRECT`, from an aligned buffer: straight to the disk, without page-cache pages. Every
+/// replica writes each block to its Raft log and to its image, and on this project's test
+/// machines (virtual machines that hand freed memory back to their host) filling a new
+/// page-cache page costs about 12 µs: copying into the image's pages was 19 % of all CPU
+/// under 1 MiB sequential writes. Small writes stay buffered: a direct one waits for the disk.
+/// The checkpoint's fdatasync covers both kinds (it flushes the disk's write cache).
+pub const DIRECT_WRITE_MIN_BYTES: usize = 256 << 10;
+
+/// Alignment of offsets, lengths and buffers of direct writes: a multiple of the logical
+/// block size of every common disk.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Largest piece of one direct write, and the size of each writing thread's aligned buffer.
+const DIRECT_PIECE_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// The aligned buffer direct writes copy into, one per writing thread (the storage
+    /// actor's, a snapshot receiver's), allocated on first use and then reused: a new
+    /// buffer per write would pay for fresh pages again.
+    static DIRECT_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Readahead window of a sequential reader (see [`ImageFile::read_exact_at`]): eight times
 /// the read, within these bounds.
@@ -82,6 +107,10 @@ pub struct AllocationExtent {
 pub struct ImageFile {
     path: PathBuf,
     file: File,
+    /// The same file opened with `O_DIRECT`; `None` where the file system refuses it.
+    direct: Option<File>,
+    /// Cleared when a direct write is refused (`EINVAL`): every later write is buffered.
+    direct_usable: AtomicBool,
     /// Where the last read ended: a read starting there continues a sequential stream.
     read_stream_end: AtomicU64,
     /// The end of the readahead already requested for that stream.
@@ -132,9 +161,16 @@ impl ImageFile {
     /// them serves the image the same.
     fn with_access_pattern(path: &Path, file: File) -> ImageFile {
         fadvise(&file, 0, 0, libc::POSIX_FADV_RANDOM);
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
         ImageFile {
             path: path.to_path_buf(),
             file,
+            direct_usable: AtomicBool::new(direct.is_some()),
+            direct,
             read_stream_end: AtomicU64::new(0),
             readahead_end: AtomicU64::new(0),
         }
@@ -196,8 +232,60 @@ impl ImageFile {
         StorageError::io(&self.path, source)
     }
 
-    /// pwrite of all of `data` at `offset`, in pieces of at most [`WRITE_PIECE_BYTES`].
+    /// pwrite of all of `data` at `offset`: its aligned middle directly when it is at least
+    /// [`DIRECT_WRITE_MIN_BYTES`] long, the rest through the page cache.
     pub fn write_all_at(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        let align = DIRECT_ALIGN as u64;
+        let end = offset + data.len() as u64;
+        let middle_start = offset.div_ceil(align) * align;
+        let middle_end = end / align * align;
+        if middle_end >= middle_start + DIRECT_WRITE_MIN_BYTES as u64
+            && self.direct_usable.load(Ordering::Relaxed)
+        {
+            let head = (middle_start - offset) as usize;
+            let middle = (middle_end - offset) as usize;
+            self.write_buffered(offset, &data[..head])?;
+            self.write_direct(middle_start, &data[head..middle])?;
+            return self.write_buffered(middle_end, &data[middle..]);
+        }
+        self.write_buffered(offset, data)
+    }
+
+    /// Writes `data` (aligned offset and length) with `O_DIRECT`, in pieces of at most
+    /// [`DIRECT_PIECE_BYTES`] copied into this thread's aligned buffer. Falls back to the
+    /// page cache for good if the file system refuses the write.
+    fn write_direct(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        let Some(direct) = &self.direct else {
+            return self.write_buffered(offset, data);
+        };
+        DIRECT_BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            if buffer.len() < DIRECT_PIECE_BYTES + DIRECT_ALIGN {
+                buffer.resize(DIRECT_PIECE_BYTES + DIRECT_ALIGN, 0);
+            }
+            let skip = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+            let aligned = &mut buffer[skip..skip + DIRECT_PIECE_BYTES];
+            let mut position = offset;
+            for piece in data.chunks(DIRECT_PIECE_BYTES) {
+                let staged = &mut aligned[..piece.len()];
+                staged.copy_from_slice(piece);
+                match direct.write_all_at(staged, position) {
+                    Ok(()) => {}
+                    Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct_usable.store(false, Ordering::Relaxed);
+                        self.write_buffered(position, piece)?;
+                    }
+                    Err(error) => return Err(self.io_error(error)),
+                }
+                position += piece.len() as u64;
+            }
+            Ok(())
+        })
+    }
+
+    /// pwrite of all of `data` at `offset` through the page cache, in pieces of at most
+    /// [`WRITE_PIECE_BYTES`].
+    fn write_buffered(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         let mut position = offset;
         for piece in data.chunks(WRITE_PIECE_BYTES) {
             self.file
@@ -598,6 +686,45 @@ mod tests {
         // Reading past the end of the file is an error, not a short read.
         let mut past_end = vec![0u8; 10];
         assert!(image.read_exact_at(MIB - 5, &mut past_end).is_err());
+    }
+
+    #[test]
+    fn a_large_write_goes_around_the_page_cache_and_reads_back_whole() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 8 * MIB).unwrap();
+        // In the page cache first: the direct write must replace what it holds there.
+        image.write_all_at(0, &vec![7u8; 4 * MIB as usize]).unwrap();
+        let mut cached = vec![0u8; 4 * MIB as usize];
+        image.read_exact_at(0, &mut cached).unwrap();
+        // Unaligned at both ends and longer than one direct piece.
+        let offset = 12_345u64;
+        let data: Vec<u8> = (0..(DIRECT_PIECE_BYTES + DIRECT_WRITE_MIN_BYTES + 999) as u32)
+            .map(|value| (value % 253) as u8)
+            .collect();
+        image.write_all_at(offset, &data).unwrap();
+        if image.direct.is_some() {
+            // Each test runs on its own thread: only a direct write allocates its buffer.
+            let buffer_bytes = DIRECT_BUFFER.with(|buffer| buffer.borrow().len());
+            assert!(buffer_bytes >= DIRECT_PIECE_BYTES, "the write went direct");
+        }
+        let mut back = vec![0u8; data.len() + 8192];
+        image.read_exact_at(offset - 4096, &mut back).unwrap();
+        assert!(
+            back[..4096].iter().all(|&byte| byte == 7),
+            "the bytes before"
+        );
+        assert_eq!(&back[4096..4096 + data.len()], &data[..]);
+        assert!(
+            back[4096 + data.len()..].iter().all(|&byte| byte == 7),
+            "the bytes after"
+        );
+        // Once the file system refused a direct write, writes go through the page cache.
+        image.direct_usable.store(false, Ordering::Relaxed);
+        let second: Vec<u8> = data.iter().map(|byte| byte ^ 0xff).collect();
+        image.write_all_at(offset, &second).unwrap();
+        let mut again = vec![0u8; second.len()];
+        image.read_exact_at(offset, &mut again).unwrap();
+        assert_eq!(again, second);
     }
 
     #[test]
