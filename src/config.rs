@@ -376,7 +376,7 @@ impl Config {
         }
         self.proxy.validate()?;
         match self.log.level.as_str() {
-            "trace" | "debug" | "info" | "warning" | "error" | "critical" => {}
+            "trace" | "debug" | "info" | "warning" | "warn" | "error" | "critical" => {}
             other => {
                 return Err(invalid(
                     "log.level",
@@ -635,6 +635,17 @@ mod tests {
         let error = Config::load(None, &[("raft.election_ticks", "1".to_string())])
             .expect_err("election <= heartbeat must be rejected");
         assert!(error.to_string().contains("raft.election_ticks"), "{error}");
+        let error = Config::load(None, &[("log.level", "loud".to_string())])
+            .expect_err("an unknown log level must be rejected");
+        assert!(error.to_string().contains("log.level"), "{error}");
+        for level in ["warn", "warning"] {
+            let config = Config::load(None, &[("log.level", level.to_string())])
+                .expect("both spellings of the warning level are accepted");
+            assert_eq!(
+                crate::logging::level_from_name(&config.log.level),
+                slog::Level::Warning
+            );
+        }
     }
 
     #[test]

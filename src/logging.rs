@@ -18,11 +18,12 @@ pub struct LoggingGuard {
     _async_guard: slog_async::AsyncGuard,
 }
 
-fn level_from_name(name: &str) -> slog::Level {
+pub(crate) fn level_from_name(name: &str) -> slog::Level {
     match name {
         "trace" => slog::Level::Trace,
         "debug" => slog::Level::Debug,
-        "warning" => slog::Level::Warning,
+        // "warn" is how most tools spell it.
+        "warning" | "warn" => slog::Level::Warning,
         "error" => slog::Level::Error,
         "critical" => slog::Level::Critical,
         // Config validation admits only the names above and "info".

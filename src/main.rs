@@ -227,7 +227,7 @@ struct ServerArgs {
     /// terminal or json.
     #[arg(long)]
     log_format: Option<String>,
-    /// trace, debug, info, warning, error or critical.
+    /// trace, debug, info, warning (or warn), error or critical.
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -262,7 +262,7 @@ struct ProxyArgs {
     /// terminal or json.
     #[arg(long)]
     log_format: Option<String>,
-    /// trace, debug, info, warning, error or critical.
+    /// trace, debug, info, warning (or warn), error or critical.
     #[arg(long)]
     log_level: Option<String>,
 }
