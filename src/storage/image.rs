@@ -252,8 +252,8 @@ impl ImageFile {
     }
 
     /// Writes `data` (aligned offset and length) with `O_DIRECT`, in pieces of at most
-    /// [`DIRECT_PIECE_BYTES`] copied into this thread's aligned buffer. Falls back to the
-    /// page cache for good if the file system refuses the write.
+    /// [`DIRECT_PIECE_BYTES`] copied into this thread's aligned buffer. Once the file system
+    /// refuses a direct write, it and everything after it go through the page cache.
     fn write_direct(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         let Some(direct) = &self.direct else {
             return self.write_buffered(offset, data);
@@ -273,7 +273,8 @@ impl ImageFile {
                     Ok(()) => {}
                     Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                         self.direct_usable.store(false, Ordering::Relaxed);
-                        self.write_buffered(position, piece)?;
+                        let done = (position - offset) as usize;
+                        return self.write_buffered(position, &data[done..]);
                     }
                     Err(error) => return Err(self.io_error(error)),
                 }
