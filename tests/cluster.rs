@@ -705,6 +705,131 @@ fn a_second_proxy_is_refused_and_with_force_fences_the_first() {
     );
 }
 
+/// Requirement: "`raftblk proxy` ... presents the cluster's volumes". A volume's allocation map
+/// is part of what it presents: through the proxy, `nbdinfo --map` must give the servers' own
+/// `base:allocation` map (data, holes, zeroes allocated in place), so sparse-aware clients skip
+/// the holes; and `nbdcopy` through the proxy must copy the data, and only the data.
+#[test]
+fn the_proxy_passes_the_servers_allocation_map_through() {
+    let _turn = one_cluster_at_a_time();
+    require_tools(&["nbdinfo", "qemu-io", "nbdcopy"]);
+    const MIB: u64 = 1 << 20;
+    let options = ClusterOptions::default();
+    const VOLUME_BYTES: u64 = 64 * MIB;
+    assert_eq!(options.volume_size_bytes, VOLUME_BYTES);
+    let cluster = Cluster::start(options);
+    let proxy = ProxyProcess::start(&cluster, "alpha", &[]);
+    let through_proxy = proxy.uri(DEFAULT_EXPORT_NAME);
+    run_command(
+        std::process::Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 2M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 0xcd 20M 64k",
+            "-c",
+            "write -P 0xef 40M 1M",
+            "-c",
+            "discard 40M 512k",
+            &through_proxy,
+        ]),
+        Duration::from_secs(60),
+    )
+    .assert_success();
+    let map = |uri: &str| {
+        run_command(
+            std::process::Command::new("nbdinfo").args(["--map", "--json", uri]),
+            Duration::from_secs(60),
+        )
+        .assert_success()
+        .stdout_json()
+    };
+    let proxy_map = map(&through_proxy);
+    let extents = proxy_map
+        .as_array()
+        .expect("nbdinfo --map --json gives an array");
+    // (offset, length, type) of every extent: type 0 data, 2 zero, 3 hole and zero.
+    let triples: Vec<(u64, u64, u64)> = extents
+        .iter()
+        .map(|extent| {
+            let field = |name: &str| {
+                extent[name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("extent without {name}: {extent}"))
+            };
+            (field("offset"), field("length"), field("type"))
+        })
+        .collect();
+    let type_at = |offset: u64| {
+        triples
+            .iter()
+            .find(|(start, length, _)| (*start..start + length).contains(&offset))
+            .map(|(_, _, kind)| *kind)
+            .unwrap_or_else(|| panic!("no extent covers {offset}: {triples:?}"))
+    };
+    assert_eq!(type_at(0), 0, "written data: {triples:?}");
+    assert_eq!(type_at(2 * MIB), 3, "never written: a hole: {triples:?}");
+    assert_eq!(
+        type_at(4 * MIB),
+        2,
+        "zeroed in place: allocated zeroes: {triples:?}"
+    );
+    assert_eq!(type_at(20 * MIB), 0, "written data: {triples:?}");
+    assert_eq!(type_at(40 * MIB), 3, "trimmed: a hole: {triples:?}");
+    assert_eq!(
+        type_at(40 * MIB + 512 * 1024),
+        0,
+        "written data: {triples:?}"
+    );
+    assert_eq!(type_at(50 * MIB), 3, "never written: a hole: {triples:?}");
+    let total: u64 = triples.iter().map(|(_, length, _)| length).sum();
+    assert_eq!(
+        total, VOLUME_BYTES,
+        "the map covers the whole volume: {triples:?}"
+    );
+    for id in cluster.node_ids() {
+        assert_eq!(
+            map(&cluster.node(id).uri(DEFAULT_EXPORT_NAME)),
+            proxy_map,
+            "node {id}'s own map differs from the one through the proxy"
+        );
+    }
+
+    let copy = cluster.workspace().join("copy.img");
+    run_command(
+        std::process::Command::new("nbdcopy")
+            .args([through_proxy.as_str(), copy.to_str().unwrap()]),
+        Duration::from_secs(120),
+    )
+    .assert_success();
+    let image = std::fs::read(&copy).expect("read the copy");
+    assert_eq!(image.len() as u64, VOLUME_BYTES);
+    assert!(image[..2 * MIB as usize].iter().all(|&byte| byte == 0xab));
+    let at = |offset: u64, length: u64| &image[offset as usize..(offset + length) as usize];
+    assert!(at(20 * MIB, 64 * 1024).iter().all(|&byte| byte == 0xcd));
+    assert!(at(40 * MIB + 512 * 1024, 512 * 1024)
+        .iter()
+        .all(|&byte| byte == 0xef));
+    let nonzero = image.iter().filter(|&&byte| byte != 0).count() as u64;
+    assert_eq!(
+        nonzero,
+        2 * MIB + 64 * 1024 + 512 * 1024,
+        "nothing else is data"
+    );
+    drop(image);
+    let allocated = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&copy).expect("stat the copy").blocks() * 512
+    };
+    assert!(
+        allocated < 16 * MIB,
+        "nbdcopy must skip the holes: the copy has {allocated} bytes allocated"
+    );
+}
+
 /// The proxy's attach can commit twice: after a leader kill a server may still be retrying the
 /// proxy's first attach when the proxy, timed out there, attaches at another server; if the
 /// late one commits last, the epoch the proxy holds is overtaken. The proxy must then

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -18,11 +17,14 @@ use super::cache::{
     CacheAbandon, CacheActor, CacheFill, CacheLookup, CacheWriteAcknowledged, Lookup,
 };
 use super::discovery::{AttachError, ClusterView, VolumeSummary};
-use super::upstream::{attach, spawn_upstream, UpstreamHandle, UpstreamParams, UpstreamRequest};
+use super::upstream::{
+    attach, spawn_upstream, UpstreamHandle, UpstreamParams, UpstreamRequest, UpstreamResult,
+};
 use crate::actors::listener::{NbdService, EXPORT_TRANSMISSION_FLAGS};
 use crate::actors::session::{BackendReply, BackendRequest, SessionBackend};
+use crate::nbd::client::ReplyAnswer;
 use crate::nbd::handshake::{ExportCatalog, ExportDescription};
-use crate::nbd::transmission::{BlockStatusExtent, Command, Errno};
+use crate::nbd::transmission::{Command, Errno};
 use crate::nbd::Negotiated;
 
 /// A volume this proxy has attached and serves.
@@ -227,10 +229,7 @@ pub struct ProxyBackend {
     cache: Option<Addr<CacheActor>>,
 }
 
-async fn forward(
-    upstream: &UpstreamHandle,
-    request: BackendRequest,
-) -> Result<Option<Bytes>, Errno> {
+async fn forward(upstream: &UpstreamHandle, request: BackendRequest) -> UpstreamResult {
     let (responder, response) = oneshot::channel();
     let request = UpstreamRequest {
         header: request.header,
@@ -284,7 +283,7 @@ impl SessionBackend for ProxyBackend {
                     }
                     let result = forward(&backend.volume.upstream, request).await;
                     match (result, &backend.cache, ticket) {
-                        (Ok(Some(data)), cache, ticket) => {
+                        (Ok(ReplyAnswer::Data(data)), cache, ticket) => {
                             if let (Some(cache), Some(ticket)) = (cache, ticket) {
                                 cache.do_send(CacheFill {
                                     ticket,
@@ -327,13 +326,14 @@ impl SessionBackend for ProxyBackend {
                         Err(errno) => error_reply(errno),
                     }
                 }
-                // The upstream connection uses simple replies, which cannot carry block status;
-                // "allocated data" is always a correct answer ("base:allocation": a server MAY
-                // report data for any extent).
-                Command::BlockStatus => BackendReply::Extents(vec![BlockStatusExtent {
-                    length_bytes: header.length,
-                    flags: 0,
-                }]),
+                // The servers' own map: a sparse-aware client (qemu-img convert, nbdcopy) then
+                // skips the holes. The cluster answers after a read barrier, so the map
+                // includes every write acknowledged before the request.
+                Command::BlockStatus => match forward(&backend.volume.upstream, request).await {
+                    Ok(ReplyAnswer::Extents(extents)) => BackendReply::Extents(extents),
+                    Ok(_) => error_reply(Errno::Io),
+                    Err(errno) => error_reply(errno),
+                },
                 _ => error_reply(Errno::Inval),
             }
         }

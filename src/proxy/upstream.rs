@@ -38,13 +38,17 @@ use tokio::sync::{mpsc, oneshot};
 use super::discovery::{attach_once, AttachError, ClusterView};
 use crate::actors::frame_writer;
 use crate::nbd::client::{
-    parse_simple_reply, ClientHandshake, ClientHandshakeStep, SIMPLE_REPLY_BYTES,
+    parse_reply_header, reply_header_bytes, ChunkPayload, ClientHandshake, ClientHandshakeStep,
+    ExportInfo, ReplyAnswer, ReplyAssembly, ReplyHeader, CHUNK_HEADER_BYTES, REPLY_MAGIC_BYTES,
 };
 use crate::nbd::proto;
-use crate::nbd::transmission::{encode_request_header, Command, Errno, RequestHeader};
+use crate::nbd::transmission::{
+    encode_request_header, BlockStatusExtent, Command, Errno, RequestHeader,
+};
 
-/// What the session gets back: the read data (for READ), or the final errno.
-pub type UpstreamResult = Result<Option<Bytes>, Errno>;
+/// What the session gets back: the cluster's answer (read data, block status extents), or the
+/// final errno.
+pub type UpstreamResult = Result<ReplyAnswer, Errno>;
 
 /// Session → upstream task: one request to forward.
 pub struct UpstreamRequest {
@@ -54,10 +58,14 @@ pub struct UpstreamRequest {
     pub responder: oneshot::Sender<UpstreamResult>,
 }
 
-/// Command flags forwarded upstream. `NBD_CMD_FLAG_DF` is dropped: the upstream connection
-/// uses simple replies, where DF is not allowed ("Command flags").
-const FORWARDED_FLAGS: u16 =
-    proto::NBD_CMD_FLAG_FUA | proto::NBD_CMD_FLAG_NO_HOLE | proto::NBD_CMD_FLAG_FAST_ZERO;
+/// Command flags forwarded upstream. `NBD_CMD_FLAG_DF` is dropped: the proxy puts a read's
+/// chunks together before it answers, so the local client gets one chunk whatever the server
+/// sent, and the upstream connection may have simple replies, where DF is not allowed
+/// ("Command flags").
+const FORWARDED_FLAGS: u16 = proto::NBD_CMD_FLAG_FUA
+    | proto::NBD_CMD_FLAG_NO_HOLE
+    | proto::NBD_CMD_FLAG_FAST_ZERO
+    | proto::NBD_CMD_FLAG_REQ_ONE;
 
 /// A request waiting for the cluster's answer.
 pub struct Pending<R> {
@@ -223,7 +231,7 @@ enum ConnectionEvent {
         connection: u64,
         cookie: u64,
         error: u32,
-        data: Option<Bytes>,
+        answer: ReplyAnswer,
     },
     Closed {
         connection: u64,
@@ -240,10 +248,21 @@ struct Connection {
     id: u64,
     address: SocketAddr,
     frames: mpsc::UnboundedSender<Frame>,
-    /// Lengths of the reads sent on this connection, for the reader to know how much data
-    /// follows a successful simple reply ("Simple reply message").
-    read_lengths: Arc<Mutex<HashMap<u64, u32>>>,
+    /// The reads and block status requests sent on this connection, for the reader to know
+    /// what their replies carry.
+    expected: Arc<Mutex<HashMap<u64, Expected>>>,
+    /// What the handshake negotiated; `None` for `base:allocation` means block status is
+    /// answered here as "all data".
+    base_allocation_context_id: Option<u32>,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// A request whose reply carries more than an errno.
+#[derive(Clone, Copy, Debug)]
+struct Expected {
+    command: Command,
+    offset: u64,
+    length_bytes: u32,
 }
 
 impl Drop for Connection {
@@ -258,6 +277,7 @@ struct Established {
     leftover: BytesMut,
     address: SocketAddr,
     epoch: u64,
+    info: ExportInfo,
 }
 
 enum EstablishError {
@@ -327,7 +347,7 @@ async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<Upstr
             }
             Some(event) = events.recv() => {
                 match event {
-                    ConnectionEvent::Reply { connection: from, cookie, error, data } => {
+                    ConnectionEvent::Reply { connection: from, cookie, error, answer } => {
                         let current = connection.as_ref().map(|c| c.id);
                         if current != Some(from) || !inflight.awaits_reply_on(cookie, from) {
                             continue;
@@ -360,7 +380,7 @@ async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<Upstr
                             fenced_reattaches = 0;
                         }
                         let result = if error == 0 {
-                            Ok(data)
+                            Ok(answer)
                         } else {
                             Err(Errno::from_code(error).unwrap_or(Errno::Inval))
                         };
@@ -450,17 +470,43 @@ fn fail_connection<R>(
     actix_rt::spawn(async move { view.refresh(Duration::from_millis(0)).await });
 }
 
-fn send_request<R>(connection: &Connection, inflight: &mut Inflight<R>, cookie: u64) {
+fn send_request(
+    connection: &Connection,
+    inflight: &mut Inflight<oneshot::Sender<UpstreamResult>>,
+    cookie: u64,
+) {
     let Some(pending) = inflight.get(cookie) else {
         return;
     };
+    let command = pending.header.command;
+    if command == Command::BlockStatus && connection.base_allocation_context_id.is_none() {
+        // This server cannot report allocation: "allocated data" is always a correct answer
+        // ("base:allocation": a server MAY report data for any extent).
+        let length_bytes = pending.header.length;
+        if let Some(pending) = inflight.complete(cookie) {
+            let answer = if length_bytes == 0 {
+                Err(Errno::Inval)
+            } else {
+                Ok(ReplyAnswer::Extents(vec![BlockStatusExtent {
+                    length_bytes,
+                    flags: 0,
+                }]))
+            };
+            let _ = pending.responder.send(answer);
+        }
+        return;
+    }
     let mut header = Vec::with_capacity(28);
     encode_request_header(&mut header, &pending.header);
-    if pending.header.command == Command::Read {
-        connection
-            .read_lengths
-            .lock()
-            .insert(cookie, pending.header.length);
+    if matches!(command, Command::Read | Command::BlockStatus) {
+        connection.expected.lock().insert(
+            cookie,
+            Expected {
+                command,
+                offset: pending.header.offset,
+                length_bytes: pending.header.length,
+            },
+        );
     }
     let payload = if pending.header.command == Command::Write {
         pending.payload.clone()
@@ -481,26 +527,29 @@ fn start_connection(
         stream,
         leftover,
         address,
+        info,
         ..
     } = established;
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
     let (frames, frame_receiver) = mpsc::unbounded_channel();
-    let read_lengths = Arc::new(Mutex::new(HashMap::new()));
+    let expected = Arc::new(Mutex::new(HashMap::new()));
     // A write error shows up on the read side too (EOF or reset), which reconnects.
     actix_rt::spawn(frame_writer::write_frames(write_half, frame_receiver));
     let reader = actix_rt::spawn(read_replies(
         id,
         read_half,
         leftover,
-        read_lengths.clone(),
+        expected.clone(),
+        info.base_allocation_context_id,
         events,
     ));
     Connection {
         id,
         address,
         frames,
-        read_lengths,
+        expected,
+        base_allocation_context_id: info.base_allocation_context_id,
         reader,
     }
 }
@@ -519,37 +568,107 @@ async fn read_replies(
     connection: u64,
     read_half: OwnedReadHalf,
     leftover: BytesMut,
-    read_lengths: Arc<Mutex<HashMap<u64, u32>>>,
+    expected: Arc<Mutex<HashMap<u64, Expected>>>,
+    base_allocation_context_id: Option<u32>,
     events: mpsc::UnboundedSender<ConnectionEvent>,
 ) {
     let reader = std::io::Cursor::new(leftover).chain(read_half);
     let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    // Structured replies whose last chunk has not come yet; at most one per request in flight.
+    let mut assemblies: HashMap<u64, ReplyAssembly> = HashMap::new();
+    let mut payload = Vec::new();
     let reason = loop {
-        let mut header = [0u8; SIMPLE_REPLY_BYTES];
-        if let Err(error) = reader.read_exact(&mut header).await {
+        let mut header = [0u8; CHUNK_HEADER_BYTES];
+        if let Err(error) = reader.read_exact(&mut header[..REPLY_MAGIC_BYTES]).await {
             break format!("connection closed: {error}");
         }
-        let reply = match parse_simple_reply(&header) {
+        let header_bytes = match reply_header_bytes([header[0], header[1], header[2], header[3]]) {
+            Ok(bytes) => bytes,
+            Err(error) => break format!("protocol error: {error}"),
+        };
+        if let Err(error) = reader
+            .read_exact(&mut header[REPLY_MAGIC_BYTES..header_bytes])
+            .await
+        {
+            break format!("connection closed: {error}");
+        }
+        let reply = match parse_reply_header(&header[..header_bytes]) {
             Ok(reply) => reply,
             Err(error) => break format!("protocol error: {error}"),
         };
-        let read_length = read_lengths.lock().remove(&reply.cookie);
-        let data = match (reply.error, read_length) {
-            (0, Some(length)) => {
-                let mut data = BytesMut::zeroed(length as usize);
-                if let Err(error) = reader.read_exact(&mut data).await {
-                    break format!("connection closed mid-reply: {error}");
-                }
-                Some(data.freeze())
+        let (cookie, error, answer) = match reply {
+            ReplyHeader::Simple(reply) => {
+                let sent = expected.lock().remove(&reply.cookie);
+                let answer = match (reply.error, sent) {
+                    (0, Some(sent)) if sent.command == Command::Read => {
+                        let mut data = BytesMut::zeroed(sent.length_bytes as usize);
+                        if let Err(error) = reader.read_exact(&mut data).await {
+                            break format!("connection closed mid-reply: {error}");
+                        }
+                        ReplyAnswer::Data(data.freeze())
+                    }
+                    // Block status needs a structured reply.
+                    (0, Some(_)) => break "protocol error: simple reply to block status".into(),
+                    _ => ReplyAnswer::Done,
+                };
+                (reply.cookie, reply.error, answer)
             }
-            _ => None,
+            ReplyHeader::Chunk(chunk) => {
+                let assembly = assemblies.entry(chunk.cookie).or_insert_with(|| {
+                    match expected.lock().remove(&chunk.cookie) {
+                        Some(sent) => {
+                            ReplyAssembly::new(sent.command, sent.offset, sent.length_bytes)
+                        }
+                        // A request whose reply carries nothing but success or an errno.
+                        None => ReplyAssembly::new(Command::Flush, 0, 0),
+                    }
+                });
+                let step = match assembly.chunk(chunk) {
+                    Ok(step) => step,
+                    Err(error) => break format!("protocol error: {error}"),
+                };
+                match step {
+                    ChunkPayload::DataOffset => {
+                        let mut offset = [0u8; 8];
+                        if let Err(error) = reader.read_exact(&mut offset).await {
+                            break format!("connection closed mid-reply: {error}");
+                        }
+                        let slot = match assembly.data_slot(u64::from_be_bytes(offset)) {
+                            Ok(slot) => slot,
+                            Err(error) => break format!("protocol error: {error}"),
+                        };
+                        if let Err(error) = reader.read_exact(slot).await {
+                            break format!("connection closed mid-reply: {error}");
+                        }
+                    }
+                    ChunkPayload::Whole { length_bytes } => {
+                        payload.resize(length_bytes as usize, 0);
+                        if let Err(error) = reader.read_exact(&mut payload).await {
+                            break format!("connection closed mid-reply: {error}");
+                        }
+                        if let Err(error) = assembly.payload(&payload, base_allocation_context_id) {
+                            break format!("protocol error: {error}");
+                        }
+                    }
+                }
+                if chunk.flags & proto::NBD_REPLY_FLAG_DONE == 0 {
+                    continue;
+                }
+                let Some(assembly) = assemblies.remove(&chunk.cookie) else {
+                    continue;
+                };
+                match assembly.finish() {
+                    Ok((error, answer)) => (chunk.cookie, error, answer),
+                    Err(error) => break format!("protocol error: {error}"),
+                }
+            }
         };
         if events
             .send(ConnectionEvent::Reply {
                 connection,
-                cookie: reply.cookie,
-                error: reply.error,
-                data,
+                cookie,
+                error,
+                answer,
             })
             .is_err()
         {
@@ -599,12 +718,13 @@ async fn establish(
         match tokio::time::timeout(reply_timeout, connect_and_handshake(address, &export_name))
             .await
         {
-            Ok(Ok((stream, leftover))) => {
+            Ok(Ok((stream, leftover, info))) => {
                 return Ok(Established {
                     stream,
                     leftover,
                     address,
                     epoch,
+                    info,
                 })
             }
             Ok(Err(error)) => last_error = format!("{address}: {error}"),
@@ -617,11 +737,13 @@ async fn establish(
 async fn connect_and_handshake(
     address: SocketAddr,
     export_name: &str,
-) -> Result<(TcpStream, BytesMut), String> {
+) -> Result<(TcpStream, BytesMut, ExportInfo), String> {
     let mut stream = TcpStream::connect(address)
         .await
         .map_err(|error| error.to_string())?;
-    let mut handshake = ClientHandshake::new(export_name).map_err(|error| error.to_string())?;
+    let mut handshake = ClientHandshake::new(export_name)
+        .map_err(|error| error.to_string())?
+        .asking_structured_replies();
     let mut input = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(256);
     loop {
@@ -646,7 +768,7 @@ async fn connect_and_handshake(
                     return Err("server closed the connection during the handshake".to_string());
                 }
             }
-            ClientHandshakeStep::Done(_) => return Ok((stream, input)),
+            ClientHandshakeStep::Done(info) => return Ok((stream, input, info)),
         }
     }
 }
