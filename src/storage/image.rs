@@ -15,7 +15,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
 
 use super::StorageError;
 
@@ -58,6 +60,28 @@ thread_local! {
 /// the read, within these bounds.
 const READAHEAD_MIN_BYTES: u64 = 512 << 10;
 const READAHEAD_MAX_BYTES: u64 = 2 << 20;
+/// Sequential streams followed per image: a read that starts where one of the last this many
+/// streams ended continues it. Several readers (or one reader's requests in flight at once,
+/// which arrive out of order) each keep their readahead.
+const READ_STREAMS_MAX: usize = 8;
+
+/// One sequential stream of reads (see [`ReadStreams`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct ReadStream {
+    /// Where its last read ended: a read starting there continues it.
+    end: u64,
+    /// The end of the readahead already requested for it.
+    readahead_end: u64,
+    /// When it was last continued (a tick of [`ReadStreams::clock`]); 0 = unused slot.
+    used_at: u64,
+}
+
+/// The sequential streams of one image, the least recently continued replaced first.
+#[derive(Debug, Default)]
+struct ReadStreams {
+    streams: [ReadStream; READ_STREAMS_MAX],
+    clock: u64,
+}
 
 /// Most extents [`ImageFile::allocation_map`] returns in one call (a limit on the reply size
 /// of an NBD `BLOCK_STATUS`; the spec lets the server describe a prefix of the range).
@@ -111,10 +135,8 @@ pub struct ImageFile {
     direct: Option<File>,
     /// Cleared when a direct write is refused (`EINVAL`): every later write is buffered.
     direct_usable: AtomicBool,
-    /// Where the last read ended: a read starting there continues a sequential stream.
-    read_stream_end: AtomicU64,
-    /// The end of the readahead already requested for that stream.
-    readahead_end: AtomicU64,
+    /// The sequential read streams, for readahead.
+    read_streams: Mutex<ReadStreams>,
 }
 
 impl ImageFile {
@@ -171,31 +193,53 @@ impl ImageFile {
             file,
             direct_usable: AtomicBool::new(direct.is_some()),
             direct,
-            read_stream_end: AtomicU64::new(0),
-            readahead_end: AtomicU64::new(0),
+            read_streams: Mutex::new(ReadStreams::default()),
         }
     }
 
-    /// Notes a read of `[offset, offset + length)`; for a read that continues the sequential
-    /// stream, returns the range to read ahead (up to a window past the read's end), unless
-    /// enough of it was requested already. One stream per image: interleaved sequential
-    /// readers defeat it and read without readahead, as random readers do.
-    fn note_read(&self, offset: u64, length: u64) -> Option<(u64, u64)> {
+    /// Notes a read of `[offset, offset + length)`. A read that starts where a recent one
+    /// ended continues that stream; any other starts a new stream, replacing the one least
+    /// recently continued. For a continuing read that `may_read_ahead`, returns the range to
+    /// read ahead (up to a window past the read's end), unless enough of it was requested
+    /// already. Random reads almost never start exactly where another ended, so they read
+    /// without readahead.
+    fn note_read(&self, offset: u64, length: u64, may_read_ahead: bool) -> Option<(u64, u64)> {
         let end = offset + length;
-        if self.read_stream_end.swap(end, Ordering::Relaxed) != offset {
+        let mut table = self.read_streams.lock();
+        table.clock += 1;
+        let now = table.clock;
+        let continued = table
+            .streams
+            .iter()
+            .position(|stream| stream.used_at != 0 && stream.end == offset);
+        let Some(index) = continued else {
             // A new stream starts here: nothing of it is requested beyond this read.
-            self.readahead_end.store(end, Ordering::Relaxed);
+            let oldest = table
+                .streams
+                .iter_mut()
+                .min_by_key(|stream| stream.used_at)
+                .expect("the table has slots");
+            *oldest = ReadStream {
+                end,
+                readahead_end: end,
+                used_at: now,
+            };
+            return None;
+        };
+        let stream = &mut table.streams[index];
+        stream.end = end;
+        stream.used_at = now;
+        if !may_read_ahead {
             return None;
         }
         let window = length
             .saturating_mul(8)
             .clamp(READAHEAD_MIN_BYTES, READAHEAD_MAX_BYTES);
-        let requested = self.readahead_end.load(Ordering::Relaxed);
-        if requested >= end + window / 2 {
+        if stream.readahead_end >= end + window / 2 {
             return None;
         }
-        let start = requested.max(offset);
-        self.readahead_end.store(end + window, Ordering::Relaxed);
+        let start = stream.readahead_end.max(offset);
+        stream.readahead_end = end + window;
         Some((start, end + window - start))
     }
 
@@ -301,7 +345,7 @@ impl ImageFile {
     /// continues a sequential stream first asks the kernel to read ahead
     /// (`POSIX_FADV_WILLNEED`, which returns once the reads are queued).
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        if let Some((start, length)) = self.note_read(offset, buf.len() as u64) {
+        if let Some((start, length)) = self.note_read(offset, buf.len() as u64, true) {
             fadvise(&self.file, start, length, libc::POSIX_FADV_WILLNEED);
         }
         self.file
@@ -343,8 +387,7 @@ impl ImageFile {
             }
             done += read as usize;
         }
-        self.read_stream_end
-            .store(offset + buf.len() as u64, Ordering::Relaxed);
+        self.note_read(offset, buf.len() as u64, false);
         Ok(true)
     }
 
@@ -733,26 +776,78 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let image = ImageFile::create(&directory.path().join("a.img"), 64 * MIB).unwrap();
         let window = READAHEAD_MIN_BYTES;
-        // The first read at 0 starts the stream: read ahead from the read to a window past it.
-        assert_eq!(image.note_read(0, 4096), Some((0, 4096 + window)));
+        // The first read starts a stream; the one after it continues it and reads ahead from
+        // itself to a window past it.
+        assert_eq!(image.note_read(0, 4096, true), None);
+        assert_eq!(
+            image.note_read(4096, 4096, true),
+            Some((4096, 4096 + window))
+        );
         // Its successors are covered until less than half a window is left ahead of them.
-        let mut offset = 4096;
-        while offset + 4096 + window / 2 <= 4096 + window {
-            assert_eq!(image.note_read(offset, 4096), None, "offset {offset}");
+        let mut offset = 8192;
+        while offset + 4096 + window / 2 <= 8192 + window {
+            assert_eq!(image.note_read(offset, 4096, true), None, "offset {offset}");
             offset += 4096;
         }
-        let (start, length) = image.note_read(offset, 4096).unwrap();
-        assert_eq!(start, 4096 + window, "only what was not requested yet");
+        let (start, length) = image.note_read(offset, 4096, true).unwrap();
+        assert_eq!(start, 8192 + window, "only what was not requested yet");
         assert_eq!(start + length, offset + 4096 + window);
-        // A read elsewhere breaks the stream; the next one there starts a new stream.
-        assert_eq!(image.note_read(32 * MIB, 4096), None);
-        let continued = image.note_read(32 * MIB + 4096, 4096).unwrap();
+        // A read elsewhere starts another stream; the next one there continues it.
+        assert_eq!(image.note_read(32 * MIB, 4096, true), None);
+        let continued = image.note_read(32 * MIB + 4096, 4096, true).unwrap();
         assert_eq!(continued, (32 * MIB + 4096, 4096 + window));
         // Large reads get a larger window, up to the bound.
         let big = MIB;
-        let (start, length) = image.note_read(32 * MIB + 8192, big).unwrap();
+        let (start, length) = image.note_read(32 * MIB + 8192, big, true).unwrap();
         assert_eq!(start, 32 * MIB + 8192 + window);
         assert_eq!(start + length, 32 * MIB + 8192 + big + READAHEAD_MAX_BYTES);
+        // Reads served from the page cache are followed without reading ahead; the blocking
+        // read that continues them does.
+        assert_eq!(image.note_read(40 * MIB, 4096, false), None);
+        assert_eq!(image.note_read(40 * MIB + 4096, 4096, false), None);
+        assert_eq!(
+            image.note_read(40 * MIB + 8192, 4096, true),
+            Some((40 * MIB + 8192, 4096 + window))
+        );
+    }
+
+    /// Interleaved sequential readers, and one reader whose requests arrive out of order,
+    /// each keep their readahead; random reads get none; the stream continued least
+    /// recently is the one a new stream replaces.
+    #[test]
+    fn interleaved_and_reordered_streams_each_read_ahead() {
+        let directory = tempfile::tempdir().unwrap();
+        let image = ImageFile::create(&directory.path().join("a.img"), 64 * MIB).unwrap();
+        let chunk = 64 * 1024;
+        let bases = [0, 16 * MIB, 32 * MIB];
+        for base in bases {
+            assert_eq!(image.note_read(base, chunk, true), None);
+        }
+        for base in bases {
+            let (start, _) = image
+                .note_read(base + chunk, chunk, true)
+                .expect("each interleaved stream reads ahead");
+            assert_eq!(start, base + chunk);
+        }
+        // Requests 0, 2, 1, 3 of a reader with two in flight at 48 MiB: each starts where
+        // an earlier one ended, so the stream goes on.
+        let at = |index: u64| 48 * MIB + index * chunk;
+        assert_eq!(image.note_read(at(0), chunk, true), None);
+        assert_eq!(image.note_read(at(2), chunk, true), None);
+        assert!(
+            image.note_read(at(1), chunk, true).is_some(),
+            "1 continues 0"
+        );
+        assert!(
+            image.note_read(at(3), chunk, true).is_some(),
+            "3 continues 2"
+        );
+        // Random reads start streams but continue none.
+        for block in [7u64, 1301, 555, 9000, 42, 3333, 12000, 640] {
+            assert_eq!(image.note_read(block * 4096 + 1, 4096, true), None);
+        }
+        // Eight random streams replaced every older one.
+        assert_eq!(image.note_read(bases[0] + 2 * chunk, chunk, true), None);
     }
 
     #[test]
