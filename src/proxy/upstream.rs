@@ -564,6 +564,10 @@ impl frame_writer::Frame for Frame {
     }
 }
 
+/// Structured replies one connection may have begun and not finished: far more than the
+/// requests the sessions' flow control lets be in flight, so only a broken server reaches it.
+const REPLIES_IN_PROGRESS_MAX: usize = 1 << 16;
+
 async fn read_replies(
     connection: u64,
     read_half: OwnedReadHalf,
@@ -614,6 +618,13 @@ async fn read_replies(
                 (reply.cookie, reply.error, answer)
             }
             ReplyHeader::Chunk(chunk) => {
+                if assemblies.len() >= REPLIES_IN_PROGRESS_MAX
+                    && !assemblies.contains_key(&chunk.cookie)
+                {
+                    break format!(
+                        "protocol error: more than {REPLIES_IN_PROGRESS_MAX} replies unfinished"
+                    );
+                }
                 let assembly = assemblies.entry(chunk.cookie).or_insert_with(|| {
                     match expected.lock().remove(&chunk.cookie) {
                         Some(sent) => {
