@@ -660,8 +660,8 @@ fn push_extent(extents: &mut Vec<AllocationExtent>, length_bytes: u64, hole: boo
 }
 
 /// `posix_fadvise`; a refusal is ignored, since the advice changes no result.
-fn fadvise(file: &File, offset: u64, length: u64, advice: libc::c_int) {
-    // Offsets and lengths are below the image size, which is far below i64::MAX.
+pub(crate) fn fadvise(file: &File, offset: u64, length: u64, advice: libc::c_int) {
+    // Offsets and lengths are file sizes, far below i64::MAX.
     // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by
     // `file`, which outlives the call.
     unsafe {

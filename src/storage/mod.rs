@@ -10,6 +10,7 @@
 //! - [`snapshot`]: snapshot streaming for followers behind the log (fuzzy copy + log replay):
 //!   pure chunk encoding, the sending [`snapshot::SnapshotSource`] and the receiving
 //!   [`snapshot::SnapshotStaging`].
+//! - `wal_cache`: drops RocksDB's synced write-ahead log from the page cache.
 //! - `keys`: the RocksDB column families and key encodings, all prefixed by the Raft group id.
 //!
 //! Whom it talks to: the Raft actor owns a [`raft_log::RaftLogStore`], the storage actor owns the
@@ -30,6 +31,7 @@ mod keys;
 pub mod raft_log;
 pub mod snapshot;
 pub mod state_machine;
+mod wal_cache;
 
 #[cfg(test)]
 mod crash_tests;

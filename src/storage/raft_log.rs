@@ -24,6 +24,7 @@ use rocksdb::{ReadOptions, WriteBatch, WriteOptions, DB};
 
 use super::keys;
 use super::snapshot::SnapshotDescriptor;
+use super::wal_cache::WalPageCache;
 use super::{column_family, StorageError};
 use crate::config::MemberConfig;
 
@@ -49,6 +50,8 @@ struct Shared {
     /// The state machine's applied index, published by its owner: the index a snapshot is
     /// taken at (see [`RaftLogStore::set_applied_index_source`]).
     applied_index_source: parking_lot::Mutex<Option<Arc<AtomicU64>>>,
+    /// Drops the WAL's pages from the page cache behind each sync.
+    wal_cache: WalPageCache,
 }
 
 struct LogState {
@@ -178,6 +181,7 @@ impl RaftLogStore {
             _ => truncated_index,
         };
 
+        let wal_cache = WalPageCache::new(db.path());
         Ok(RaftLogStore {
             shared: Arc::new(Shared {
                 db,
@@ -195,6 +199,7 @@ impl RaftLogStore {
                     entry_cache_bytes: 0,
                 }),
                 applied_index_source: parking_lot::Mutex::new(None),
+                wal_cache,
             }),
         })
     }
@@ -360,7 +365,7 @@ impl RaftLogStore {
         // everything written to the WAL before it, this batch included.
         db.write_opt(batch, &write_options(false))?;
         if sync {
-            db.flush_wal(true)?;
+            self.shared.wal_cache.sync(|| db.flush_wal(true))?;
         }
 
         if let Some(hard_state) = hard_state {
@@ -377,7 +382,8 @@ impl RaftLogStore {
     /// power loss once it returns. Takes no lock of this store, so the Raft actor can go on
     /// writing further Readies (unsynced) while another thread runs this.
     pub fn sync_wal(&self) -> Result<(), StorageError> {
-        self.shared.db.flush_wal(true)?;
+        let db = &self.shared.db;
+        self.shared.wal_cache.sync(|| db.flush_wal(true))?;
         Ok(())
     }
 
