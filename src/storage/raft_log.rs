@@ -363,7 +363,9 @@ impl RaftLogStore {
         // synced write would hold that queue through its fdatasync, and every write of the
         // storage actor (an applied batch's checksums) would wait behind it. The sync covers
         // everything written to the WAL before it, this batch included.
+        let batch_bytes = batch.size_in_bytes();
         db.write_opt(batch, &write_options(false))?;
+        self.shared.wal_cache.note_written(batch_bytes);
         if sync {
             self.shared.wal_cache.sync(|| db.flush_wal(true))?;
         }
