@@ -150,7 +150,7 @@ mod tests {
         }
         let pages = length.div_ceil(PAGE_BYTES as usize);
         let mut residency = vec![0u8; pages];
-        // SAFETY: a private read-only mapping of a file we hold open, unmapped before return;
+        // SAFETY: a shared read-only mapping of a file we hold open, unmapped before return;
         // mincore writes one byte per page into `residency`, which has one per page.
         unsafe {
             let address = libc::mmap(
