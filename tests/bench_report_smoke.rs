@@ -73,9 +73,9 @@ fn smoke_report_has_a_number_in_every_cell_and_png_plots() {
     );
 
     let tables = tables(&report);
-    // fio IOPS, MB/s, p50, p99 and ratios; dd and its ratios; pgbench and its ratios; run
-    // times.
-    assert_eq!(tables.len(), 10, "tables in REPORT.md:\n{report}");
+    // fio IOPS, MB/s, p50, p99 and ratios; dd and its ratios; pgbench and its ratios; the
+    // sparse copy and its ratios; run times.
+    assert_eq!(tables.len(), 12, "tables in REPORT.md:\n{report}");
     for table in &tables {
         let header = &table[0];
         assert!(
@@ -110,7 +110,7 @@ fn smoke_report_has_a_number_in_every_cell_and_png_plots() {
         "ratio columns: {:?}",
         tables[4][0]
     );
-    let run_times = &tables[9];
+    let run_times = &tables[11];
     assert_eq!(
         run_times.len() - 1,
         TARGETS.len(),

@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 
 use crate::support::fio::Measurement;
 use crate::support::machine;
-use crate::support::report::{Settings, Target, TargetResults, DD_STEPS, PHASES};
+use crate::support::report::{
+    Settings, SparseCopy, Target, TargetResults, DD_STEPS, PHASES, SPARSE_EXTENTS,
+    SPARSE_EXTENT_BYTES,
+};
 
 /// The PNG files the plot specification asks for, in report order.
 pub const PLOT_FILES: &[(&str, &str)] = &[
@@ -201,6 +204,30 @@ impl Report<'_> {
             .collect()
     }
 
+    fn sparse_copy_values(&self, pick: fn(&SparseCopy) -> f64) -> Vec<Result<f64, ()>> {
+        self.results
+            .iter()
+            .map(|result| result.sparse_copy.as_ref().map(pick).map_err(|_| ()))
+            .collect()
+    }
+
+    fn sparse_copy_rows(&self) -> Vec<(String, Vec<Result<f64, ()>>)> {
+        vec![
+            (
+                "MB/s".to_owned(),
+                self.sparse_copy_values(|m| m.megabytes_per_second),
+            ),
+            (
+                "time (s)".to_owned(),
+                self.sparse_copy_values(|m| m.seconds),
+            ),
+            (
+                "copy allocated (MiB)".to_owned(),
+                self.sparse_copy_values(|m| m.allocated_mib),
+            ),
+        ]
+    }
+
     fn pgbench_rows(&self) -> Vec<(String, Vec<Result<f64, ()>>)> {
         vec![
             (
@@ -361,6 +388,29 @@ impl Report<'_> {
         table.render(&mut out);
         let _ = writeln!(out, "### pgbench ratios (tps)\n");
         self.ratio_table("pgbench", &rows[1..2]).render(&mut out);
+
+        let _ = writeln!(
+            out,
+            "## Sparse copy\n\nOn the fresh volume, before fio: qemu-io writes {} extents of {} \
+             MiB spread evenly over it, then `nbdcopy` copies the whole volume to a local file \
+             (timed), which is checked (each extent, zeroes elsewhere) and deleted. nbdcopy asks \
+             the server for its allocation map (NBD block status, `base:allocation`) and reads \
+             only the data; bare's nbdcopy seeks the file's holes. MB/s counts the whole \
+             volume.\n",
+            SPARSE_EXTENTS,
+            SPARSE_EXTENT_BYTES >> 20
+        );
+        let _ = writeln!(out, "### sparse copy results\n");
+        let rows = self.sparse_copy_rows();
+        let decimals = [0, 2, 1];
+        let mut table = Table::new("sparse copy", self.target_columns());
+        for ((label, values), decimals) in rows.iter().zip(decimals) {
+            table.row(label, values.iter().map(|value| number(value, decimals)));
+        }
+        table.render(&mut out);
+        let _ = writeln!(out, "### sparse copy ratios (MB/s)\n");
+        self.ratio_table("sparse copy", &rows[0..1])
+            .render(&mut out);
 
         let _ = writeln!(
             out,

@@ -12,6 +12,9 @@
 //!    buffered and with `iflag=direct`.
 //! 3. PostgreSQL on that ext4: `pgbench -i -s SCALE`, then a fixed-duration run.
 //!
+//! Before fio, on the fresh volume: a sparse copy ([`run_sparse_copy`]): qemu-io writes a few
+//! extents, `nbdcopy` copies the whole volume to a local file, which should hold only them.
+//!
 //! [`Settings::full`] keeps the whole report within about 15 minutes on two cores;
 //! [`Settings::smoke`] runs every step for a few seconds so a test can check that the command
 //! works and its output is well-formed. Nothing here judges a number.
@@ -107,6 +110,7 @@ pub const DD_STEPS: &[&str] = &[
 /// The phases timed on each target, in column order ("total" last).
 pub const PHASES: &[&str] = &[
     "start-up",
+    "sparse copy",
     "fio",
     "ext4 set-up",
     "dd",
@@ -179,6 +183,7 @@ pub struct TargetResults {
     /// MB/s, one per [`DD_STEPS`] entry.
     pub dd: Vec<Result<f64, String>>,
     pub pgbench: Result<PgbenchMeasurement, String>,
+    pub sparse_copy: Result<SparseCopy, String>,
     /// Seconds, one per [`PHASES`] entry.
     pub phase_seconds: Vec<f64>,
 }
@@ -190,6 +195,7 @@ impl TargetResults {
             fio: vec![Err(reason.to_owned()); fio_job_count],
             dd: vec![Err(reason.to_owned()); DD_STEPS.len()],
             pgbench: Err(reason.to_owned()),
+            sparse_copy: Err(reason.to_owned()),
             phase_seconds: vec![0.0; PHASES.len()],
         }
     }
@@ -207,8 +213,14 @@ impl TargetResults {
             .zip(DD_STEPS)
             .filter_map(|(result, step)| result.as_ref().err().map(|error| (*step, error)));
         let pgbench = self.pgbench.as_ref().err().map(|error| ("pgbench", error));
+        let sparse_copy = self
+            .sparse_copy
+            .as_ref()
+            .err()
+            .map(|error| ("sparse copy", error));
         fio.chain(dd)
             .chain(pgbench)
+            .chain(sparse_copy)
             .map(|(cell, error)| format!("{} / {cell}: {error}", target.label))
             .collect()
     }
@@ -309,6 +321,14 @@ enum Backend {
 }
 
 impl Backend {
+    /// What qemu-io and nbdcopy open: the NBD URI, or bare's local file.
+    fn client_source(&self) -> String {
+        match self {
+            Backend::Nbd { uri, .. } => uri.clone(),
+            Backend::Local { fio_file, .. } => fio_file.display().to_string(),
+        }
+    }
+
     fn start(target: &Target, directory: &Path) -> Backend {
         if target.key == "bare" {
             return Backend::Local {
@@ -348,6 +368,108 @@ impl Backend {
             peer.stop();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sparse copy
+// ---------------------------------------------------------------------------------------------
+
+/// Extents written before the sparse copy: this many, each [`SPARSE_EXTENT_BYTES`] long,
+/// spread evenly over the volume.
+pub const SPARSE_EXTENTS: u64 = 16;
+pub const SPARSE_EXTENT_BYTES: u64 = MIB;
+/// The byte qemu-io fills them with.
+const SPARSE_PATTERN: u8 = 0x5a;
+
+/// `nbdcopy` of a volume that holds [`SPARSE_EXTENTS`] written extents to a local file.
+#[derive(Clone, Debug)]
+pub struct SparseCopy {
+    pub seconds: f64,
+    /// Volume bytes (holes included) per second, 10^6.
+    pub megabytes_per_second: f64,
+    /// Allocated size of the copy (`st_blocks`).
+    pub allocated_mib: f64,
+}
+
+/// Offset of written extent `index`.
+fn sparse_extent_offset(index: u64) -> u64 {
+    index * (VOLUME_SIZE_BYTES / SPARSE_EXTENTS)
+}
+
+/// Writes the extents with qemu-io, copies the whole volume with nbdcopy into `directory`,
+/// checks that each extent arrived and that the rest reads as zeroes, and deletes the copy.
+fn run_sparse_copy(source: &str, directory: &Path) -> Result<SparseCopy, String> {
+    let mut fill = Command::new("qemu-io");
+    fill.args(["-f", "raw"]);
+    for index in 0..SPARSE_EXTENTS {
+        fill.arg("-c").arg(format!(
+            "write -P {SPARSE_PATTERN} {} {SPARSE_EXTENT_BYTES}",
+            sparse_extent_offset(index)
+        ));
+    }
+    fill.arg(source);
+    let result = run_command(&mut fill, Duration::from_secs(120));
+    if !result.status.success() {
+        return Err(format!("qemu-io failed\n{}", result.describe()));
+    }
+
+    let copy = directory.join("sparse-copy.img");
+    let _ = fs::remove_file(&copy);
+    let started = Instant::now();
+    let result = run_command(
+        Command::new("nbdcopy").arg(source).arg(&copy),
+        Duration::from_secs(600),
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    if !result.status.success() {
+        let _ = fs::remove_file(&copy);
+        return Err(format!("nbdcopy failed\n{}", result.describe()));
+    }
+    let checked = check_sparse_copy(&copy);
+    let allocated = fs::metadata(&copy)
+        .map(|metadata| std::os::unix::fs::MetadataExt::blocks(&metadata) * 512)
+        .map_err(|error| format!("stat {}: {error}", copy.display()));
+    let _ = fs::remove_file(&copy);
+    checked?;
+    Ok(SparseCopy {
+        seconds,
+        megabytes_per_second: VOLUME_SIZE_BYTES as f64 / seconds / 1e6,
+        allocated_mib: allocated? as f64 / MIB as f64,
+    })
+}
+
+/// The copy holds the volume: its size, each written extent, and zeroes everywhere else.
+fn check_sparse_copy(copy: &Path) -> Result<(), String> {
+    let mut file = fs::File::open(copy).map_err(|error| format!("open the copy: {error}"))?;
+    let length = file
+        .metadata()
+        .map_err(|error| format!("stat the copy: {error}"))?
+        .len();
+    if length != VOLUME_SIZE_BYTES {
+        return Err(format!(
+            "the copy is {length} bytes, the volume {VOLUME_SIZE_BYTES}"
+        ));
+    }
+    let mut buffer = vec![0u8; MIB as usize];
+    let mut offset = 0;
+    while offset < length {
+        file.read_exact(&mut buffer)
+            .map_err(|error| format!("read the copy at {offset}: {error}"))?;
+        let written = (0..SPARSE_EXTENTS).any(|index| {
+            let start = sparse_extent_offset(index);
+            offset >= start && offset < start + SPARSE_EXTENT_BYTES
+        });
+        let expected = if written { SPARSE_PATTERN } else { 0 };
+        if let Some(position) = buffer.iter().position(|byte| *byte != expected) {
+            return Err(format!(
+                "the copy has {:#04x} at byte {}, expected {expected:#04x}",
+                buffer[position],
+                offset + position as u64
+            ));
+        }
+        offset += MIB;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -489,6 +611,19 @@ fn run_target(
     };
     end_phase(&mut phase_seconds);
 
+    let sparse_copy = attempt("sparse copy", || {
+        run_sparse_copy(&backend.client_source(), &directory)
+    })
+    .and_then(|result| result);
+    match &sparse_copy {
+        Ok(m) => eprintln!(
+            "     sparse copy            {:.2} s, {:.0} MB/s, {:.1} MiB allocated",
+            m.seconds, m.megabytes_per_second, m.allocated_mib
+        ),
+        Err(error) => eprintln!("     sparse copy FAILED: {error}"),
+    }
+    end_phase(&mut phase_seconds);
+
     let mut fio = Vec::new();
     for job in &jobs {
         let measurement = attempt(job.label, || {
@@ -554,6 +689,7 @@ fn run_target(
         fio,
         dd,
         pgbench,
+        sparse_copy,
         phase_seconds,
     }
 }
@@ -570,6 +706,8 @@ pub fn require_report_prerequisites() {
     );
     require_tools(&[
         "fio",
+        "qemu-io",
+        "nbdcopy",
         "qemu-nbd",
         "nbdkit",
         "nbdfuse",
