@@ -454,6 +454,11 @@ impl RaftActor {
             max_committed_size_per_ready: 64 << 20,
             check_quorum: true,
             pre_vote: true,
+            // A commit advance is not broadcast on its own: followers learn it from the next
+            // append or heartbeat (a ReadIndex round sends one). Broadcasting cost every qd1
+            // write two more messages out of the leader, two acknowledgements back and a
+            // Ready on each follower.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         let node = match RawNode::new(&config, store, &logger) {
