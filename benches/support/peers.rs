@@ -84,16 +84,13 @@ pub fn start_peer(name: &str, directory: &Path) -> Peer {
     match name {
         "raftblk" => Peer::Raftblk(ServerProcess::start()),
         "raftblk-3x-proxy" => {
-            let mut options = ClusterOptions {
+            // The embedded defaults (production timing, memtables and checkpoints), not the
+            // tests' quick failover and small memtables.
+            let options = ClusterOptions {
                 volume_size_bytes: VOLUME_SIZE_BYTES,
+                harness_settings: false,
                 ..Default::default()
             };
-            // Production timing, not the tests' quick failover.
-            options = options.set("raft", "tick_interval_ms", "100").set(
-                "nbd",
-                "request_timeout_ms",
-                "30000",
-            );
             let cluster = Cluster::start(options);
             // A read cache that holds the fio read region (256 MiB): the 4k random read jobs
             // measure cache hits, as the proxy serves a working set that fits its cache.

@@ -174,6 +174,9 @@ pub struct ClusterOptions {
     pub volume_size_bytes: u64,
     /// Put a [`Relay`] on every directed peer link.
     pub relays: bool,
+    /// Apply [`HARNESS_SETTINGS`] (quick failover, small memtables and checkpoints). Off for
+    /// benchmarks, which measure the embedded defaults.
+    pub harness_settings: bool,
     pub settings: Vec<(String, String, String)>,
 }
 
@@ -183,6 +186,7 @@ impl Default for ClusterOptions {
             node_count: 3,
             volume_size_bytes: 64 * MIB,
             relays: false,
+            harness_settings: true,
             settings: Vec::new(),
         }
     }
@@ -536,8 +540,10 @@ impl Cluster {
             "size_bytes",
             self.options.volume_size_bytes.to_string(),
         );
-        for (section, key, value) in HARNESS_SETTINGS {
-            set(section, key, (*value).to_owned());
+        if self.options.harness_settings {
+            for (section, key, value) in HARNESS_SETTINGS {
+                set(section, key, (*value).to_owned());
+            }
         }
         for (section, key, value) in &self.options.settings {
             set(section, key, value.clone());
