@@ -612,8 +612,16 @@ async fn read_frame<S: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(error) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, error)),
         }
-        if input.capacity() - input.len() < 64 * 1024 {
-            input.reserve(256 * 1024);
+        // Room for the rest of a frame whose header has arrived (its length is within
+        // `frame_bytes_max`, checked above), at least 64 KiB: growing the buffer in steps
+        // would copy a large frame's received part at every step.
+        let frame_total = match input.get(..4) {
+            Some(header) => 4 + u32::from_be_bytes(header.try_into().expect("4 bytes")) as usize,
+            None => 0,
+        };
+        let wanted = frame_total.saturating_sub(input.len()).max(64 * 1024);
+        if input.capacity() - input.len() < wanted {
+            input.reserve(wanted.max(256 * 1024));
         }
         if stream.read_buf(input).await? == 0 {
             return Ok(None);
@@ -738,5 +746,110 @@ async fn receive_snapshot(
             let _ = stream.write_all(&reply).await;
             Err(error)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    use super::read_frame;
+    use crate::peer::{encode_frame, FrameKind};
+
+    /// Serves `data` in pieces of at most `piece` bytes and records, for each read, the
+    /// buffer room it was offered and the bytes of `data` still to come.
+    struct PieceReader {
+        data: Vec<u8>,
+        position: usize,
+        piece: usize,
+        offers: Vec<(usize, usize)>,
+    }
+
+    impl AsyncRead for PieceReader {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let remaining = self.data.len() - self.position;
+            self.offers.push((buf.remaining(), remaining));
+            let length = remaining.min(self.piece).min(buf.remaining());
+            let start = self.position;
+            buf.put_slice(&self.data[start..start + length]);
+            self.position += length;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_large_frame_is_read_into_room_made_once_its_header_arrived() {
+        let large: Vec<u8> = (0..3 << 20).map(|index| (index % 251) as u8).collect();
+        let mut wire = BytesMut::new();
+        encode_frame(FrameKind::RaftMessage, 7, &large, &mut wire);
+        encode_frame(FrameKind::SnapshotAck, 7, b"ack", &mut wire);
+        let large_frame_bytes = wire.len() - (4 + 1 + 8 + 3);
+        let mut reader = PieceReader {
+            data: wire.to_vec(),
+            position: 0,
+            piece: 100 * 1024,
+            offers: Vec::new(),
+        };
+        let mut input = BytesMut::new();
+
+        let frame = read_frame(&mut reader, &mut input, 8 << 20)
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(frame.kind, FrameKind::RaftMessage);
+        assert_eq!(frame.group_id, 7);
+        assert_eq!(&frame.body[..], &large[..]);
+        // Every read after the first (which brought the header) had room for the whole rest
+        // of the frame: the received part was never copied into a grown buffer.
+        let offers_for_the_large_frame = large_frame_bytes.div_ceil(100 * 1024);
+        for (read, &(room, remaining)) in reader.offers[1..offers_for_the_large_frame]
+            .iter()
+            .enumerate()
+        {
+            let rest_of_frame = remaining - (wire.len() - large_frame_bytes);
+            assert!(
+                room >= rest_of_frame,
+                "read {} was offered {room} bytes for the {rest_of_frame} left of the frame",
+                read + 1
+            );
+        }
+
+        let frame = read_frame(&mut reader, &mut input, 8 << 20)
+            .await
+            .expect("read")
+            .expect("the second frame");
+        assert_eq!(frame.kind, FrameKind::SnapshotAck);
+        assert_eq!(&frame.body[..], b"ack");
+        assert!(read_frame(&mut reader, &mut input, 8 << 20)
+            .await
+            .expect("clean end")
+            .is_none());
+    }
+
+    #[actix_rt::test]
+    async fn a_frame_over_the_limit_fails_before_its_body_is_buffered() {
+        let mut wire = BytesMut::new();
+        encode_frame(FrameKind::RaftMessage, 1, &vec![0u8; 2 << 20], &mut wire);
+        let mut reader = PieceReader {
+            data: wire.to_vec(),
+            position: 0,
+            piece: 64 * 1024,
+            offers: Vec::new(),
+        };
+        let mut input = BytesMut::new();
+        let error = read_frame(&mut reader, &mut input, 1 << 20)
+            .await
+            .expect_err("over the limit");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(reader.offers.len(), 1, "only the first piece was read");
+        assert!(input.capacity() < 1 << 20, "capacity {}", input.capacity());
     }
 }
