@@ -10,6 +10,12 @@
 //!   poisons it, and a poisoned (or unknown) ticket inserts nothing. A read that raced with a
 //!   write to the same block can therefore never put the pre-write data back.
 //!
+//! Readahead: a miss that continues one of the last [`STREAMS_MAX`] sequential streams reads
+//! more than was asked, a window that doubles with each such miss up to the largest cacheable
+//! range, and fills the cache with all of it under the same ticket, so the client's next reads
+//! hit. Every read upstream waits for a ReadIndex round in the cluster; one round then serves
+//! many small sequential reads. A random read is never widened.
+//!
 //! A crash of the actor (a panic in a handler) restarts it cold: all blocks and tickets are
 //! forgotten, so fills from before the crash find no ticket and insert nothing. While the actor
 //! is down, sessions bypass it.
@@ -28,8 +34,9 @@ type BlockKey = (u64, u64);
 pub enum Lookup {
     /// Every block of the range is cached; the bytes of exactly the requested range.
     Hit(Bytes),
-    /// Read upstream, then [`BlockCache::fill`] with this ticket.
-    Miss { ticket: u64 },
+    /// Read `length` bytes upstream from the requested offset (the request itself, or more
+    /// when reading ahead), then [`BlockCache::fill`] with this ticket and all of that data.
+    Miss { ticket: u64, length: u64 },
     /// The range is not cacheable (unaligned or too large): read upstream, insert nothing.
     Bypass,
 }
@@ -48,6 +55,17 @@ struct Ticket {
     poisoned: bool,
 }
 
+/// Sequential streams followed for readahead, per cache.
+pub const STREAMS_MAX: usize = 8;
+
+/// A sequential reader: its next block, and the blocks its next widened miss reads.
+struct Stream {
+    volume: u64,
+    next_block: u64,
+    window_blocks: u64,
+    used_at: u64,
+}
+
 /// A byte-bounded LRU map of blocks, with fill tickets for read-write races.
 pub struct BlockCache {
     capacity_bytes: u64,
@@ -56,6 +74,9 @@ pub struct BlockCache {
     range_max_bytes: u64,
     /// Tickets outstanding at once; past it the oldest is dropped (its fill inserts nothing).
     tickets_max: usize,
+    /// Largest read ahead, in blocks (0: no readahead).
+    readahead_blocks_max: u64,
+    streams: Vec<Stream>,
     entries: HashMap<BlockKey, Entry>,
     recency: BTreeMap<u64, BlockKey>,
     tickets: BTreeMap<u64, Ticket>,
@@ -65,16 +86,24 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    pub fn new(capacity_bytes: u64, block_size_bytes: u32) -> Self {
+    /// A cache of `capacity_bytes`; with `read_ahead`, sequential misses read up to the
+    /// largest cacheable range (a quarter of the cache, at most 1 MiB).
+    pub fn new(capacity_bytes: u64, block_size_bytes: u32, read_ahead: bool) -> Self {
+        let block_size_bytes = u64::from(block_size_bytes.max(1));
+        // A single read may fill at most a quarter of the cache (so one large scan cannot
+        // flush it), but always at least one block.
+        let range_max_bytes = (capacity_bytes / 4).min(1 << 20).max(block_size_bytes);
         BlockCache {
             capacity_bytes,
-            block_size_bytes: u64::from(block_size_bytes.max(1)),
-            // A single read may fill at most a quarter of the cache (so one large scan cannot
-            // flush it), but always at least one block.
-            range_max_bytes: (capacity_bytes / 4)
-                .min(1 << 20)
-                .max(u64::from(block_size_bytes)),
+            block_size_bytes,
+            range_max_bytes,
             tickets_max: 4096,
+            readahead_blocks_max: if read_ahead {
+                range_max_bytes / block_size_bytes
+            } else {
+                0
+            },
+            streams: Vec::new(),
             entries: HashMap::new(),
             recency: BTreeMap::new(),
             tickets: BTreeMap::new(),
@@ -110,12 +139,28 @@ impl BlockCache {
         }
     }
 
-    pub fn lookup(&mut self, volume: u64, offset: u64, length: u64) -> Lookup {
+    /// Looks `[offset, offset + length)` of `volume` (of `volume_size_bytes`) up.
+    pub fn lookup(
+        &mut self,
+        volume: u64,
+        offset: u64,
+        length: u64,
+        volume_size_bytes: u64,
+    ) -> Lookup {
         let Some((first, end)) = self.aligned_blocks(offset, length) else {
             return Lookup::Bypass;
         };
+        self.clock += 1;
+        let stream = self
+            .streams
+            .iter()
+            .position(|stream| stream.volume == volume && stream.next_block == first);
         let all_present = (first..end).all(|block| self.entries.contains_key(&(volume, block)));
         if all_present {
+            if let Some(index) = stream {
+                self.streams[index].next_block = end;
+                self.streams[index].used_at = self.clock;
+            }
             for block in first..end {
                 self.touch((volume, block));
             }
@@ -132,6 +177,7 @@ impl BlockCache {
             }
             return Lookup::Hit(Bytes::from(out));
         }
+        let fetch_end = self.read_ahead_end(stream, volume, first, end, volume_size_bytes);
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.tickets.insert(
@@ -139,14 +185,62 @@ impl BlockCache {
             Ticket {
                 volume,
                 first_block: first,
-                end_block: end,
+                end_block: fetch_end,
                 poisoned: false,
             },
         );
         while self.tickets.len() > self.tickets_max {
             self.tickets.pop_first();
         }
-        Lookup::Miss { ticket }
+        Lookup::Miss {
+            ticket,
+            length: (fetch_end - first) * self.block_size_bytes,
+        }
+    }
+
+    /// Where a miss of blocks `[first, end)` reads up to: further than `end` when it continues
+    /// stream `stream` (whose window then doubles), never past the volume's last whole block
+    /// or the largest cacheable range. A miss that continues no stream starts one, LRU.
+    fn read_ahead_end(
+        &mut self,
+        stream: Option<usize>,
+        volume: u64,
+        first: u64,
+        end: u64,
+        volume_size_bytes: u64,
+    ) -> u64 {
+        if self.readahead_blocks_max == 0 {
+            return end;
+        }
+        let requested = end - first;
+        let Some(index) = stream else {
+            let stream = Stream {
+                volume,
+                next_block: end,
+                window_blocks: requested,
+                used_at: self.clock,
+            };
+            if self.streams.len() < STREAMS_MAX {
+                self.streams.push(stream);
+            } else if let Some(oldest) = self.streams.iter_mut().min_by_key(|stream| stream.used_at)
+            {
+                *oldest = stream;
+            }
+            return end;
+        };
+        let stream = &mut self.streams[index];
+        stream.window_blocks = stream
+            .window_blocks
+            .saturating_mul(2)
+            .min(self.readahead_blocks_max)
+            .max(requested);
+        stream.next_block = end;
+        stream.used_at = self.clock;
+        let volume_blocks = volume_size_bytes / self.block_size_bytes;
+        first
+            .saturating_add(stream.window_blocks)
+            .min(volume_blocks)
+            .max(end)
     }
 
     /// Inserts the data a read returned, unless a write acknowledged since the lookup touched
@@ -252,7 +346,11 @@ impl BlockCache {
 
     /// Forgets everything (a restart).
     pub fn clear(&mut self) {
-        *self = BlockCache::new(self.capacity_bytes, self.block_size_bytes as u32);
+        *self = BlockCache::new(
+            self.capacity_bytes,
+            self.block_size_bytes as u32,
+            self.readahead_blocks_max > 0,
+        );
     }
 }
 
@@ -268,7 +366,7 @@ pub struct CacheActor {
 impl CacheActor {
     pub fn new(capacity_bytes: u64, block_size_bytes: u32, supervision: Supervision) -> Self {
         CacheActor {
-            cache: BlockCache::new(capacity_bytes, block_size_bytes),
+            cache: BlockCache::new(capacity_bytes, block_size_bytes, true),
             logger: supervision.logger.clone(),
             supervision,
             restarts: 0,
@@ -306,6 +404,8 @@ pub struct CacheLookup {
     pub volume: u64,
     pub offset: u64,
     pub length: u64,
+    /// Bounds readahead.
+    pub volume_size_bytes: u64,
 }
 
 /// Session → cache: the data a missed read returned.
@@ -345,7 +445,7 @@ impl Handler<CacheLookup> for CacheActor {
             fail::fail_point!("proxy_cache_lookup", |_| {
                 panic!("failpoint proxy_cache_lookup");
             });
-            cache.lookup(msg.volume, msg.offset, msg.length)
+            cache.lookup(msg.volume, msg.offset, msg.length, msg.volume_size_bytes)
         });
         let metrics = crate::metrics::global();
         match &lookup {
@@ -394,52 +494,165 @@ mod tests {
     use super::*;
     use crate::actors::supervisor::{ActorKind, SupervisedActor};
 
+    /// Size of the volume the tests read.
+    const VOLUME: u64 = 1 << 30;
+
     fn block(fill: u8) -> Bytes {
         Bytes::from(vec![fill; 4096])
     }
 
+    /// Misses `[offset, offset + length)` and fills what the miss says to read, block `b` of
+    /// the volume holding the byte `b % 251`. Returns the length read.
+    fn miss_and_fill(cache: &mut BlockCache, offset: u64, length: u64, volume_size: u64) -> u64 {
+        let Lookup::Miss {
+            ticket,
+            length: read,
+        } = cache.lookup(1, offset, length, volume_size)
+        else {
+            panic!("expected a miss at {offset}");
+        };
+        let data: Vec<u8> = (offset / 4096..(offset + read) / 4096)
+            .flat_map(|block| vec![(block % 251) as u8; 4096])
+            .collect();
+        assert!(cache.fill(ticket, &Bytes::from(data)));
+        read
+    }
+
+    #[test]
+    fn sequential_misses_read_ahead_in_doubling_windows_and_random_ones_do_not() {
+        let mut cache = BlockCache::new(8 << 20, 4096, true);
+        const K: u64 = 1024;
+        // The first read of a stream is not widened; each further miss doubles the window
+        // up to 1 MiB, and the reads in between hit.
+        assert_eq!(miss_and_fill(&mut cache, 0, 128 * K, VOLUME), 128 * K);
+        assert_eq!(miss_and_fill(&mut cache, 128 * K, 128 * K, VOLUME), 256 * K);
+        let Lookup::Hit(hit) = cache.lookup(1, 256 * K, 128 * K, VOLUME) else {
+            panic!("read ahead");
+        };
+        assert_eq!(hit[0], 64, "block 64");
+        assert_eq!(miss_and_fill(&mut cache, 384 * K, 128 * K, VOLUME), 512 * K);
+        let mut offset = 512 * K;
+        let mut reads = Vec::new();
+        while offset < 8 << 20 {
+            match cache.lookup(1, offset, 128 * K, VOLUME) {
+                Lookup::Hit(_) => {}
+                Lookup::Miss { ticket, length } => {
+                    reads.push(length);
+                    let data: Vec<u8> = (offset / 4096..(offset + length) / 4096)
+                        .flat_map(|block| vec![(block % 251) as u8; 4096])
+                        .collect();
+                    assert!(cache.fill(ticket, &Bytes::from(data)));
+                }
+                Lookup::Bypass => panic!("cacheable"),
+            }
+            offset += 128 * K;
+        }
+        // 7.5 MiB from 512 KiB on in 1 MiB windows: 1 MiB, then 128 KiB hits until the next.
+        assert_eq!(reads, vec![1 << 20; 8], "windows past 512 KiB");
+        // A random read continues no stream: it reads only what it asked for.
+        let Lookup::Miss { length, .. } = cache.lookup(1, 100 << 20, 4096, VOLUME) else {
+            panic!("cold");
+        };
+        assert_eq!(length, 4096);
+        // Readahead stops at the volume's end.
+        let volume = (64 << 20) + 8192;
+        assert_eq!(miss_and_fill(&mut cache, 64 << 20, 4096, volume), 4096);
+        assert_eq!(
+            miss_and_fill(&mut cache, (64 << 20) + 4096, 4096, volume),
+            4096,
+            "one block left"
+        );
+    }
+
+    #[test]
+    fn a_write_inside_the_read_ahead_window_keeps_the_whole_fill_out() {
+        let mut cache = BlockCache::new(8 << 20, 4096, true);
+        miss_and_fill(&mut cache, 0, 4096, VOLUME);
+        let Lookup::Miss { ticket, length } = cache.lookup(1, 4096, 4096, VOLUME) else {
+            panic!("cold");
+        };
+        assert_eq!(length, 8192, "window doubled");
+        // Acknowledged while the widened read was in flight, past the requested block.
+        cache.write_acknowledged(1, 8192, 4096, Some(&block(9)));
+        assert!(!cache.fill(ticket, &Bytes::from(vec![0u8; 8192])));
+        assert!(matches!(
+            cache.lookup(1, 8192, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+    }
+
+    #[test]
+    fn no_read_ahead_without_it_and_streams_are_bounded() {
+        let mut cache = BlockCache::new(8 << 20, 4096, false);
+        for index in 0..4 {
+            assert_eq!(miss_and_fill(&mut cache, index * 4096, 4096, VOLUME), 4096);
+        }
+        let mut cache = BlockCache::new(8 << 20, 4096, true);
+        // STREAMS_MAX + 1 interleaved readers, 1 MiB apart: the oldest stream is forgotten.
+        let readers = STREAMS_MAX as u64 + 1;
+        for reader in 0..readers {
+            miss_and_fill(&mut cache, reader << 20, 4096, VOLUME);
+        }
+        assert_eq!(
+            miss_and_fill(&mut cache, 4096, 4096, VOLUME),
+            4096,
+            "reader 0's stream was replaced"
+        );
+        assert_eq!(
+            miss_and_fill(&mut cache, ((readers - 1) << 20) + 4096, 4096, VOLUME),
+            8192,
+            "the newest stream continues"
+        );
+    }
+
     #[test]
     fn read_through_then_hit() {
-        let mut cache = BlockCache::new(1 << 20, 4096);
-        let Lookup::Miss { ticket } = cache.lookup(1, 8192, 4096) else {
+        let mut cache = BlockCache::new(1 << 20, 4096, false);
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 8192, 4096, VOLUME) else {
             panic!("a cold cache misses");
         };
         assert!(cache.fill(ticket, &block(7)));
-        assert_eq!(cache.lookup(1, 8192, 4096), Lookup::Hit(block(7)));
+        assert_eq!(cache.lookup(1, 8192, 4096, VOLUME), Lookup::Hit(block(7)));
         // Another volume's block at the same offset is a different block.
-        assert!(matches!(cache.lookup(2, 8192, 4096), Lookup::Miss { .. }));
+        assert!(matches!(
+            cache.lookup(2, 8192, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
         // Unaligned ranges are not cached.
-        assert_eq!(cache.lookup(1, 100, 4096), Lookup::Bypass);
+        assert_eq!(cache.lookup(1, 100, 4096, VOLUME), Lookup::Bypass);
     }
 
     /// The race the tickets exist for: a read misses, a write to the same block is
     /// acknowledged, then the read's (older) data arrives. It must not be inserted.
     #[test]
     fn fill_that_raced_with_an_acknowledged_write_inserts_nothing() {
-        let mut cache = BlockCache::new(1 << 20, 4096);
-        let Lookup::Miss { ticket } = cache.lookup(1, 0, 8192) else {
+        let mut cache = BlockCache::new(1 << 20, 4096, false);
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 0, 8192, VOLUME) else {
             panic!("miss");
         };
         cache.write_acknowledged(1, 4096, 512, None);
         assert!(!cache.fill(ticket, &Bytes::from(vec![1u8; 8192])));
-        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Miss { .. }));
+        assert!(matches!(
+            cache.lookup(1, 0, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
         // A write to another volume or another block does not poison the ticket.
-        let Lookup::Miss { ticket } = cache.lookup(1, 0, 4096) else {
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 0, 4096, VOLUME) else {
             panic!("miss");
         };
         cache.write_acknowledged(2, 0, 4096, Some(&block(9)));
         cache.write_acknowledged(1, 4096, 4096, Some(&block(9)));
         assert!(cache.fill(ticket, &block(1)));
-        assert_eq!(cache.lookup(1, 0, 4096), Lookup::Hit(block(1)));
+        assert_eq!(cache.lookup(1, 0, 4096, VOLUME), Lookup::Hit(block(1)));
     }
 
     /// An acknowledged write replaces cached full blocks and drops partially written ones, so
     /// a later read never sees pre-write data.
     #[test]
     fn acknowledged_writes_update_or_drop_cached_blocks() {
-        let mut cache = BlockCache::new(1 << 20, 4096);
+        let mut cache = BlockCache::new(1 << 20, 4096, false);
         for index in 0..3u64 {
-            let Lookup::Miss { ticket } = cache.lookup(1, index * 4096, 4096) else {
+            let Lookup::Miss { ticket, .. } = cache.lookup(1, index * 4096, 4096, VOLUME) else {
                 panic!("miss");
             };
             assert!(cache.fill(ticket, &block(1)));
@@ -449,42 +662,51 @@ mod tests {
         let mut data = vec![5u8; 4096 + 100];
         data[0] = 6;
         cache.write_acknowledged(1, 4096, 4096 + 100, Some(&Bytes::from(data)));
-        let Lookup::Hit(hit) = cache.lookup(1, 4096, 4096) else {
+        let Lookup::Hit(hit) = cache.lookup(1, 4096, 4096, VOLUME) else {
             panic!("block 1 was replaced, not dropped");
         };
         assert_eq!(hit[0], 6);
         assert_eq!(hit[1], 5);
-        assert!(matches!(cache.lookup(1, 8192, 4096), Lookup::Miss { .. }));
-        assert_eq!(cache.lookup(1, 0, 4096), Lookup::Hit(block(1)));
+        assert!(matches!(
+            cache.lookup(1, 8192, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+        assert_eq!(cache.lookup(1, 0, 4096, VOLUME), Lookup::Hit(block(1)));
         cache.write_acknowledged(1, 0, 4096, None);
-        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Miss { .. }));
+        assert!(matches!(
+            cache.lookup(1, 0, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
     }
 
     #[test]
     fn bounded_in_bytes_with_least_recently_used_eviction() {
-        let mut cache = BlockCache::new(3 * 4096, 4096);
+        let mut cache = BlockCache::new(3 * 4096, 4096, false);
         for index in 0..3u64 {
-            let Lookup::Miss { ticket } = cache.lookup(1, index * 4096, 4096) else {
+            let Lookup::Miss { ticket, .. } = cache.lookup(1, index * 4096, 4096, VOLUME) else {
                 panic!("miss");
             };
             assert!(cache.fill(ticket, &block(index as u8)));
         }
         // Use block 0 so block 1 becomes the least recently used.
-        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Hit(_)));
-        let Lookup::Miss { ticket } = cache.lookup(1, 3 * 4096, 4096) else {
+        assert!(matches!(cache.lookup(1, 0, 4096, VOLUME), Lookup::Hit(_)));
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 3 * 4096, 4096, VOLUME) else {
             panic!("miss");
         };
         assert!(cache.fill(ticket, &block(3)));
         assert_eq!(cache.used_bytes(), 3 * 4096);
-        assert!(matches!(cache.lookup(1, 4096, 4096), Lookup::Miss { .. }));
-        assert!(matches!(cache.lookup(1, 0, 4096), Lookup::Hit(_)));
+        assert!(matches!(
+            cache.lookup(1, 4096, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+        assert!(matches!(cache.lookup(1, 0, 4096, VOLUME), Lookup::Hit(_)));
     }
 
     /// A restart forgets tickets too: a fill started before it inserts nothing.
     #[test]
     fn tickets_do_not_survive_a_restart() {
-        let mut cache = BlockCache::new(1 << 20, 4096);
-        let Lookup::Miss { ticket } = cache.lookup(1, 0, 4096) else {
+        let mut cache = BlockCache::new(1 << 20, 4096, false);
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 0, 4096, VOLUME) else {
             panic!("miss");
         };
         cache.clear();
@@ -503,11 +725,12 @@ mod tests {
         let cache = SupervisedActor::start(supervision.clone(), move |_| {
             CacheActor::new(1 << 20, 4096, supervision)
         });
-        let Ok(Lookup::Miss { ticket }) = cache
+        let Ok(Lookup::Miss { ticket, .. }) = cache
             .send(CacheLookup {
                 volume: 1,
                 offset: 0,
                 length: 4096,
+                volume_size_bytes: VOLUME,
             })
             .await
         else {
@@ -522,6 +745,7 @@ mod tests {
                 volume: 1,
                 offset: 0,
                 length: 4096,
+                volume_size_bytes: VOLUME,
             })
             .await
             .expect("alive");
@@ -532,6 +756,7 @@ mod tests {
                 volume: 1,
                 offset: 0,
                 length: 4096,
+                volume_size_bytes: VOLUME,
             })
             .await
             .expect("restarted at the same address");

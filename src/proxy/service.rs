@@ -263,6 +263,7 @@ impl SessionBackend for ProxyBackend {
             let cache_key = backend.volume.cache_key;
             match header.command {
                 Command::Read => {
+                    let mut request = request;
                     let mut ticket = None;
                     if let Some(cache) = &backend.cache {
                         // A cache that is down (restarting) is bypassed.
@@ -271,13 +272,23 @@ impl SessionBackend for ProxyBackend {
                                 volume: cache_key,
                                 offset: header.offset,
                                 length: u64::from(header.length),
+                                volume_size_bytes: backend.volume.summary.size_bytes,
                             })
                             .await
                         {
                             Ok(Lookup::Hit(data)) if data.len() == header.length as usize => {
                                 return BackendReply::Data(data)
                             }
-                            Ok(Lookup::Miss { ticket: issued }) => ticket = Some(issued),
+                            Ok(Lookup::Miss {
+                                ticket: issued,
+                                length,
+                            }) => {
+                                ticket = Some(issued);
+                                // Reading ahead: at most the cache's largest range (1 MiB).
+                                if let Ok(length) = u32::try_from(length) {
+                                    request.header.length = request.header.length.max(length);
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -290,7 +301,9 @@ impl SessionBackend for ProxyBackend {
                                     data: data.clone(),
                                 });
                             }
-                            BackendReply::Data(data)
+                            // The client gets what it asked for, of what was read ahead too.
+                            let requested = (header.length as usize).min(data.len());
+                            BackendReply::Data(data.slice(..requested))
                         }
                         (result, cache, ticket) => {
                             if let (Some(cache), Some(ticket)) = (cache, ticket) {
