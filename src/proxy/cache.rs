@@ -58,10 +58,12 @@ struct Ticket {
 /// Sequential streams followed for readahead, per cache.
 pub const STREAMS_MAX: usize = 8;
 
-/// A sequential reader: its next block, and the blocks its next widened miss reads.
+/// A sequential reader: its next block, the end of the furthest read issued for it, and the
+/// blocks its next widened miss reads.
 struct Stream {
     volume: u64,
     next_block: u64,
+    fetched_end: u64,
     window_blocks: u64,
     used_at: u64,
 }
@@ -199,8 +201,12 @@ impl BlockCache {
     }
 
     /// Where a miss of blocks `[first, end)` reads up to: further than `end` when it continues
-    /// stream `stream` (whose window then doubles), never past the volume's last whole block
-    /// or the largest cacheable range. A miss that continues no stream starts one, LRU.
+    /// stream `stream` past the stream's furthest read (whose window then doubles), never past
+    /// the volume's last whole block or the largest cacheable range. Only a reader that waits
+    /// for each read is read ahead for: while another miss near this one is in flight the
+    /// client reads at depth, already has its next reads on the way, and a window would only
+    /// read them twice. A miss that continues no stream starts one, replacing the least
+    /// recently used.
     fn read_ahead_end(
         &mut self,
         stream: Option<usize>,
@@ -217,6 +223,7 @@ impl BlockCache {
             let stream = Stream {
                 volume,
                 next_block: end,
+                fetched_end: end,
                 window_blocks: requested,
                 used_at: self.clock,
             };
@@ -228,19 +235,30 @@ impl BlockCache {
             }
             return end;
         };
+        let reach = self.readahead_blocks_max;
+        let near_in_flight = self.tickets.values().any(|ticket| {
+            ticket.volume == volume
+                && ticket.end_block.saturating_add(reach) > first
+                && ticket.first_block < end.saturating_add(reach)
+        });
         let stream = &mut self.streams[index];
+        stream.next_block = end;
+        stream.used_at = self.clock;
+        if near_in_flight || end <= stream.fetched_end {
+            return end;
+        }
         stream.window_blocks = stream
             .window_blocks
             .saturating_mul(2)
             .min(self.readahead_blocks_max)
             .max(requested);
-        stream.next_block = end;
-        stream.used_at = self.clock;
         let volume_blocks = volume_size_bytes / self.block_size_bytes;
-        first
+        let fetch_end = first
             .saturating_add(stream.window_blocks)
             .min(volume_blocks)
-            .max(end)
+            .max(end);
+        stream.fetched_end = fetch_end;
+        fetch_end
     }
 
     /// Inserts the data a read returned, unless a write acknowledged since the lookup touched
@@ -562,6 +580,32 @@ mod tests {
             4096,
             "one block left"
         );
+    }
+
+    #[test]
+    fn a_reader_at_depth_is_not_read_ahead_for() {
+        let mut cache = BlockCache::new(8 << 20, 4096, true);
+        const K: u64 = 128 * 1024;
+        // Eight sequential 128 KiB reads in flight at once: each miss finds the ones before it
+        // still in flight, so none is widened.
+        let mut tickets = Vec::new();
+        for index in 0..8 {
+            match cache.lookup(1, index * K, K, VOLUME) {
+                Lookup::Miss { ticket, length } => {
+                    assert_eq!(length, K, "read {index}");
+                    tickets.push(ticket);
+                }
+                other => panic!("cold, got {other:?}"),
+            }
+        }
+        // Once the reader waits for its reads, the stream is read ahead for again.
+        for ticket in tickets {
+            cache.abandon(ticket);
+        }
+        let Lookup::Miss { length, .. } = cache.lookup(1, 8 * K, K, VOLUME) else {
+            panic!("cold");
+        };
+        assert_eq!(length, 2 * K);
     }
 
     #[test]
