@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 use crate::support::fio::Measurement;
 use crate::support::machine;
 use crate::support::report::{
-    Settings, SparseCopy, Target, TargetResults, DD_STEPS, PHASES, SPARSE_EXTENTS,
-    SPARSE_EXTENT_BYTES,
+    Settings, Target, TargetResults, DD_STEPS, PHASES, SPARSE_EXTENTS, SPARSE_EXTENT_BYTES,
 };
 
 /// The PNG files the plot specification asks for, in report order.
@@ -150,13 +149,16 @@ impl Report<'_> {
             .collect()
     }
 
-    fn pgbench_values(
+    /// One value per target from a measurement each target may have failed: `field` picks
+    /// the measurement, `pick` the number.
+    fn measurement_values<T>(
         &self,
-        pick: fn(&crate::support::postgres::PgbenchMeasurement) -> f64,
+        field: fn(&TargetResults) -> &Result<T, String>,
+        pick: fn(&T) -> f64,
     ) -> Vec<Result<f64, ()>> {
         self.results
             .iter()
-            .map(|result| result.pgbench.as_ref().map(pick).map_err(|_| ()))
+            .map(|result| field(result).as_ref().map(pick).map_err(|_| ()))
             .collect()
     }
 
@@ -167,9 +169,19 @@ impl Report<'_> {
         rows: &[(String, Vec<Result<f64, ()>>)],
         decimals: usize,
     ) -> Table {
+        self.values_table_by_row(first_column, rows, &vec![decimals; rows.len()])
+    }
+
+    /// Like [`Self::values_table`], with each row's own number of decimals.
+    fn values_table_by_row(
+        &self,
+        first_column: &str,
+        rows: &[(String, Vec<Result<f64, ()>>)],
+        decimals: &[usize],
+    ) -> Table {
         let mut table = Table::new(first_column, self.target_columns());
-        for (label, values) in rows {
-            table.row(label, values.iter().map(|value| number(value, decimals)));
+        for ((label, values), decimals) in rows.iter().zip(decimals) {
+            table.row(label, values.iter().map(|value| number(value, *decimals)));
         }
         table
     }
@@ -204,26 +216,19 @@ impl Report<'_> {
             .collect()
     }
 
-    fn sparse_copy_values(&self, pick: fn(&SparseCopy) -> f64) -> Vec<Result<f64, ()>> {
-        self.results
-            .iter()
-            .map(|result| result.sparse_copy.as_ref().map(pick).map_err(|_| ()))
-            .collect()
-    }
-
     fn sparse_copy_rows(&self) -> Vec<(String, Vec<Result<f64, ()>>)> {
         vec![
             (
                 "MB/s".to_owned(),
-                self.sparse_copy_values(|m| m.megabytes_per_second),
+                self.measurement_values(|result| &result.sparse_copy, |m| m.megabytes_per_second),
             ),
             (
                 "time (s)".to_owned(),
-                self.sparse_copy_values(|m| m.seconds),
+                self.measurement_values(|result| &result.sparse_copy, |m| m.seconds),
             ),
             (
                 "copy allocated (MiB)".to_owned(),
-                self.sparse_copy_values(|m| m.allocated_mib),
+                self.measurement_values(|result| &result.sparse_copy, |m| m.allocated_mib),
             ),
         ]
     }
@@ -232,15 +237,15 @@ impl Report<'_> {
         vec![
             (
                 format!("init -s {} (s)", self.settings.pgbench.scale),
-                self.pgbench_values(|m| m.initialise_seconds),
+                self.measurement_values(|result| &result.pgbench, |m| m.initialise_seconds),
             ),
             (
                 "tps".to_owned(),
-                self.pgbench_values(|m| m.transactions_per_second),
+                self.measurement_values(|result| &result.pgbench, |m| m.transactions_per_second),
             ),
             (
                 "latency average (ms)".to_owned(),
-                self.pgbench_values(|m| m.latency_average_ms),
+                self.measurement_values(|result| &result.pgbench, |m| m.latency_average_ms),
             ),
         ]
     }
@@ -380,12 +385,8 @@ impl Report<'_> {
         );
         let _ = writeln!(out, "### pgbench results\n");
         let rows = self.pgbench_rows();
-        let decimals = [1, 1, 2];
-        let mut table = Table::new("pgbench", self.target_columns());
-        for ((label, values), decimals) in rows.iter().zip(decimals) {
-            table.row(label, values.iter().map(|value| number(value, decimals)));
-        }
-        table.render(&mut out);
+        self.values_table_by_row("pgbench", &rows, &[1, 1, 2])
+            .render(&mut out);
         let _ = writeln!(out, "### pgbench ratios (tps)\n");
         self.ratio_table("pgbench", &rows[1..2]).render(&mut out);
 
@@ -402,12 +403,8 @@ impl Report<'_> {
         );
         let _ = writeln!(out, "### sparse copy results\n");
         let rows = self.sparse_copy_rows();
-        let decimals = [0, 2, 1];
-        let mut table = Table::new("sparse copy", self.target_columns());
-        for ((label, values), decimals) in rows.iter().zip(decimals) {
-            table.row(label, values.iter().map(|value| number(value, decimals)));
-        }
-        table.render(&mut out);
+        self.values_table_by_row("sparse copy", &rows, &[0, 2, 1])
+            .render(&mut out);
         let _ = writeln!(out, "### sparse copy ratios (MB/s)\n");
         self.ratio_table("sparse copy", &rows[0..1])
             .render(&mut out);

@@ -287,6 +287,21 @@ fn attempt<T>(what: &str, step: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
+/// Runs a measuring step through [`attempt`] and prints its result (`describe`) or its
+/// failure after `what`.
+fn measure<T>(
+    what: &str,
+    step: impl FnOnce() -> Result<T, String>,
+    describe: impl FnOnce(&T) -> String,
+) -> Result<T, String> {
+    let result = attempt(what, step).and_then(|result| result);
+    match &result {
+        Ok(value) => eprintln!("     {what:<22} {}", describe(value)),
+        Err(error) => eprintln!("     {what:<22} FAILED: {error}"),
+    }
+    result
+}
+
 /// Like [`attempt`] but runs even after an interruption: for the orderly teardown, which
 /// should stop servers gracefully rather than leave it to the guards' kills.
 fn attempt_cleanup<T>(what: &str, step: impl FnOnce() -> T) -> Result<T, String> {
@@ -611,32 +626,30 @@ fn run_target(
     };
     end_phase(&mut phase_seconds);
 
-    let sparse_copy = attempt("sparse copy", || {
-        run_sparse_copy(&backend.client_source(), &directory)
-    })
-    .and_then(|result| result);
-    match &sparse_copy {
-        Ok(m) => eprintln!(
-            "     sparse copy            {:.2} s, {:.0} MB/s, {:.1} MiB allocated",
-            m.seconds, m.megabytes_per_second, m.allocated_mib
-        ),
-        Err(error) => eprintln!("     sparse copy FAILED: {error}"),
-    }
+    let sparse_copy = measure(
+        "sparse copy",
+        || run_sparse_copy(&backend.client_source(), &directory),
+        |m| {
+            format!(
+                "{:.2} s, {:.0} MB/s, {:.1} MiB allocated",
+                m.seconds, m.megabytes_per_second, m.allocated_mib
+            )
+        },
+    );
     end_phase(&mut phase_seconds);
 
     let mut fio = Vec::new();
     for job in &jobs {
-        let measurement = attempt(job.label, || {
-            run_job(job, &backend.fio_target(), settings.fio_seconds)
-        })
-        .and_then(|result| result);
-        match &measurement {
-            Ok(m) => eprintln!(
-                "     {:<22} {:>8.0} IOPS {:>8.1} MB/s p50 {:>7.0} µs p99 {:>7.0} µs",
-                job.label, m.iops, m.megabytes_per_second, m.latency_p50_us, m.latency_p99_us
-            ),
-            Err(error) => eprintln!("     {:<22} FAILED: {error}", job.label),
-        }
+        let measurement = measure(
+            job.label,
+            || run_job(job, &backend.fio_target(), settings.fio_seconds),
+            |m| {
+                format!(
+                    "{:>8.0} IOPS {:>8.1} MB/s p50 {:>7.0} µs p99 {:>7.0} µs",
+                    m.iops, m.megabytes_per_second, m.latency_p50_us, m.latency_p99_us
+                )
+            },
+        );
         if job.reported {
             fio.push(measurement);
         }
@@ -656,17 +669,16 @@ fn run_target(
                 }
             }
             end_phase(&mut phase_seconds);
-            let pgbench = attempt("pgbench", || {
-                run_pgbench_on(&volume.mount_directory, &directory, settings.pgbench)
-            })
-            .and_then(|result| result);
-            match &pgbench {
-                Ok(m) => eprintln!(
-                    "     pgbench init {:.1} s, {:.1} tps, latency {:.2} ms",
-                    m.initialise_seconds, m.transactions_per_second, m.latency_average_ms
-                ),
-                Err(error) => eprintln!("     pgbench FAILED: {error}"),
-            }
+            let pgbench = measure(
+                "pgbench",
+                || run_pgbench_on(&volume.mount_directory, &directory, settings.pgbench),
+                |m| {
+                    format!(
+                        "init {:.1} s, {:.1} tps, latency {:.2} ms",
+                        m.initialise_seconds, m.transactions_per_second, m.latency_average_ms
+                    )
+                },
+            );
             end_phase(&mut phase_seconds);
             if let Err(error) = attempt_cleanup("teardown", || volume.detach()) {
                 eprintln!("   teardown FAILED: {error}");

@@ -615,10 +615,7 @@ async fn read_frame<S: AsyncRead + Unpin>(
         // Room for the rest of a frame whose header has arrived (its length is within
         // `frame_bytes_max`, checked above), at least 64 KiB: growing the buffer in steps
         // would copy a large frame's received part at every step.
-        let frame_total = match input.get(..4) {
-            Some(header) => 4 + u32::from_be_bytes(header.try_into().expect("4 bytes")) as usize,
-            None => 0,
-        };
+        let frame_total = crate::peer::frame_total_bytes(input).unwrap_or(0);
         let wanted = frame_total.saturating_sub(input.len()).max(64 * 1024);
         if input.capacity() - input.len() < wanted {
             input.reserve(wanted.max(256 * 1024));
@@ -769,6 +766,17 @@ mod tests {
         offers: Vec<(usize, usize)>,
     }
 
+    impl PieceReader {
+        fn new(data: &[u8], piece: usize) -> Self {
+            PieceReader {
+                data: data.to_vec(),
+                position: 0,
+                piece,
+                offers: Vec::new(),
+            }
+        }
+    }
+
     impl AsyncRead for PieceReader {
         fn poll_read(
             mut self: Pin<&mut Self>,
@@ -792,12 +800,7 @@ mod tests {
         encode_frame(FrameKind::RaftMessage, 7, &large, &mut wire);
         encode_frame(FrameKind::SnapshotAck, 7, b"ack", &mut wire);
         let large_frame_bytes = wire.len() - (4 + 1 + 8 + 3);
-        let mut reader = PieceReader {
-            data: wire.to_vec(),
-            position: 0,
-            piece: 100 * 1024,
-            offers: Vec::new(),
-        };
+        let mut reader = PieceReader::new(&wire, 100 * 1024);
         let mut input = BytesMut::new();
 
         let frame = read_frame(&mut reader, &mut input, 8 << 20)
@@ -838,12 +841,7 @@ mod tests {
     async fn a_frame_over_the_limit_fails_before_its_body_is_buffered() {
         let mut wire = BytesMut::new();
         encode_frame(FrameKind::RaftMessage, 1, &vec![0u8; 2 << 20], &mut wire);
-        let mut reader = PieceReader {
-            data: wire.to_vec(),
-            position: 0,
-            piece: 64 * 1024,
-            offers: Vec::new(),
-        };
+        let mut reader = PieceReader::new(&wire, 64 * 1024);
         let mut input = BytesMut::new();
         let error = read_frame(&mut reader, &mut input, 1 << 20)
             .await

@@ -136,6 +136,13 @@ pub fn decode_raft_message(body: &Bytes) -> Result<raft::prelude::Message, Strin
     protobuf::Message::parse_from_carllerche_bytes(body).map_err(|error| error.to_string())
 }
 
+/// Bytes of the frame at the front of `buffer`, its length prefix included, once that prefix
+/// has arrived. [`decode_frame`] checks the length against the limit.
+pub fn frame_total_bytes(buffer: &[u8]) -> Option<usize> {
+    let prefix: [u8; 4] = buffer.get(..4)?.try_into().ok()?;
+    Some(4 + u32::from_be_bytes(prefix) as usize)
+}
+
 /// Splits one frame off the front of `buffer`; `Ok(None)` if it is not complete yet. The
 /// length is checked before anything is buffered, so a hostile length cannot make the
 /// receiver allocate.
@@ -143,10 +150,10 @@ pub fn decode_frame(
     buffer: &mut BytesMut,
     frame_bytes_max: u32,
 ) -> Result<Option<Frame>, PeerDecodeError> {
-    if buffer.len() < 4 {
+    let Some(total) = frame_total_bytes(buffer) else {
         return Ok(None);
-    }
-    let length = u32::from_be_bytes(buffer[..4].try_into().expect("4 bytes"));
+    };
+    let length = (total - 4) as u32;
     if length > frame_bytes_max {
         return Err(PeerDecodeError::FrameTooLarge {
             length_bytes: u64::from(length),
@@ -164,7 +171,6 @@ pub fn decode_frame(
         Some(4) => FrameKind::SnapshotEnd,
         Some(&other) => return Err(PeerDecodeError::UnknownFrameKind(other)),
     };
-    let total = 4 + length as usize;
     if buffer.len() < total {
         return Ok(None);
     }
