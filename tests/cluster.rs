@@ -266,13 +266,20 @@ fn node_down_past_log_compaction_rejoins_by_snapshot() {
         .expect("follower status")
         .applied_index;
     cluster.terminate(follower);
+    // The follower went on receiving entries between its status and its death, so what it
+    // applied is no bound on what its log holds. The leader's log once the follower is dead is:
+    // the follower can hold no entry the leader did not have then.
+    let follower_log_bound = cluster
+        .status(leader)
+        .expect("leader status")
+        .last_log_index;
     cluster.wait_until(
         "the leader to compact its log past what the stopped follower has",
         Duration::from_secs(90),
         |cluster| {
             cluster
                 .status(leader)
-                .map(|status| status.first_log_index > applied_by_follower + 1)
+                .map(|status| status.first_log_index > follower_log_bound + 1)
                 .unwrap_or(false)
         },
     );
@@ -306,8 +313,9 @@ fn node_down_past_log_compaction_rejoins_by_snapshot() {
     let mut reader = cluster.nbd_client(follower, DEFAULT_EXPORT_NAME);
     let blocks_holding_writes = region.verify(&mut reader, "read through the snapshot-fed node");
     eprintln!(
-        "node {follower} stopped at applied index {applied_by_follower}; the leader's log \
-         then began at {}; snapshots sent by the leader {}; replicas identical at {}",
+        "node {follower} stopped at applied index {applied_by_follower}, log at most \
+         {follower_log_bound}; the leader's log then began at {}; snapshots sent by the leader \
+         {}; replicas identical at {}",
         leader_status.first_log_index, leader_status.snapshots_sent, digests[0].applied_index
     );
     assert!(
