@@ -73,6 +73,9 @@ pub struct RaftConfig {
     pub log_keep_entries: u64,
     pub log_lag_entries_max: u64,
     pub log_lag_bytes_max: u64,
+    /// Lease reads: how long after a successful ReadIndex round the leader answers reads
+    /// without another one (0: off). See `actors::read_lease` for what it assumes.
+    pub read_lease_ms: u64,
 }
 
 /// The Raft peer transport of this node.
@@ -305,6 +308,20 @@ impl Config {
             return Err(invalid(
                 "raft.election_ticks",
                 "must be greater than raft.heartbeat_ticks, which must be non-zero",
+            ));
+        }
+        let lease_max = crate::actors::read_lease::read_lease_ms_max(
+            self.raft.election_ticks,
+            self.raft.tick_interval_ms,
+        );
+        if self.raft.read_lease_ms > lease_max {
+            return Err(invalid(
+                "raft.read_lease_ms",
+                format!(
+                    "must be at most {lease_max} (0.81 x (election_ticks - 1) x \
+                     tick_interval_ms): a follower refuses votes only that long after it \
+                     heard from the leader"
+                ),
             ));
         }
         if self.raft.proposals_pending_max == 0 || self.raft.mailbox_capacity == 0 {
@@ -635,6 +652,15 @@ mod tests {
         let error = Config::load(None, &[("raft.election_ticks", "1".to_string())])
             .expect_err("election <= heartbeat must be rejected");
         assert!(error.to_string().contains("raft.election_ticks"), "{error}");
+        let config = Config::load(None, &[("raft.read_lease_ms", "729".to_string())])
+            .expect("the longest lease the default timeouts allow");
+        assert_eq!(config.raft.read_lease_ms, 729);
+        let error = Config::load(None, &[("raft.read_lease_ms", "730".to_string())])
+            .expect_err("a lease as long as the followers' vote refusal must be rejected");
+        assert!(
+            error.to_string().contains("raft.read_lease_ms") && error.to_string().contains("729"),
+            "{error}"
+        );
         let error = Config::load(None, &[("log.level", "loud".to_string())])
             .expect_err("an unknown log level must be rejected");
         assert!(error.to_string().contains("log.level"), "{error}");

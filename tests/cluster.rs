@@ -324,6 +324,142 @@ fn node_down_past_log_compaction_rejoins_by_snapshot() {
     );
 }
 
+/// Requirement: lease reads, if offered, are opt-in with their clock assumptions stated
+/// (Raft thesis §6.4.1). With `raft.read_lease_ms` set, the leader answers reads without a
+/// ReadIndex round; once partitioned it goes on answering from its lease only until a new
+/// leader could exist, so no read issued after the majority acknowledged a newer write
+/// returns the older data.
+#[test]
+fn lease_reads_skip_the_round_and_a_partitioned_leader_serves_nothing_stale() {
+    let _turn = one_cluster_at_a_time();
+    // The harness ticks every 50 ms with 10 election ticks: the longest lease allowed is 364.
+    let options = ClusterOptions::default()
+        .with_relays()
+        .set("raft", "read_lease_ms", "300")
+        .set("nbd", "request_timeout_ms", "2000");
+    let mut cluster = Cluster::start(options);
+    let old_leader = cluster.leader();
+    let majority = cluster.others(old_leader);
+    let old_data = tagged_block(0x11, 0);
+    let new_data = tagged_block(0x22, 0);
+    let mut client = cluster.nbd_client(old_leader, DEFAULT_EXPORT_NAME);
+    client.write_ok(0, &old_data);
+    const READS: u64 = 500;
+    for _ in 0..READS {
+        assert_eq!(client.read_ok(0, 4096), old_data);
+    }
+    let lease_reads = cluster
+        .status(old_leader)
+        .expect("leader status")
+        .lease_reads;
+    assert!(
+        lease_reads > READS / 2,
+        "only {lease_reads} of {READS} reads were answered from the lease"
+    );
+
+    // Reads on the old leader, back to back, from before the partition until after it stepped
+    // down: when each was issued and answered, and what it returned.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = Arc::clone(&stop);
+        let (old_data, new_data) = (old_data.clone(), new_data.clone());
+        thread::spawn(move || {
+            client.set_timeout(Duration::from_secs(10));
+            let mut reads = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let issued = Instant::now();
+                let reply = client.read(0, 4096).expect("a reply from the old leader");
+                let answer = match reply.error {
+                    0 if reply.data == old_data => Ok("old"),
+                    0 if reply.data == new_data => Ok("new"),
+                    0 => panic!("block 0 holds neither write"),
+                    error => Err(error),
+                };
+                reads.push((issued, Instant::now(), answer));
+            }
+            reads
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    cluster.set_links_of(old_leader, RelayMode::BlackHole);
+    let partitioned_at = Instant::now();
+    let new_leader = cluster.wait_for_leader(&majority, ELECTION_TIMEOUT_BOUND);
+    let mut majority_client = cluster.nbd_client(new_leader, DEFAULT_EXPORT_NAME);
+    majority_client.write_ok(0, &new_data);
+    let acknowledged_at = Instant::now();
+    cluster.wait_until(
+        "the isolated old leader to step down (check_quorum)",
+        ELECTION_TIMEOUT_BOUND,
+        |cluster| {
+            cluster
+                .status(old_leader)
+                .map(|status| !status.is_leader())
+                .unwrap_or(false)
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("the reader thread");
+
+    let since = |at: Instant| {
+        at.checked_duration_since(partitioned_at)
+            .map(|elapsed| format!("+{elapsed:.0?}"))
+            .unwrap_or_else(|| format!("-{:.0?}", partitioned_at - at))
+    };
+    let lease_answers_in_partition = reads
+        .iter()
+        .filter(|(issued, _, answer)| *issued > partitioned_at && *answer == Ok("old"))
+        .count();
+    let last_old_answer = reads
+        .iter()
+        .filter(|(_, _, answer)| *answer == Ok("old"))
+        .map(|(_, answered, _)| *answered)
+        .max()
+        .expect("reads before the partition");
+    eprintln!(
+        "lease: {lease_reads} of {READS} reads from the lease; {} reads on the isolated leader, \
+         {lease_answers_in_partition} of them answered from the lease after the partition, \
+         the last at {}; the new leader acknowledged its write at {}",
+        reads.len(),
+        since(last_old_answer),
+        since(acknowledged_at)
+    );
+    for (issued, answered, answer) in &reads {
+        assert!(
+            !(*issued > acknowledged_at && *answer == Ok("old")),
+            "a read issued at {} (answered at {}) returned the data the new leader had \
+             overwritten at {}",
+            since(*issued),
+            since(*answered),
+            since(acknowledged_at)
+        );
+    }
+    assert!(
+        lease_answers_in_partition > 0,
+        "no read was answered from the lease once the partition began: the test saw no lease"
+    );
+    assert!(
+        last_old_answer < acknowledged_at,
+        "the isolated leader answered from its lease at {} after the new leader's write at {}",
+        since(last_old_answer),
+        since(acknowledged_at)
+    );
+
+    cluster.heal_all_links();
+    let all = cluster.node_ids();
+    cluster.wait_for_leader(&all, ELECTION_TIMEOUT_BOUND);
+    let mut reader = cluster.nbd_client(old_leader, DEFAULT_EXPORT_NAME);
+    cluster.wait_until(
+        "the old leader to serve the new write after the heal",
+        CONVERGENCE_TIMEOUT,
+        |_| {
+            reader
+                .read(0, 4096)
+                .is_ok_and(|reply| reply.data == new_data)
+        },
+    );
+}
+
 /// A 4 KiB block whose bytes say who wrote it (for the partition test).
 fn tagged_block(tag: u8, block: u64) -> Vec<u8> {
     let mut data = vec![tag; 4096];

@@ -149,6 +149,8 @@ pub struct RaftStatus {
     pub proposals_pending: usize,
     pub snapshots_sent: u64,
     pub snapshots_installed: u64,
+    /// Reads this node answered from its lease, without a ReadIndex round.
+    pub lease_reads: u64,
     /// Replication progress of the other members, known only on the leader.
     pub peers: Vec<PeerProgress>,
     /// The configuration this node applied: voters, learners, and the outgoing voters while

@@ -61,6 +61,7 @@ use raft::{RawNode, StateRole, Storage as _};
 
 use super::messages::*;
 use super::peer::{PeerNetwork, SnapshotInbox};
+use super::read_lease::{LeaderState, LeaseInstant, ReadLease, VoteHold};
 use super::storage::StorageActor;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::MemberConfig;
@@ -121,6 +122,15 @@ impl ReadGate {
     }
 }
 
+/// A ReadIndex request sent: when and in which role and term it started (for the lease), and
+/// the read barriers it answers (none for a lease renewal).
+struct ReadRound {
+    started_at: LeaseInstant,
+    term: u64,
+    as_leader: bool,
+    responders: Vec<ReadBarrierResponder>,
+}
+
 struct PendingProposal {
     responder: ProposalResponder,
     proposed_at: Instant,
@@ -176,7 +186,16 @@ pub struct RaftActor {
     /// Read barriers not yet sent as a ReadIndex request.
     read_batch: Vec<ReadBarrierResponder>,
     /// ReadIndex requests sent, keyed by their request context.
-    reads_in_progress: HashMap<u64, (Instant, Vec<ReadBarrierResponder>)>,
+    reads_in_progress: HashMap<u64, ReadRound>,
+    /// Lease reads (`raft.read_lease_ms`, see `read_lease`).
+    lease: ReadLease,
+    /// Whether the next Ready starts a ReadIndex round only to renew the lease.
+    lease_renewal_wanted: bool,
+    /// Votes this node refuses for an election timeout after it (re)starts.
+    vote_hold: VoteHold,
+    /// When raft-rs was last ticked (ticks closer than nine tenths of the interval are
+    /// skipped, see `read_lease`).
+    last_tick_at: Option<Instant>,
     /// Read barriers whose read index is known, waiting for `applied_index` to reach it.
     reads_waiting_for_apply: VecDeque<(u64, Vec<ReadBarrierResponder>)>,
     ready_scheduled: bool,
@@ -281,6 +300,9 @@ const APPENDED_BYTES_HISTORY_MAX: usize = 65536;
 
 impl RaftActor {
     pub fn new(params: RaftActorParams) -> Self {
+        let lease = ReadLease::new(params.config.read_lease_ms);
+        let vote_hold =
+            VoteHold::starting_now(params.config.election_ticks, params.config.tick_interval_ms);
         RaftActor {
             params,
             node: None,
@@ -292,6 +314,10 @@ impl RaftActor {
             next_request_id: 0,
             read_batch: Vec::new(),
             reads_in_progress: HashMap::new(),
+            lease,
+            lease_renewal_wanted: false,
+            vote_hold,
+            last_tick_at: None,
             reads_waiting_for_apply: VecDeque::new(),
             ready_scheduled: false,
             last_term_and_leader: (0, 0),
@@ -430,6 +456,13 @@ impl RaftActor {
             panic!("cannot sync the Raft log: {error}");
         }
         self.node_generation += 1;
+        // The new node has forgotten whom it heard from: votes wait (see `read_lease`). The
+        // lease needs no reset: it belongs to a term, and this node leads again only in a
+        // later one.
+        self.vote_hold = VoteHold::starting_now(
+            self.params.config.election_ticks,
+            self.params.config.tick_interval_ms,
+        );
         self.wal_sync_running = false;
         self.persist_queue = PersistQueue::default();
         // The hard state's commit index is persisted lazily (without fsync), so after a crash
@@ -657,6 +690,8 @@ impl RaftActor {
         if entry.index <= self.params.log_store.conf_state_index() {
             return;
         }
+        // Rounds before this counted a majority of the old membership.
+        self.lease.membership_changed(LeaseInstant::now());
         let logger = self.params.supervision.logger.clone();
         let change: Result<ConfChangeV2, String> =
             if entry.get_entry_type() == EntryType::EntryConfChange {
@@ -787,12 +822,69 @@ impl RaftActor {
             }
             let mut id = [0u8; 8];
             id.copy_from_slice(&read_state.request_ctx);
-            if let Some((_, responders)) = self.reads_in_progress.remove(&u64::from_be_bytes(id)) {
-                self.reads_waiting_for_apply
-                    .push_back((read_state.index, responders));
+            if let Some(round) = self.reads_in_progress.remove(&u64::from_be_bytes(id)) {
+                let now = self.leader_state();
+                self.lease
+                    .round_completed(round.started_at, round.term, round.as_leader, now);
+                if !round.responders.is_empty() {
+                    self.reads_waiting_for_apply
+                        .push_back((read_state.index, round.responders));
+                }
             }
         }
         self.release_reads();
+    }
+
+    /// What decides whether the lease may be used now.
+    fn leader_state(&self) -> LeaderState {
+        match self.node.as_ref() {
+            Some(node) => LeaderState {
+                is_leader: node.raft.state == StateRole::Leader,
+                term: node.raft.term,
+                transfer_in_progress: node.raft.lead_transferee.is_some(),
+                conf_change_pending: node.raft.pending_conf_index > node.raft.raft_log.applied,
+            },
+            None => LeaderState {
+                is_leader: false,
+                term: 0,
+                transfer_in_progress: false,
+                conf_change_pending: false,
+            },
+        }
+    }
+
+    /// Asks the next Ready for a round that only renews the lease, while reads use it and no
+    /// round of this leader's is already on its way.
+    fn want_lease_renewal(&mut self) {
+        let state = self.leader_state();
+        if !self.lease.wants_renewal(LeaseInstant::now(), state) {
+            return;
+        }
+        let round_running = self
+            .reads_in_progress
+            .values()
+            .any(|round| round.as_leader && round.term == state.term);
+        if !round_running {
+            self.lease_renewal_wanted = true;
+        }
+    }
+
+    /// Answers a read barrier from the lease if it holds: the read waits only for this node
+    /// to apply up to its commit index. Gives the responder back when the barrier needs a
+    /// ReadIndex round.
+    fn read_from_lease(
+        &mut self,
+        responder: ReadBarrierResponder,
+    ) -> Result<(), ReadBarrierResponder> {
+        let state = self.leader_state();
+        if !self.lease.admit_read(LeaseInstant::now(), state) {
+            return Err(responder);
+        }
+        let committed = self.node().raft.raft_log.committed;
+        self.reads_waiting_for_apply
+            .push_back((committed, vec![responder]));
+        self.release_reads();
+        Ok(())
     }
 
     /// Takes up the applied index the storage actor published. Only between Readys: raft-rs
@@ -973,11 +1065,20 @@ impl RaftActor {
         self.ready_scheduled = false;
         self.sync_applied();
         self.step_proposal_batch();
-        if !self.read_batch.is_empty() {
+        let renew_lease = std::mem::take(&mut self.lease_renewal_wanted);
+        if !self.read_batch.is_empty() || renew_lease {
             let request_id = self.take_request_id();
-            let batch = std::mem::take(&mut self.read_batch);
-            self.reads_in_progress
-                .insert(request_id, (Instant::now(), batch));
+            let responders = std::mem::take(&mut self.read_batch);
+            let state = self.leader_state();
+            self.reads_in_progress.insert(
+                request_id,
+                ReadRound {
+                    started_at: LeaseInstant::now(),
+                    term: state.term,
+                    as_leader: state.is_leader,
+                    responders,
+                },
+            );
             self.node().read_index(request_id.to_be_bytes().to_vec());
         }
         if !self.node().has_ready() {
@@ -1177,9 +1278,10 @@ impl RaftActor {
                 let _ = pending.responder.send(Err(ProposalError::Dropped));
             }
         }
-        self.reads_in_progress.retain(|_, (asked_at, responders)| {
-            if now.duration_since(*asked_at) > timeout {
-                for responder in responders.drain(..) {
+        let lease_now = LeaseInstant::now();
+        self.reads_in_progress.retain(|_, round| {
+            if round.started_at.until(lease_now) > timeout {
+                for responder in round.responders.drain(..) {
                     let _ = responder.send(Err(ProposalError::Dropped));
                 }
                 false
@@ -1240,8 +1342,8 @@ impl RaftActor {
                     let _ = pending.responder.send(Err(ProposalError::Dropped));
                 }
             }
-            for (_, (_, responders)) in self.reads_in_progress.drain() {
-                for responder in responders {
+            for (_, round) in self.reads_in_progress.drain() {
+                for responder in round.responders {
                     let _ = responder.send(Err(ProposalError::Dropped));
                 }
             }
@@ -1325,10 +1427,23 @@ impl Handler<Tick> for RaftActor {
     type Result = ();
     fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
+            // A tick delayed in the mailbox, or the burst an interval timer fires after a
+            // stall, must not advance raft-rs's election clock faster than real time: other
+            // nodes' leases count on how long this one refuses votes (see `read_lease`).
+            let now = Instant::now();
+            let interval = Duration::from_millis(actor.params.config.tick_interval_ms);
+            if actor
+                .last_tick_at
+                .is_some_and(|last| now.duration_since(last) < interval * 9 / 10)
+            {
+                return;
+            }
+            actor.last_tick_at = Some(now);
             actor.node().tick();
             actor.sync_applied();
             actor.observe_cluster();
             actor.expire_waiters();
+            actor.want_lease_renewal();
             actor.schedule_ready(ctx);
         });
     }
@@ -1354,8 +1469,10 @@ impl Handler<ReadBarrier> for RaftActor {
                 let _ = msg.responder.send(Err(ProposalError::Dropped));
                 return;
             }
-            actor.read_batch.push(msg.responder);
-            actor.schedule_ready(ctx);
+            if let Err(responder) = actor.read_from_lease(msg.responder) {
+                actor.read_batch.push(responder);
+                actor.schedule_ready(ctx);
+            }
         });
     }
 }
@@ -1388,7 +1505,9 @@ impl Handler<TransferLeader> for RaftActor {
                     msg.to
                 )));
             }
-            node.transfer_leader(msg.to);
+            let term = node.raft.term;
+            actor.lease.transfer_started(term);
+            actor.node().transfer_leader(msg.to);
             actor.schedule_ready(ctx);
             Ok(())
         })
@@ -1461,6 +1580,16 @@ impl Handler<StepPeerMessage> for RaftActor {
             let message = msg.0;
             let from = message.from;
             let kind = message.get_msg_type();
+            let term = actor.node().raft.term;
+            if actor.vote_hold.refuses(&message, term, LeaseInstant::now()) {
+                slog::debug!(actor.params.supervision.logger,
+                    "vote ignored: this node started less than an election timeout ago";
+                    "from" => from, "type" => ?kind, "term" => message.term);
+                return;
+            }
+            if kind == MessageType::MsgTransferLeader {
+                actor.lease.transfer_started(term);
+            }
             if let Err(error) = actor.node().step(message) {
                 // Responses from removed members and the like: nothing to do.
                 slog::debug!(actor.params.supervision.logger, "peer message not stepped";
@@ -1509,6 +1638,7 @@ impl Handler<GetRaftStatus> for RaftActor {
         let store = self.params.log_store.clone();
         let snapshots_sent = self.snapshots_sent;
         let snapshots_installed = self.snapshots_installed;
+        let lease_reads = self.lease.reads_served();
         let mut conf_state = self.params.log_store.conf_state();
         conf_state.voters.sort_unstable();
         conf_state.learners.sort_unstable();
@@ -1540,6 +1670,7 @@ impl Handler<GetRaftStatus> for RaftActor {
                 },
                 snapshots_sent,
                 snapshots_installed,
+                lease_reads,
                 group_id,
                 node_id,
                 role: format!("{:?}", node.raft.state),
@@ -1568,6 +1699,7 @@ impl Handler<GetRaftStatus> for RaftActor {
                 proposals_pending,
                 snapshots_sent,
                 snapshots_installed,
+                lease_reads,
                 peers: Vec::new(),
                 voters: Vec::new(),
                 learners: Vec::new(),

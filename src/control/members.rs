@@ -648,6 +648,7 @@ mod tests {
             last_log_index: 100,
             proposals_pending: 0,
             snapshots_sent: 0,
+            lease_reads: 0,
             snapshots_installed: 0,
             peers: peers
                 .iter()

@@ -5,7 +5,8 @@
 //! `raftblk_raft_leader_id`, `raftblk_raft_commit_index`, `raftblk_raft_applied_index`,
 //! `raftblk_raft_first_log_index`, `raftblk_raft_last_log_index`,
 //! `raftblk_raft_proposals_pending`, `raftblk_raft_healthy` (what `/health` answers),
-//! `raftblk_raft_snapshots_sent_total`, `raftblk_raft_snapshots_installed_total`, and on the
+//! `raftblk_raft_snapshots_sent_total`, `raftblk_raft_snapshots_installed_total`,
+//! `raftblk_raft_lease_reads_total`, and on the
 //! leader `raftblk_raft_peer_lag_entries{peer}` and `raftblk_raft_peer_matched_index{peer}`.
 //! Also `raftblk_volume_size_bytes{volume}` and `raftblk_actor_restarts_total{actor}`.
 
@@ -86,6 +87,12 @@ pub fn render_server_metrics(
             "counter",
             "Snapshots installed on this node.",
             raft.snapshots_installed as f64,
+        );
+        out.single(
+            "raftblk_raft_lease_reads_total",
+            "counter",
+            "Reads answered from the leader's lease, without a ReadIndex round.",
+            raft.lease_reads as f64,
         );
         out.header(
             "raftblk_raft_peer_lag_entries",

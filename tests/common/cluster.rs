@@ -107,6 +107,7 @@ pub struct NodeStatus {
     pub last_log_index: u64,
     pub snapshots_sent: u64,
     pub snapshots_installed: u64,
+    pub lease_reads: u64,
     pub volume_names: Vec<String>,
     pub json: serde_json::Value,
 }
@@ -142,6 +143,7 @@ impl NodeStatus {
             last_log_index: number("last_log_index"),
             snapshots_sent: number("snapshots_sent"),
             snapshots_installed: number("snapshots_installed"),
+            lease_reads: number("lease_reads"),
             volume_names,
             json,
         })
