@@ -80,6 +80,7 @@ fn write_inventory(
          \x20   raftblk_listen_address: 127.0.0.1\n\
          \x20   raftblk_default_volume_size_bytes: {VOLUME_SIZE_BYTES}\n\
          \x20   raftblk_health_delay_seconds: 1\n\
+         \x20   raftblk_read_lease_ms: 500\n\
          \x20 children:\n\
          \x20   raftblk_servers:\n\
          \x20     hosts:\n\
@@ -190,6 +191,10 @@ fn the_rendered_cluster_serves_a_client_through_the_proxy() {
         assert!(unit_text.contains("Restart=on-failure"), "{unit_text}");
         let config = fs::read_to_string(node.root.join("etc/server.toml")).expect("config");
         assert!(config.contains(TOKEN), "the token is in the server config");
+        assert!(
+            config.contains("read_lease_ms = 500"),
+            "the lease setting is in the server config: {config}"
+        );
         servers.push(start_unit(&unit, &node.root.join("server.log")));
     }
     for (node, server) in nodes.iter().zip(servers.iter_mut()) {
