@@ -191,10 +191,11 @@ pub struct RaftActor {
     lease: ReadLease,
     /// Whether the next Ready starts a ReadIndex round only to renew the lease.
     lease_renewal_wanted: bool,
-    /// Votes this node refuses for an election timeout after it (re)starts.
+    /// Votes this node refuses for an election timeout after it (re)starts (where leases are
+    /// on).
     vote_hold: VoteHold,
-    /// When raft-rs was last ticked (ticks closer than nine tenths of the interval are
-    /// skipped, see `read_lease`).
+    /// When raft-rs was last ticked (where leases are on, ticks closer than nine tenths of
+    /// the interval are skipped, see `read_lease`).
     last_tick_at: Option<Instant>,
     /// Read barriers whose read index is known, waiting for `applied_index` to reach it.
     reads_waiting_for_apply: VecDeque<(u64, Vec<ReadBarrierResponder>)>,
@@ -301,8 +302,7 @@ const APPENDED_BYTES_HISTORY_MAX: usize = 65536;
 impl RaftActor {
     pub fn new(params: RaftActorParams) -> Self {
         let lease = ReadLease::new(params.config.read_lease_ms);
-        let vote_hold =
-            VoteHold::starting_now(params.config.election_ticks, params.config.tick_interval_ms);
+        let vote_hold = VoteHold::starting_now(&params.config);
         RaftActor {
             params,
             node: None,
@@ -459,10 +459,7 @@ impl RaftActor {
         // The new node has forgotten whom it heard from: votes wait (see `read_lease`). The
         // lease needs no reset: it belongs to a term, and this node leads again only in a
         // later one.
-        self.vote_hold = VoteHold::starting_now(
-            self.params.config.election_ticks,
-            self.params.config.tick_interval_ms,
-        );
+        self.vote_hold = VoteHold::starting_now(&self.params.config);
         self.wal_sync_running = false;
         self.persist_queue = PersistQueue::default();
         // The hard state's commit index is persisted lazily (without fsync), so after a crash
@@ -1393,6 +1390,7 @@ impl actix::Supervised for RaftActor {
         self.read_batch.clear();
         self.reads_in_progress.clear();
         self.reads_waiting_for_apply.clear();
+        self.lease_renewal_wanted = false;
         self.ready_scheduled = false;
         self.node = None;
         self.params.read_gate.set_sole_voter_leader(false);
@@ -1427,14 +1425,16 @@ impl Handler<Tick> for RaftActor {
     type Result = ();
     fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) {
         self.guarded(ctx, |actor, ctx| {
-            // A tick delayed in the mailbox, or the burst an interval timer fires after a
-            // stall, must not advance raft-rs's election clock faster than real time: other
-            // nodes' leases count on how long this one refuses votes (see `read_lease`).
+            // Where leases are on, a tick delayed in the mailbox, or the burst an interval
+            // timer fires after a stall, must not advance raft-rs's election clock faster
+            // than real time: other nodes' leases count on how long this one refuses votes
+            // (see `read_lease`).
             let now = Instant::now();
             let interval = Duration::from_millis(actor.params.config.tick_interval_ms);
-            if actor
-                .last_tick_at
-                .is_some_and(|last| now.duration_since(last) < interval * 9 / 10)
+            if actor.lease.enabled()
+                && actor
+                    .last_tick_at
+                    .is_some_and(|last| now.duration_since(last) < interval * 9 / 10)
             {
                 return;
             }

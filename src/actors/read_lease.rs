@@ -1,34 +1,47 @@
-//! Lease reads (opt-in, `raft.read_lease_ms`), and the vote rule that keeps them safe.
+//! Lease reads (opt-in, `raft.read_lease_ms`), and the vote rules that keep them safe.
 //!
 //! Without a lease every read barrier is a ReadIndex round: the leader confirms with a
 //! heartbeat to a majority that it still leads before it names a read index. A lease lets the
 //! leader skip that round for a while after one succeeded:
 //!
 //! - A round the leader started at `t0` in term `T` and that completed in `T` proves that a
-//!   majority heard from it at `t0` or later. Each of those followers then refuses votes and
-//!   pre-votes for an election timeout (raft-rs's check_quorum lease: no vote while
-//!   `election_elapsed < election_timeout`), so no other leader can be elected before
-//!   `t0 + (election_ticks - 1) * tick`. The lease runs until `t0 + read_lease_ms`, which the
-//!   configuration keeps below that bound with a margin for clock-rate differences.
+//!   majority heard from it at `t0` or later (raft-rs counts only acks of heartbeats carrying
+//!   the round's context, sent after `t0`). The leader itself refuses every non-transfer vote
+//!   while it leads, and stops using the lease the moment it does not. Each follower of that
+//!   majority refuses votes and pre-votes of a higher term while it knows a leader and
+//!   `election_elapsed < election_timeout` (raft-rs's check_quorum lease in `Raft::step`):
+//!   until its `election_ticks`-th tick after the heartbeat, at least
+//!   `(election_ticks - 1) * 0.9 * tick_interval_ms` later (the tick rule below). A follower
+//!   forgets its leader before that only by restarting (the vote hold below), or on a
+//!   message of a higher term from a leader already elected or a transfer's campaign. So no
+//!   other leader can exist before that bound, and the lease ends at `t0 + read_lease_ms`,
+//!   which the configuration keeps at most 0.9 of it (room for clock rates).
 //! - Within it a read waits only for this node to apply up to its commit index, which holds
-//!   every acknowledged write (the leader committed an entry of its own term before the round
-//!   could complete).
-//! - No lease is granted or used while a membership change is pending, from a round that
-//!   started before the last membership change took effect, or in a term in which a leader
-//!   transfer was started: `MsgTimeoutNow` makes its target campaign with votes that bypass
-//!   the followers' refusal.
-//! - A node that (re)starts has forgotten whom it heard from, so it refuses votes and
-//!   pre-votes (other than a transfer's) for one election timeout ([`VoteHold`]). This holds on
-//!   every node, whatever its own `read_lease_ms`: another node's lease may count on it.
-//! - Ticks closer together than nine tenths of the interval are skipped (the Raft actor's
-//!   tick), so a node that stalled does not catch up its election clock in a burst.
+//!   every acknowledged write: raft-rs completes no round before the leader committed an
+//!   entry of its own term.
+//! - No lease is granted or used while a membership change is pending (a new leader counts
+//!   its whole log as pending until applied), from a round that started before the last
+//!   change took effect, or in a term in which a leader transfer was started: `MsgTimeoutNow`
+//!   makes its target campaign with votes that bypass the followers' refusal.
+//! - The vote hold ([`VoteHold`]): a node that (re)starts has forgotten whom it heard from, so
+//!   it refuses votes and pre-votes (other than a transfer's) for one election timeout.
+//! - The tick rule: raft-rs is not ticked twice within nine tenths of the interval (the Raft
+//!   actor's tick), so a node that stalled does not catch up its election clock in a burst.
 //!
-//! Lease time is measured on `CLOCK_BOOTTIME`, which goes on counting while the machine is
-//! suspended: a leader that wakes from a suspend finds its lease expired. Stated assumptions:
-//! the servers' clocks run at rates within 10 % of each other, and a machine is not paused
-//! and resumed with its boot-time clock held back (some hypervisors' pause does that).
+//! The vote hold and the tick rule protect the leases of *other* nodes, and run on a node only
+//! while its own `read_lease_ms` is set (a cluster without leases keeps its elections as they
+//! were). Stated assumptions, none of which a node can check for its peers:
+//! - every member has the same `read_lease_ms`, `election_ticks` and `tick_interval_ms`, and
+//!   runs a version with these rules (turn leases on only after every member runs one);
+//! - the servers' clocks run at rates within 10 % of each other;
+//! - a machine is not paused and resumed with its boot-time clock held back (some
+//!   hypervisors' pause does that). Lease time is measured on `CLOCK_BOOTTIME`, which goes on
+//!   counting while the machine is suspended: a leader that wakes from a suspend finds its
+//!   lease expired.
 
 use std::time::Duration;
+
+use crate::config::RaftConfig;
 
 /// A reading of `CLOCK_BOOTTIME`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -135,7 +148,7 @@ impl ReadLease {
             || self.transfer_term == Some(now.term)
             || self
                 .rounds_not_before
-                .is_some_and(|not_before| started_at < not_before)
+                .is_some_and(|not_before| started_at <= not_before)
         {
             return;
         }
@@ -203,11 +216,16 @@ pub struct VoteHold {
 }
 
 impl VoteHold {
-    pub fn starting_now(election_ticks: usize, tick_interval_ms: u64) -> Self {
+    /// A hold starting now: one election timeout long where lease reads are on, none where
+    /// they are off.
+    pub fn starting_now(config: &RaftConfig) -> Self {
+        let length = if config.read_lease_ms > 0 {
+            Duration::from_millis(config.election_ticks as u64 * config.tick_interval_ms)
+        } else {
+            Duration::ZERO
+        };
         VoteHold {
-            until: LeaseInstant::now().plus(Duration::from_millis(
-                election_ticks as u64 * tick_interval_ms,
-            )),
+            until: LeaseInstant::now().plus(length),
         }
     }
 
@@ -402,8 +420,27 @@ mod tests {
         let mut append = vote(MessageType::MsgAppend, TERM + 1, false);
         append.set_msg_type(MessageType::MsgAppend);
         assert!(!hold.refuses(&append, TERM, at(0)));
-        let started = VoteHold::starting_now(10, 100);
+        let mut config = RaftConfig {
+            tick_interval_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            proposals_pending_max: 1,
+            mailbox_capacity: 1,
+            log_keep_entries: 1,
+            log_lag_entries_max: 1,
+            log_lag_bytes_max: 1,
+            read_lease_ms: 700,
+        };
+        let started = VoteHold::starting_now(&config);
         let now = LeaseInstant::now();
         assert!(started.until > now && now.until(started.until) <= Duration::from_secs(1));
+        let vote_now = vote(MessageType::MsgRequestVote, TERM + 1, false);
+        assert!(started.refuses(&vote_now, TERM, now));
+        config.read_lease_ms = 0;
+        let without_leases = VoteHold::starting_now(&config);
+        assert!(
+            !without_leases.refuses(&vote_now, TERM, LeaseInstant::now()),
+            "no hold where leases are off"
+        );
     }
 }
