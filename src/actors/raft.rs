@@ -1,8 +1,9 @@
 //! `RaftActor`: owns the raft-rs `RawNode` of one Raft group and drives it. It turns proposals
 //! into log entries, writes each `Ready` to RocksDB, makes it durable with a WAL sync shared
 //! by every Ready written while the previous sync ran (group commit), hands committed entries
-//! to the `StorageActor`, and answers read barriers (ReadIndex) once the storage actor has
-//! applied far enough.
+//! to the `StorageActor`, and answers read barriers (ReadIndex, or the leader's lease where
+//! `raft.read_lease_ms` is set: see `read_lease`) once the storage actor has applied far
+//! enough.
 //!
 //! Ready handling follows raft-rs's required order exactly: send leader messages, apply a
 //! snapshot, hand over committed entries, persist entries and hard state, send persisted
