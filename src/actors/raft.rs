@@ -523,7 +523,8 @@ impl RaftActor {
         slog::info!(logger, "raft node started";
             "group" => self.params.group_id, "node" => self.params.node_id,
             "applied_index" => applied_index, "term" => node.raft.term,
-            "commit_index" => node.raft.raft_log.committed);
+            "commit_index" => node.raft.raft_log.committed,
+            "read_lease_ms" => self.params.config.read_lease_ms);
     }
 
     fn node(&mut self) -> &mut RawNode<RaftLogStore> {
