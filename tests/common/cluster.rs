@@ -84,6 +84,24 @@ pub fn http_post(
     )
 }
 
+/// `POST http://ADDRESS/PATH` with a JSON body, for a request the server may hold for up to
+/// `timeout` before it answers.
+pub fn http_post_slow(
+    address: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<HttpAnswer, String> {
+    into_answer(
+        ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(1))
+            .timeout(timeout)
+            .build()
+            .post(&format!("http://{address}{path}"))
+            .send_json(body.clone()),
+    )
+}
+
 /// `DELETE http://ADDRESS/PATH`.
 pub fn http_delete(address: SocketAddr, path: &str) -> Result<HttpAnswer, String> {
     into_answer(
@@ -228,6 +246,18 @@ const HARNESS_SETTINGS: &[(&str, &str, &str)] = &[
 // Nodes
 // ---------------------------------------------------------------------------------------------
 
+/// A node stopped by [`ClusterNode::pause`]; it runs again (SIGCONT) when this is dropped,
+/// also when the test fails while it is stopped.
+pub struct PausedNode {
+    process_id: u32,
+}
+
+impl Drop for PausedNode {
+    fn drop(&mut self) {
+        let _ = send_signal(self.process_id, libc::SIGCONT);
+    }
+}
+
 /// One server of the cluster: fixed addresses (they are in every node's `cluster.members`),
 /// a data directory that survives restarts, and at most one running process.
 pub struct ClusterNode {
@@ -367,6 +397,18 @@ impl ClusterNode {
             }
             thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Stops the process (SIGSTOP) until the guard is dropped (SIGCONT): a node that falls
+    /// behind while its peers go on, without a crash or a restart.
+    #[track_caller]
+    pub fn pause(&self) -> PausedNode {
+        let process_id = self
+            .pid()
+            .unwrap_or_else(|| panic!("pause: node {} is not running", self.id));
+        send_signal(process_id, libc::SIGSTOP).expect("send SIGSTOP to the node");
+        self.append_to_log("=== test harness: SIGSTOP ===\n");
+        PausedNode { process_id }
     }
 
     /// `kill -9` and reap; returns the exit status.
