@@ -1505,3 +1505,41 @@ fn replaces_in_a_row_promote_a_learner_that_fell_behind_under_load() {
     cluster.assert_replicas_identical(&voters, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
     proxy.assert_running("after the replaces");
 }
+
+/// A server added while the group's log still starts at its first entry (a young cluster,
+/// nothing compacted yet) must not be sent the log from that entry: it was not part of the
+/// bootstrap configuration the entries build on, so it is brought up by a snapshot, then the
+/// log. It catches up, becomes a voter, and holds what was written before it joined.
+#[test]
+fn a_member_added_before_any_compaction_catches_up() {
+    let _turn = one_cluster_at_a_time();
+    // No checkpoint, hence no compaction, while the test runs.
+    let mut cluster = Cluster::start(
+        ClusterOptions::default()
+            .set("storage", "checkpoint_interval_ms", "600000")
+            .set("storage", "checkpoint_bytes", "1073741824"),
+    );
+    let leader = cluster.leader();
+    let mut client = NbdClient::connect(cluster.node(leader).nbd_address, DEFAULT_EXPORT_NAME);
+    for block in 0..16u64 {
+        client.write_ok(block * 4096, &[block as u8 + 1; 4096]);
+    }
+    let new = cluster.start_joining_node();
+    let mut arguments = vec![
+        "add".to_string(),
+        "--catch-up-timeout-s".to_string(),
+        "60".to_string(),
+    ];
+    arguments.extend(cluster.member_arguments(new));
+    cluster.ctl_members(&arguments);
+    let members = [1, 2, 3, new];
+    assert_eq!(voters_of(&cluster, &members), Some(vec![1, 2, 3, new]));
+    let leader = cluster.leader();
+    let status = cluster.status(leader).expect("the leader's status");
+    assert_eq!(
+        status.first_log_index, 1,
+        "the log was compacted: the test did not add the member to a young log"
+    );
+    cluster.assert_all_alive("after the member was added");
+    cluster.assert_replicas_identical(&members, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
+}
