@@ -182,6 +182,18 @@ enum MembersCommand {
         #[arg(long)]
         learner: bool,
     },
+    /// Promote a learner (added with `add --learner`) to voter, optionally replacing voter
+    /// OLD in the same joint-consensus change. The leader waits for a moment when the learner
+    /// is within 256 entries of the commit index.
+    Promote {
+        id: u64,
+        /// Remove this voter in the same change.
+        #[arg(long)]
+        replace: Option<u64>,
+        /// How long the learner may take to come close enough, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
     /// Remove a member. A leader hands leadership over first. Refused when the remaining
     /// voters would not have a working quorum, unless --force.
     Remove {
@@ -728,6 +740,19 @@ fn print_members(body: &MembersBody) {
     }
 }
 
+/// Draws a learner's catch-up progress bar on stderr.
+fn draw_progress(matched: u64, commit: u64) {
+    const WIDTH: u64 = 40;
+    let filled = (matched.min(commit) * WIDTH)
+        .checked_div(commit)
+        .unwrap_or(WIDTH);
+    eprint!(
+        "\r[{}{}] {matched}/{commit}",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    );
+}
+
 /// Adds a learner and waits for it to catch up, drawing a progress bar on stderr.
 fn add_and_catch_up(client: &MembershipClient, member: &NewMemberArgs) -> anyhow::Result<()> {
     let record = MemberConfig {
@@ -741,20 +766,28 @@ fn add_and_catch_up(client: &MembershipClient, member: &NewMemberArgs) -> anyhow
     let took = client.wait_caught_up(
         member.id,
         std::time::Duration::from_secs(member.catch_up_timeout_s),
-        |matched, commit| {
-            const WIDTH: u64 = 40;
-            let filled = (matched.min(commit) * WIDTH)
-                .checked_div(commit)
-                .unwrap_or(WIDTH);
-            eprint!(
-                "\r[{}{}] {matched}/{commit}",
-                "#".repeat(filled as usize),
-                ".".repeat((WIDTH - filled) as usize)
-            );
-        },
+        draw_progress,
     )?;
     eprintln!("\nnode {} caught up in {:.1?}", member.id, took);
     Ok(())
+}
+
+/// Promotes learner `id` (replacing `old` in the same joint change), letting the leader wait
+/// for it up to `timeout_s`, with the progress bar drawn meanwhile.
+fn promote(
+    client: &MembershipClient,
+    id: u64,
+    old: Option<u64>,
+    timeout_s: u64,
+) -> anyhow::Result<MembersBody> {
+    let result = client.promote(
+        id,
+        old,
+        std::time::Duration::from_secs(timeout_s),
+        draw_progress,
+    );
+    eprintln!();
+    Ok(result?)
 }
 
 fn run_members_command(client: &MembershipClient, command: MembersCommand) -> anyhow::Result<()> {
@@ -772,10 +805,24 @@ fn run_members_command(client: &MembershipClient, command: MembersCommand) -> an
             if learner {
                 client.members()?
             } else {
-                let body = client.promote(member.id, None)?;
+                let body = promote(client, member.id, None, member.catch_up_timeout_s)?;
                 eprintln!("node {} promoted to voter", member.id);
                 body
             }
+        }
+        MembersCommand::Promote {
+            id,
+            replace,
+            timeout_s,
+        } => {
+            let body = promote(client, id, replace, timeout_s)?;
+            match replace {
+                Some(old) => eprintln!(
+                    "node {id} replaced node {old} (joint consensus); node {old} can be stopped"
+                ),
+                None => eprintln!("node {id} promoted to voter"),
+            }
+            body
         }
         MembersCommand::Remove { id, force } => {
             let body = client.remove(id, force)?;
@@ -784,7 +831,7 @@ fn run_members_command(client: &MembershipClient, command: MembersCommand) -> an
         }
         MembersCommand::Replace { old, member } => {
             add_and_catch_up(client, &member)?;
-            let body = client.promote(member.id, Some(old))?;
+            let body = promote(client, member.id, Some(old), member.catch_up_timeout_s)?;
             eprintln!(
                 "node {} replaced node {old} (joint consensus); node {old} can be stopped",
                 member.id

@@ -42,6 +42,11 @@ pub enum ProposalError {
     /// in a joint configuration, or the change is invalid for the current configuration).
     #[error("membership change refused: {0}")]
     ConfChangeRefused(String),
+    /// A membership change whose condition does not hold at the moment the leader would
+    /// propose it (a learner behind the commit index, voters that would lose their quorum);
+    /// it may hold later, so the caller may wait and ask again.
+    #[error("membership change not possible now: {0}")]
+    ConfChangeNotReady(String),
 }
 
 impl ProposalError {
@@ -72,8 +77,16 @@ pub struct Propose {
 #[rtype(result = "()")]
 pub struct ProposeConfChange {
     pub change: raft::prelude::ConfChangeV2,
+    /// What must hold for the change, judged by the Raft actor on its live state in the same
+    /// step that proposes it, so that nothing can change between the check and the proposal
+    /// (a status read earlier by the caller can be stale by then). A failed check is answered
+    /// [`ProposalError::ConfChangeNotReady`] with the reason.
+    pub check: Option<ConfChangeCheck>,
     pub responder: ProposalResponder,
 }
+
+/// See [`ProposeConfChange::check`].
+pub type ConfChangeCheck = Box<dyn FnOnce(&RaftStatus) -> Result<(), String> + Send>;
 
 /// Control API → Raft actor: hand leadership to `to` (a caught-up voter). Answers at once;
 /// the caller watches the status for the new leader.

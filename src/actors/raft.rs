@@ -754,7 +754,7 @@ impl RaftActor {
             return;
         }
         if node.raft.has_pending_conf() {
-            let _ = msg.responder.send(Err(ProposalError::ConfChangeRefused(
+            let _ = msg.responder.send(Err(ProposalError::ConfChangeNotReady(
                 "another membership change is still being applied".into(),
             )));
             return;
@@ -767,11 +767,22 @@ impl RaftActor {
             .voters_outgoing
             .is_empty()
         {
-            let _ = msg.responder.send(Err(ProposalError::ConfChangeRefused(
+            let _ = msg.responder.send(Err(ProposalError::ConfChangeNotReady(
                 "the group is still leaving a joint configuration".into(),
             )));
             return;
         }
+        // The caller's condition, on the state of this very moment: nothing is stepped
+        // between this check and the proposal below.
+        if let Some(check) = msg.check {
+            if let Err(reason) = check(&self.status()) {
+                let _ = msg
+                    .responder
+                    .send(Err(ProposalError::ConfChangeNotReady(reason)));
+                return;
+            }
+        }
+        let node = self.node();
         // Check the change against the current configuration here, where the answer can
         // still reach the caller; raft-rs would only fail it at apply time.
         let mut trial = raft::Changer::new(node.raft.prs());
@@ -1633,6 +1644,13 @@ impl Handler<GetRaftStatus> for RaftActor {
         if self.node.is_some() {
             self.sync_applied();
         }
+        MessageResult(self.status())
+    }
+}
+
+impl RaftActor {
+    /// This node's Raft state as the control API shows it.
+    fn status(&self) -> RaftStatus {
         let proposals_pending = self.pending_proposals.len() + self.proposal_batch.len();
         let applied_index = self.applied_index;
         let group_id = self.params.group_id;
@@ -1709,7 +1727,7 @@ impl Handler<GetRaftStatus> for RaftActor {
                 health_problem,
             },
         };
-        MessageResult(status)
+        status
     }
 }
 

@@ -10,6 +10,13 @@
 //!
 //! Only the leader proposes membership changes (see `ProposeConfChange`); any other node
 //! answers 421 naming the leader's control address, and clients retry there.
+//!
+//! No check here is made on a status read before the change and then trusted: whatever must
+//! hold for a change (a learner close to the commit index, a quorum left after a removal, the
+//! members' roles) travels with it as a `ConfChangeCheck` that the Raft actor judges in the
+//! step that proposes it. A check that fails may hold a moment later (writes going on keep a
+//! learner a few hundred entries behind at times; the previous change may still be applying),
+//! so the endpoint asks again until its wait runs out, and only then refuses, saying why.
 
 use std::time::Duration;
 
@@ -65,6 +72,30 @@ pub struct PromoteRequest {
     /// Remove this member in the same (joint) change.
     #[serde(default)]
     pub replace: Option<u64>,
+    /// How long the leader may wait for the learner to be close enough to the commit index
+    /// (writes going on can keep it a little behind at any one instant);
+    /// [`PROMOTE_WAIT_DEFAULT`] when absent, at most [`PROMOTE_WAIT_MAX`].
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// How long a promotion waits for its learner when the request does not say.
+pub const PROMOTE_WAIT_DEFAULT: Duration = Duration::from_secs(10);
+/// The longest a promotion request is held (clients time out a request after a minute).
+pub const PROMOTE_WAIT_MAX: Duration = Duration::from_secs(50);
+/// How long any membership change waits for the previous one to finish applying (a replace's
+/// joint configuration is left by a second entry, right after the first).
+const PREVIOUS_CHANGE_WAIT: Duration = Duration::from_secs(10);
+/// Pause between two attempts at a change whose condition did not hold.
+const CHANGE_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// The 409 body of a promotion that timed out waiting for its learner: the error, and how far
+/// behind the learner was at the end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotCaughtUpBody {
+    pub error: String,
+    pub matched: u64,
+    pub commit_index: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -149,40 +180,91 @@ async fn leader_status(state: &ControlState) -> Result<RaftStatus, HttpResponse>
     Ok(status)
 }
 
-async fn propose_change(state: &ControlState, change: ConfChangeV2) -> Result<u64, HttpResponse> {
-    let (responder, answer) = oneshot::channel();
-    state
-        .raft
-        .send(ProposeConfChange { change, responder })
-        .await
-        .map_err(|_| {
-            error_response(
+/// Proposes `change` on this node (the leader), with `check` judged by the Raft actor in the
+/// same step as the proposal (see [`ProposeConfChange::check`]). While the change is not
+/// possible yet (its check fails, or the previous change is still being applied) it asks
+/// again until `wait` has passed; then the last reason is the answer.
+async fn propose_change(
+    state: &ControlState,
+    change: ConfChangeV2,
+    check: impl Fn(&RaftStatus) -> Result<(), String> + Clone + Send + 'static,
+    wait: Duration,
+) -> Result<u64, ChangeRefusal> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (responder, answer) = oneshot::channel();
+        let check = check.clone();
+        state
+            .raft
+            .send(ProposeConfChange {
+                change: change.clone(),
+                check: Some(Box::new(move |status: &RaftStatus| check(status))),
+                responder,
+            })
+            .await
+            .map_err(|_| {
+                ChangeRefusal::Response(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the Raft actor is restarting",
+                ))
+            })?;
+        let outcome = tokio::time::timeout(state.request_timeout, answer)
+            .await
+            .map_err(|_| {
+                ChangeRefusal::Response(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the membership change was not committed in time; check `raftblk ctl members`",
+                ))
+            })?;
+        let refusal = match outcome {
+            Ok(Ok(_)) => return Ok(state.log_store.conf_state_index()),
+            Ok(Err(ProposalError::ConfChangeNotReady(reason))) => {
+                if tokio::time::Instant::now() + CHANGE_RETRY_PAUSE < deadline {
+                    tokio::time::sleep(CHANGE_RETRY_PAUSE).await;
+                    continue;
+                }
+                ChangeRefusal::NotReady(reason)
+            }
+            Ok(Err(ProposalError::NotLeader { leader_id })) => {
+                ChangeRefusal::Response(not_leader(state, leader_id))
+            }
+            Ok(Err(ProposalError::ConfChangeRefused(reason))) => {
+                ChangeRefusal::Response(error_response(StatusCode::CONFLICT, reason))
+            }
+            Ok(Err(error)) => ChangeRefusal::Response(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the Raft actor is restarting",
-            )
-        })?;
-    let outcome = tokio::time::timeout(state.request_timeout, answer)
-        .await
-        .map_err(|_| {
-            error_response(
+                format!("the membership change was not committed: {error}; retry"),
+            )),
+            Err(_) => ChangeRefusal::Response(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the membership change was not committed in time; check `raftblk ctl members`",
-            )
-        })?;
-    match outcome {
-        Ok(Ok(_)) => Ok(state.log_store.conf_state_index()),
-        Ok(Err(ProposalError::NotLeader { leader_id })) => Err(not_leader(state, leader_id)),
-        Ok(Err(ProposalError::ConfChangeRefused(reason))) => {
-            Err(error_response(StatusCode::CONFLICT, reason))
+                "the Raft actor restarted before the change committed; retry",
+            )),
+        };
+        return Err(refusal);
+    }
+}
+
+/// Why [`propose_change`] did not propose: the condition still failed when its wait ran out
+/// (the reason), or an answer for the client.
+enum ChangeRefusal {
+    NotReady(String),
+    Response(HttpResponse),
+}
+
+impl ChangeRefusal {
+    fn into_response(self) -> HttpResponse {
+        match self {
+            ChangeRefusal::NotReady(reason) => error_response(StatusCode::CONFLICT, reason),
+            ChangeRefusal::Response(response) => response,
         }
-        Ok(Err(error)) => Err(error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the membership change was not committed: {error}; retry"),
-        )),
-        Err(_) => Err(error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the Raft actor restarted before the change committed; retry",
-        )),
+    }
+}
+
+/// The answer to a change that committed: the member list as it is now.
+async fn changed(state: &ControlState) -> HttpResponse {
+    match raft_status(state).await {
+        Some(status) => HttpResponse::Ok().json(members_body(state, &status)),
+        None => HttpResponse::Ok().finish(),
     }
 }
 
@@ -243,6 +325,36 @@ async fn list_members(state: web::Data<ControlState>) -> HttpResponse {
     }
 }
 
+/// Whether learner `id` may be promoted now: the leader replicates to it steadily and has
+/// replicated within [`PROMOTE_LAG_ENTRIES_MAX`] entries of the commit index.
+fn learner_caught_up(status: &RaftStatus, id: u64) -> Result<(), String> {
+    if role_of(status, id) != "learner" {
+        return Err(format!("node {id} is no longer a learner"));
+    }
+    match progress_of(status, id) {
+        Some(progress)
+            if progress.state == "Replicate"
+                && progress.recent_active
+                && progress.matched + PROMOTE_LAG_ENTRIES_MAX >= status.commit_index =>
+        {
+            Ok(())
+        }
+        Some(progress) => Err(format!(
+            "node {id} is {} entries behind the commit index {} (promoted within \
+             {PROMOTE_LAG_ENTRIES_MAX}; replication state {}{})",
+            status.commit_index.saturating_sub(progress.matched),
+            status.commit_index,
+            progress.state,
+            if progress.recent_active {
+                ""
+            } else {
+                ", not heard from within an election timeout"
+            }
+        )),
+        None => Err(format!("the leader has no replication progress for node {id}")),
+    }
+}
+
 async fn add_member(state: web::Data<ControlState>, body: web::Json<MemberConfig>) -> HttpResponse {
     let member = body.into_inner();
     if let Err(problem) = member.validate() {
@@ -268,20 +380,24 @@ async fn add_member(state: web::Data<ControlState>, body: web::Json<MemberConfig
             ),
         );
     }
+    let id = member.id;
     let context = serde_json::to_vec(&member).expect("member records serialize");
-    let change = change_of(
-        vec![single(ConfChangeType::AddLearnerNode, member.id)],
-        context,
-    );
-    match propose_change(&state, change).await {
-        Ok(_) => match raft_status(&state).await {
-            Some(status) => HttpResponse::Ok().json(members_body(&state, &status)),
-            None => HttpResponse::Ok().finish(),
-        },
-        Err(response) => response,
+    let change = change_of(vec![single(ConfChangeType::AddLearnerNode, id)], context);
+    let check = move |status: &RaftStatus| match role_of(status, id) {
+        "unknown" => Ok(()),
+        role => Err(format!("node {id} became a {role} of the group meanwhile")),
+    };
+    match propose_change(&state, change, check, PREVIOUS_CHANGE_WAIT).await {
+        Ok(_) => changed(&state).await,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
+/// Promotes a learner, optionally replacing a voter in the same joint change. The learner's
+/// lag is judged by the Raft actor at the moment it proposes (see [`propose_change`]); while
+/// writes go on the learner may be a little behind at any one instant, so the request waits
+/// for a moment when it is close enough, up to its `wait_ms`. If none comes, the answer says
+/// how far behind the learner is and whether it is falling further behind.
 async fn promote_member(
     state: web::Data<ControlState>,
     id: web::Path<u64>,
@@ -289,6 +405,11 @@ async fn promote_member(
 ) -> HttpResponse {
     let id = id.into_inner();
     let request = body.map(|body| body.into_inner()).unwrap_or_default();
+    let wait = request
+        .wait_ms
+        .map(Duration::from_millis)
+        .unwrap_or(PROMOTE_WAIT_DEFAULT)
+        .min(PROMOTE_WAIT_MAX);
     let status = match leader_status(&state).await {
         Ok(status) => status,
         Err(response) => return response,
@@ -299,21 +420,6 @@ async fn promote_member(
             format!(
                 "node {id} is not a learner (it is {}); add it first",
                 role_of(&status, id)
-            ),
-        );
-    }
-    let caught_up = progress_of(&status, id).is_some_and(|progress| {
-        progress.state == "Replicate"
-            && progress.recent_active
-            && progress.matched + PROMOTE_LAG_ENTRIES_MAX >= status.commit_index
-    });
-    if !caught_up {
-        return error_response(
-            StatusCode::CONFLICT,
-            format!(
-                "node {id} has not caught up yet ({:?}, commit index {}); retry when it has",
-                progress_of(&status, id),
-                status.commit_index
             ),
         );
     }
@@ -330,12 +436,71 @@ async fn promote_member(
         }
         changes.push(single(ConfChangeType::RemoveNode, old));
     }
-    match propose_change(&state, change_of(changes, Vec::new())).await {
-        Ok(_) => match raft_status(&state).await {
-            Some(status) => HttpResponse::Ok().json(members_body(&state, &status)),
-            None => HttpResponse::Ok().finish(),
-        },
-        Err(response) => response,
+    let replace = request.replace;
+    let check = move |status: &RaftStatus| {
+        learner_caught_up(status, id)?;
+        match replace {
+            Some(old) if role_of(status, old) != "voter" => {
+                Err(format!("node {old} is no longer a voter"))
+            }
+            _ => Ok(()),
+        }
+    };
+    let before = LearnerSample::take(&state, id).await;
+    match propose_change(&state, change_of(changes, Vec::new()), check, wait).await {
+        Ok(_) => changed(&state).await,
+        Err(ChangeRefusal::NotReady(reason)) => {
+            let after = LearnerSample::take(&state, id).await;
+            let mut error = format!("node {id} was not promoted within {wait:?}: {reason}");
+            if let (Some(before), Some(after)) = (&before, &after) {
+                error.push_str(&before.trend_until(after));
+            }
+            let (matched, commit_index) = after
+                .map(|sample| (sample.matched, sample.commit_index))
+                .unwrap_or_default();
+            HttpResponse::Conflict().json(NotCaughtUpBody {
+                error,
+                matched,
+                commit_index,
+            })
+        }
+        Err(ChangeRefusal::Response(response)) => response,
+    }
+}
+
+/// A learner's replication progress and the commit index at one instant, to tell an operator
+/// whether the learner keeps up with the writes.
+struct LearnerSample {
+    at: std::time::Instant,
+    matched: u64,
+    commit_index: u64,
+}
+
+impl LearnerSample {
+    async fn take(state: &ControlState, id: u64) -> Option<LearnerSample> {
+        let status = raft_status(state).await?;
+        let progress = progress_of(&status, id)?;
+        Some(LearnerSample {
+            at: std::time::Instant::now(),
+            matched: progress.matched,
+            commit_index: status.commit_index,
+        })
+    }
+
+    /// "; over the last N s it replicated X entries/s while the group committed Y/s …".
+    fn trend_until(&self, later: &LearnerSample) -> String {
+        let seconds = later.at.duration_since(self.at).as_secs_f64().max(0.001);
+        let replicated = later.matched.saturating_sub(self.matched) as f64 / seconds;
+        let committed = later.commit_index.saturating_sub(self.commit_index) as f64 / seconds;
+        let verdict = if replicated < committed {
+            ": it falls further behind, so its disk or its link is slower than the write rate"
+        } else {
+            ""
+        };
+        format!(
+            "; over the last {seconds:.1} s it replicated {replicated:.0} entries/s while the \
+             group committed {committed:.0} entries/s{verdict}"
+        )
     }
 }
 
@@ -409,12 +574,17 @@ async fn remove_member(
         }
     }
     let change = change_of(vec![single(ConfChangeType::RemoveNode, id)], Vec::new());
-    match propose_change(&state, change).await {
-        Ok(_) => match raft_status(&state).await {
-            Some(status) => HttpResponse::Ok().json(members_body(&state, &status)),
-            None => HttpResponse::Ok().finish(),
-        },
-        Err(response) => response,
+    let force = query.force;
+    // The quorum is judged again in the step that proposes: a voter may have gone quiet since.
+    let check = move |status: &RaftStatus| {
+        if role_of(status, id) == "voter" && !force {
+            quorum_survives(status, id, None)?;
+        }
+        Ok(())
+    };
+    match propose_change(&state, change, check, PREVIOUS_CHANGE_WAIT).await {
+        Ok(_) => changed(&state).await,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
@@ -444,6 +614,14 @@ pub enum MembershipError {
     CatchUpTimedOut {
         id: u64,
         waited: Duration,
+        matched: u64,
+        commit: u64,
+    },
+    /// The leader waited for the learner as long as it was asked to; the message says how far
+    /// behind it was.
+    #[error("{message}")]
+    NotCaughtUp {
+        message: String,
         matched: u64,
         commit: u64,
     },
@@ -549,6 +727,13 @@ impl MembershipClient {
                         }
                         Err(ureq::Error::Status(code, response)) => {
                             let text = response.into_string().unwrap_or_default();
+                            if let Ok(body) = serde_json::from_str::<NotCaughtUpBody>(&text) {
+                                return Err(MembershipError::NotCaughtUp {
+                                    message: body.error,
+                                    matched: body.matched,
+                                    commit: body.commit_index,
+                                });
+                            }
                             let message = serde_json::from_str::<serde_json::Value>(&text)
                                 .ok()
                                 .and_then(|value| value["error"].as_str().map(str::to_string))
@@ -616,13 +801,55 @@ impl MembershipClient {
         }
     }
 
-    /// Promotes learner `id` to voter, removing `replace` in the same joint change.
-    pub fn promote(&self, id: u64, replace: Option<u64>) -> Result<MembersBody, MembershipError> {
-        self.change(
-            "POST",
-            &format!("/v1/members/{id}/promote"),
-            Some(serde_json::to_value(PromoteRequest { replace }).expect("serializes")),
-        )
+    /// Promotes learner `id` to voter, removing `replace` in the same joint change. The leader
+    /// waits up to `wait` for a moment when the learner is close enough to the commit index;
+    /// while `timeout` has not passed, a promotion that found none is asked for again, with
+    /// `progress` called on the learner's (matched, commit) meanwhile.
+    pub fn promote(
+        &self,
+        id: u64,
+        replace: Option<u64>,
+        timeout: Duration,
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<MembersBody, MembershipError> {
+        let started = std::time::Instant::now();
+        loop {
+            let wait = timeout.saturating_sub(started.elapsed()).min(PROMOTE_WAIT_MAX);
+            let request = PromoteRequest {
+                replace,
+                wait_ms: Some(wait.as_millis() as u64),
+            };
+            let finished = std::sync::atomic::AtomicBool::new(false);
+            let result = std::thread::scope(|scope| {
+                // Progress while the leader holds the request.
+                scope.spawn(|| {
+                    while !finished.load(std::sync::atomic::Ordering::Acquire) {
+                        if let Ok(body) = self.members() {
+                            if let Some(state) = body
+                                .members
+                                .iter()
+                                .find(|view| view.member.id == id)
+                                .and_then(|view| view.progress.as_ref())
+                            {
+                                progress(state.matched, body.commit_index);
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                });
+                let result = self.change(
+                    "POST",
+                    &format!("/v1/members/{id}/promote"),
+                    Some(serde_json::to_value(&request).expect("serializes")),
+                );
+                finished.store(true, std::sync::atomic::Ordering::Release);
+                result
+            });
+            match result {
+                Err(MembershipError::NotCaughtUp { .. }) if started.elapsed() < timeout => continue,
+                result => return result,
+            }
+        }
     }
 
     /// Removes member `id` (a leader steps aside first).
