@@ -751,11 +751,22 @@ impl raft::Storage for RaftLogStore {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
+        context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let state = self.shared.state.read();
         if low < state.first_index() {
+            return Err(raft::Error::Store(raft::StorageError::Compacted));
+        }
+        // The log from its first entry builds on the bootstrap configuration, which only the
+        // founding members hold: a member added since (its log empty, so the leader's probe
+        // falls back to entry 1) would apply the entries on an empty configuration and fail at
+        // the first membership change. Once the group changed its membership, the log is not
+        // sent from its start: answering "compacted" makes raft-rs send a snapshot instead,
+        // which carries the configuration. raft-rs asks with a context that may wait (the
+        // only kind `can_async` is true for) only when it sends appends; this store never
+        // asks that way itself.
+        if low == 1 && context.can_async() && state.conf_state_index > 0 {
             return Err(raft::Error::Store(raft::StorageError::Compacted));
         }
         if high > state.last_index + 1 || low > high {
@@ -982,6 +993,38 @@ mod tests {
                 .persist_ready(&[entry(7, 7, b"")], None, true)
                 .unwrap();
             assert_eq!(terms(&store, 7, 8), vec![7]);
+        });
+    }
+
+    #[test]
+    fn after_a_membership_change_appends_are_not_sent_from_the_first_entry() {
+        with_both_cache_settings(|open| {
+            let (_directory, store) = open();
+            let entries: Vec<Entry> = (1..=10).map(|index| entry(index, 1, &[7u8; 10])).collect();
+            store.persist_ready(&entries, None, true).unwrap();
+            let voters = ConfState {
+                voters: vec![1, 2, 3],
+                ..Default::default()
+            };
+            store.bootstrap(voters.clone(), &[]).unwrap();
+            // raft-rs sends appends with a context that may wait (`can_async`).
+            let sending = || GetEntriesContext::empty(true);
+            // Founding members share the bootstrap configuration: the log goes out from 1.
+            assert_eq!(store.entries(1, 11, None, sending()).unwrap().len(), 10);
+            store.set_conf_state_at(&voters, 5, &[]).unwrap();
+            assert!(matches!(
+                store.entries(1, 11, None, sending()),
+                Err(raft::Error::Store(raft::StorageError::Compacted))
+            ));
+            // Later entries still go out, and this node itself still reads its whole log.
+            assert_eq!(store.entries(2, 11, None, sending()).unwrap().len(), 9);
+            assert_eq!(
+                store
+                    .entries(1, 11, None, GetEntriesContext::empty(false))
+                    .unwrap()
+                    .len(),
+                10
+            );
         });
     }
 
