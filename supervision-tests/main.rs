@@ -409,7 +409,10 @@ fn reads_during_a_storage_actor_replay_never_return_an_overwritten_block() {
     eprintln!("writer: {rounds:?}; readers: {reads:?}");
     assert!(rounds.is_ok(), "the writer failed: {rounds:?}");
     for result in &reads {
-        assert!(result.is_ok(), "a reader saw a stale block or an error: {result:?}");
+        assert!(
+            result.is_ok(),
+            "a reader saw a stale block or an error: {result:?}"
+        );
     }
     assert_eq!(actor_restarts(&server)["storage"], CRASHES);
     server.assert_running("after the storage actor crashes");

@@ -1491,7 +1491,10 @@ fn replaces_in_a_row_promote_a_learner_that_fell_behind_under_load() {
             |cluster| voters_of(cluster, &expected) == Some(expected.clone()),
         );
         cluster.retire(old);
-        eprintln!("node {new} replaced node {old} {:.1?} after it was asked", asked.elapsed());
+        eprintln!(
+            "node {new} replaced node {old} {:.1?} after it was asked",
+            asked.elapsed()
+        );
         load.wait_for_more_acknowledgements(200, minute, "after a replace");
     }
     let (mut region, statistics) = load.finish();

@@ -351,7 +351,9 @@ fn learner_caught_up(status: &RaftStatus, id: u64) -> Result<(), String> {
                 ", not heard from within an election timeout"
             }
         )),
-        None => Err(format!("the leader has no replication progress for node {id}")),
+        None => Err(format!(
+            "the leader has no replication progress for node {id}"
+        )),
     }
 }
 
@@ -814,7 +816,9 @@ impl MembershipClient {
     ) -> Result<MembersBody, MembershipError> {
         let started = std::time::Instant::now();
         loop {
-            let wait = timeout.saturating_sub(started.elapsed()).min(PROMOTE_WAIT_MAX);
+            let wait = timeout
+                .saturating_sub(started.elapsed())
+                .min(PROMOTE_WAIT_MAX);
             let request = PromoteRequest {
                 replace,
                 wait_ms: Some(wait.as_millis() as u64),
