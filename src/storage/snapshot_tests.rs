@@ -534,3 +534,45 @@ fn a_checkpoint_ticket_from_before_an_install_records_nothing() {
     let index = follower.machine().finish_checkpoint(ticket).unwrap();
     assert_eq!(index, follower.machine().applied_index());
 }
+
+/// An install that fails after it began (here: a staged image is missing when it is renamed
+/// into place) must leave every image written since the last checkpoint to the next one,
+/// including those a background checkpoint was syncing when the install began (that
+/// checkpoint's ticket is void after an install). A checkpoint that recorded the applied index
+/// without syncing them would let compaction drop the only durable copy of acknowledged
+/// writes, and a power cut would then lose them.
+#[test]
+fn a_failed_install_leaves_unsynced_images_to_the_next_checkpoint() {
+    let mut leader = leader_with_data();
+    let mut follower = follower_with_old_state();
+    let old = follower.machine().volume_by_name("old").unwrap().id;
+    let newer = follower.create("newer", 64 * KIB, 4096).id;
+    follower.machine().make_durable().unwrap();
+    // "old" is being synced by a background checkpoint; "newer" is written after it began.
+    follower.write(old, 0, 0, 4096, 21);
+    let in_flight = follower.machine().begin_checkpoint().unwrap();
+    assert!(in_flight.volume_ids().contains(&old));
+    follower.write(newer, 0, 4096, 4096, 22);
+
+    let snapshot = leader.snapshot();
+    let staged = stage_snapshot(&mut leader, &follower, &snapshot);
+    let missing = staged.volumes()[0].id;
+    std::fs::remove_file(staged.image_path(missing)).unwrap();
+    let log = follower.log.clone().unwrap();
+    assert!(follower
+        .machine()
+        .install_snapshot(staged, &log, snapshot.get_metadata(), &[])
+        .is_err());
+
+    // The background checkpoint finishes after the failed install: void, it records nothing.
+    in_flight.sync_images().unwrap();
+    let applied_index = follower.machine().applied_index();
+    assert!(follower.machine().finish_checkpoint(in_flight).unwrap() < applied_index);
+    let next = follower.machine().begin_checkpoint().unwrap();
+    assert_eq!(next.applied_index(), applied_index);
+    assert_eq!(
+        next.volume_ids().iter().copied().collect::<Vec<_>>(),
+        vec![old, newer],
+        "the next checkpoint must sync both images before it records index {applied_index}"
+    );
+}

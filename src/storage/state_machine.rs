@@ -623,6 +623,11 @@ impl CheckpointTicket {
         self.applied_index
     }
 
+    /// The volumes whose images this checkpoint syncs first.
+    pub fn volume_ids(&self) -> &BTreeSet<u64> {
+        &self.volume_ids
+    }
+
     /// fdatasync every image written up to the captured applied index: their data must be on
     /// disk before an applied index covering it is recorded (the durability rule). An image
     /// deleted meanwhile is still open here, and syncing it is harmless.
