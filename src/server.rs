@@ -175,6 +175,7 @@ pub async fn run_server(
     log_store.set_applied_index_source(applied_index.clone());
 
     let storage_arbiter = Arbiter::new();
+    let read_gate = ReadGate::default();
     let storage_params = StorageActorParams {
         group_id: DEFAULT_GROUP_ID,
         data_dir: data_dir.clone(),
@@ -184,6 +185,7 @@ pub async fn run_server(
         registry: registry.clone(),
         applied_index: applied_index.clone(),
         applied_wanted: applied_wanted.clone(),
+        read_gate: read_gate.clone(),
         supervision: supervision(ActorKind::Storage),
     };
     let storage = SupervisedActor::start_in_arbiter(
@@ -199,7 +201,6 @@ pub async fn run_server(
         .context("the storage actor did not start")?
         .map_err(|error| anyhow::anyhow!(error))?;
 
-    let read_gate = ReadGate::default();
     let peer_supervision = supervision(ActorKind::Peer);
     let (network, peer_links) = PeerNetwork::new(
         config.node.id,

@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::raft::{RaftActor, ReadGate};
-use super::session::{NbdSessionActor, RaftVolumeBackend, SessionBackend, SessionLimits};
+use super::session::{
+    NbdSessionActor, RaftVolumeBackend, SessionBackend, SessionLimits, VolumeHandle,
+};
 use super::storage::VolumeRegistry;
 use super::supervisor::{ActorKind, SupervisedActor, Supervision};
 use crate::config::NbdConfig;
@@ -226,7 +228,7 @@ impl NbdService for VolumeService {
         let export_name = parse_export_name(&negotiated.export.name);
         let volume = catalog.registry.get(export_name.volume_name)?;
         Some(RaftVolumeBackend {
-            volume,
+            volume: VolumeHandle::new(volume, catalog.registry.clone()),
             raft: self.raft.clone(),
             read_gate: self.read_gate.clone(),
             writer_epoch: export_name.writer_epoch,

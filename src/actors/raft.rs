@@ -103,10 +103,14 @@ pub struct RaftActorParams {
 /// write, and the read barrier would only add a round trip to the Raft thread. The gate is open
 /// exactly while that holds and the leader has applied its own first entry (so everything
 /// committed before its term is in the image); it closes on any role or membership change and
-/// while the Raft actor restarts.
+/// while the Raft actor restarts. It is also closed while a restarted storage actor replays
+/// the log up to what its previous instance had applied: replay rewrites older versions of
+/// blocks on its way forward, and only a barrier (which waits for the applied index) keeps a
+/// read from seeing them.
 #[derive(Clone, Default)]
 pub struct ReadGate {
     sole_voter_leader: Arc<std::sync::atomic::AtomicBool>,
+    storage_replaying: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ReadGate {
@@ -115,11 +119,20 @@ impl ReadGate {
     }
 
     fn is_open(&self) -> bool {
-        self.sole_voter_leader.load(Ordering::Acquire)
+        // Replaying is set before a restarted storage actor hands out any reader, and
+        // cleared only once it has caught up: both orders are sequentially consistent.
+        self.sole_voter_leader.load(Ordering::SeqCst)
+            && !self.storage_replaying.load(Ordering::SeqCst)
     }
 
     fn set_sole_voter_leader(&self, open: bool) {
-        self.sole_voter_leader.store(open, Ordering::Release);
+        self.sole_voter_leader.store(open, Ordering::SeqCst);
+    }
+
+    /// The storage actor restarted (set) or has replayed past everything its previous
+    /// instance applied (cleared).
+    pub fn set_storage_replaying(&self, replaying: bool) {
+        self.storage_replaying.store(replaying, Ordering::SeqCst);
     }
 }
 
@@ -912,11 +925,11 @@ impl RaftActor {
     /// the rest wait for.
     fn release_reads(&mut self) {
         loop {
-            // Reads compare with the published index, which may run ahead of what raft-rs has
-            // been told (`sync_applied`).
-            let applied_index = self
-                .applied_index
-                .max(self.params.applied_index.load(Ordering::SeqCst));
+            // Reads compare with the published index alone: it may run ahead of what raft-rs
+            // has been told (`sync_applied`), and it falls back to the durable applied index
+            // when the storage actor restarts, whose replay rewrites older block versions on
+            // its way forward. What raft-rs was told never goes back.
+            let applied_index = self.params.applied_index.load(Ordering::SeqCst);
             if let Some(index) = self.read_gate_opens_at {
                 if applied_index >= index {
                     self.read_gate_opens_at = None;

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::frame_writer::{write_frames, Frame};
 use super::raft::{propose_until, read_barrier_until, RaftActor, ReadGate};
+use super::storage::VolumeRegistry;
 use super::supervisor::{run_guarded, Supervision};
 use crate::nbd::proto;
 use crate::nbd::transmission::{
@@ -44,6 +45,7 @@ use crate::nbd::transmission::{
 use crate::nbd::Negotiated;
 use crate::storage::command::{encode_command, encode_write_command, Command as StateCommand};
 use crate::storage::state_machine::{ApplyOutcome, ApplyRejection, VolumeReader};
+use crate::storage::StorageError;
 
 /// One validated request handed to a backend. Requests with an empty range, FLUSH, CACHE and
 /// DISC never reach a backend.
@@ -430,12 +432,54 @@ fn error_reply_bytes(structured: bool, cookie: u64, errno: Errno, message: &str)
     out
 }
 
+/// A session's reader of its volume. A reader belongs to one state machine; when that one
+/// is replaced (a snapshot was installed, or the storage actor restarted and reopened it) its
+/// readers fail with `VolumeReplaced`, and the session takes the registry's reader of the
+/// same volume (its id never changes) and reads again after a barrier.
+#[derive(Clone)]
+pub struct VolumeHandle {
+    reader: Arc<parking_lot::Mutex<VolumeReader>>,
+    registry: VolumeRegistry,
+    volume_id: u64,
+}
+
+impl VolumeHandle {
+    pub fn new(reader: VolumeReader, registry: VolumeRegistry) -> Self {
+        let volume_id = reader.info().id;
+        VolumeHandle {
+            reader: Arc::new(parking_lot::Mutex::new(reader)),
+            registry,
+            volume_id,
+        }
+    }
+
+    pub fn current(&self) -> VolumeReader {
+        self.reader.lock().clone()
+    }
+
+    /// Takes the registry's reader of this volume, if it still has one.
+    fn refresh(&self) {
+        if let Some(reader) = self.registry.get_by_id(self.volume_id) {
+            *self.reader.lock() = reader;
+        }
+    }
+}
+
+/// Whether a read failed because its reader's state machine was replaced (see
+/// [`VolumeHandle`]): then it is read again, not failed.
+fn reader_replaced<T>(result: &Result<Result<T, StorageError>, tokio::task::JoinError>) -> bool {
+    matches!(result, Ok(Err(StorageError::VolumeReplaced { .. })))
+}
+
+/// How long a read whose state machine was replaced waits before it looks for the new one.
+const REPLACED_READER_RETRY: Duration = Duration::from_millis(1);
+
 /// The server's backend: one volume of this node's Raft group. Writes carry `writer_epoch`
 /// (the epoch named in the export, `disk0@7`; 0 for an anonymous session), which the state
 /// machine checks against the volume's attachment.
 #[derive(Clone)]
 pub struct RaftVolumeBackend {
-    pub volume: VolumeReader,
+    pub volume: VolumeHandle,
     pub raft: Addr<RaftActor>,
     pub read_gate: ReadGate,
     pub writer_epoch: u64,
@@ -446,7 +490,7 @@ pub struct RaftVolumeBackend {
 
 impl SessionBackend for RaftVolumeBackend {
     fn live_size_bytes(&self) -> Option<u64> {
-        Some(self.volume.size_bytes())
+        Some(self.volume.current().size_bytes())
     }
 
     fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static {
@@ -455,7 +499,7 @@ impl SessionBackend for RaftVolumeBackend {
             payload,
             deadline,
         } = request;
-        let volume_id = self.volume.info().id;
+        let volume_id = self.volume.volume_id;
         let writer_epoch = self.writer_epoch;
         let proposal = match header.command {
             Command::Write => Some(encode_write_command(
@@ -554,24 +598,33 @@ impl RaftVolumeBackend {
         needs_barrier: bool,
         deadline: Instant,
     ) -> BackendReply {
-        if let Err(reply) = self.barrier(needs_barrier, deadline).await {
-            return reply;
-        }
         let offset = header.offset;
         let length = header.length as usize;
-        let volume = self.volume.clone();
-        // Serve from the page cache on this thread when possible (no thread hop); only reads
-        // that would wait for the disk go to the blocking pool.
-        let mut buffer = vec![0u8; length];
-        let result = match volume.read_cached(offset, &mut buffer) {
-            Ok(true) => Ok(Ok(buffer)),
-            Ok(false) => {
-                tokio::task::spawn_blocking(move || {
-                    volume.read(offset, &mut buffer).map(|()| buffer)
-                })
-                .await
+        let mut needs_barrier = needs_barrier;
+        let result = loop {
+            if let Err(reply) = self.barrier(needs_barrier, deadline).await {
+                return reply;
             }
-            Err(error) => Ok(Err(error)),
+            let volume = self.volume.current();
+            // Serve from the page cache on this thread when possible (no thread hop); only
+            // reads that would wait for the disk go to the blocking pool.
+            let mut buffer = vec![0u8; length];
+            let result = match volume.read_cached(offset, &mut buffer) {
+                Ok(true) => Ok(Ok(buffer)),
+                Ok(false) => {
+                    tokio::task::spawn_blocking(move || {
+                        volume.read(offset, &mut buffer).map(|()| buffer)
+                    })
+                    .await
+                }
+                Err(error) => Ok(Err(error)),
+            };
+            if !reader_replaced(&result) || Instant::now() >= deadline {
+                break result;
+            }
+            tokio::time::sleep(REPLACED_READER_RETRY).await;
+            self.volume.refresh();
+            needs_barrier = true;
         };
         match result {
             Ok(Ok(buffer)) => BackendReply::Data(Bytes::from(buffer)),
@@ -604,13 +657,23 @@ impl RaftVolumeBackend {
         needs_barrier: bool,
         deadline: Instant,
     ) -> BackendReply {
-        if let Err(reply) = self.barrier(needs_barrier, deadline).await {
-            return reply;
-        }
         let offset = header.offset;
         let length = u64::from(header.length);
-        let volume = self.volume.clone();
-        let result = tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
+        let mut needs_barrier = needs_barrier;
+        let result = loop {
+            if let Err(reply) = self.barrier(needs_barrier, deadline).await {
+                return reply;
+            }
+            let volume = self.volume.current();
+            let result =
+                tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
+            if !reader_replaced(&result) || Instant::now() >= deadline {
+                break result;
+            }
+            tokio::time::sleep(REPLACED_READER_RETRY).await;
+            self.volume.refresh();
+            needs_barrier = true;
+        };
         match result {
             Ok(Ok(extents)) => {
                 let request_one = header.flags & proto::NBD_CMD_FLAG_REQ_ONE != 0;

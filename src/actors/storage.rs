@@ -23,7 +23,7 @@ use raft::prelude::Entry;
 use raft::Storage as _;
 
 use super::messages::*;
-use super::raft::RaftActor;
+use super::raft::{RaftActor, ReadGate};
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::StorageConfig;
 use crate::storage::raft_log::RaftLogStore;
@@ -50,6 +50,15 @@ impl VolumeRegistry {
             .values()
             .map(|reader| reader.info().clone())
             .collect()
+    }
+
+    /// The reader of the volume with this id (ids never change; names may be reused).
+    pub fn get_by_id(&self, volume_id: u64) -> Option<VolumeReader> {
+        self.volumes
+            .read()
+            .values()
+            .find(|reader| reader.info().id == volume_id)
+            .cloned()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -79,6 +88,8 @@ pub struct StorageActorParams {
     pub applied_index: Arc<AtomicU64>,
     /// The Raft actor wants `AppliedUpTo` once the applied index reaches this.
     pub applied_wanted: Arc<AtomicU64>,
+    /// Closed by this actor while a restarted instance replays (see [`ReadGate`]).
+    pub read_gate: ReadGate,
     pub supervision: Supervision,
 }
 
@@ -94,6 +105,10 @@ pub struct StorageActor {
     /// The highest applied index this process made durable; kept across restarts, so that a
     /// state machine reopened below it (durable state went backwards) is caught as corruption.
     durable_applied_index_max: u64,
+    /// After a restart: the index the previous instance had applied. Until the replay reaches
+    /// it the images may hold older versions of blocks than reads were already shown, so the
+    /// read gate stays closed (reads take a barrier, which waits for the applied index).
+    replay_until: Option<u64>,
 }
 
 /// Wires the Raft actor's address in once both actors exist (each needs the other's).
@@ -111,6 +126,21 @@ impl StorageActor {
             checkpoint_in_flight: None,
             checkpoint_ids: 0,
             durable_applied_index_max: 0,
+            replay_until: None,
+        }
+    }
+
+    /// Opens the read gate again once the replay after a restart has caught up.
+    fn note_replay_progress(&mut self) {
+        let Some(target) = self.replay_until else {
+            return;
+        };
+        let applied_index = self.machine.as_ref().map_or(0, StateMachine::applied_index);
+        if applied_index >= target {
+            self.replay_until = None;
+            self.params.read_gate.set_storage_replaying(false);
+            slog::info!(self.params.supervision.logger, "replay after the restart caught up";
+                "applied_index" => applied_index);
         }
     }
 
@@ -135,13 +165,33 @@ impl StorageActor {
         }
         self.params
             .applied_index
-            .store(machine.applied_index(), Ordering::Release);
+            .store(machine.applied_index(), Ordering::SeqCst);
         self.params.registry.replace_all(&machine);
         slog::info!(self.params.supervision.logger, "state machine opened";
             "applied_index" => machine.applied_index(),
             "volumes" => machine.volumes().len());
         self.machine = Some(machine);
         self.bytes_since_checkpoint = 0;
+        self.note_replay_progress();
+    }
+
+    /// Drops the state machine, to open it again from RocksDB and the images (a restart, or
+    /// a failed snapshot install, after which the one in memory may not match the disk).
+    /// Reads skip no barrier until the replay has caught up with what this one applied (and
+    /// what reads may have seen), and every reader it handed out fails from now on with
+    /// `VolumeReplaced`, so that its session takes the new state machine's reader instead of
+    /// reading images the new one rewrites without its locks. Both before the new state
+    /// machine exists.
+    fn drop_machine(&mut self) {
+        let applied_index = self.params.applied_index.load(Ordering::SeqCst);
+        self.replay_until = Some(self.replay_until.unwrap_or(0).max(applied_index));
+        self.params.read_gate.set_storage_replaying(true);
+        if let Some(machine) = self.machine.take() {
+            machine.retire_readers();
+        }
+        // A background checkpoint still running reports to the new state machine's actor,
+        // which ignores it by its id (its ticket belongs to the old state machine).
+        self.checkpoint_in_flight = None;
     }
 
     fn machine(&mut self) -> &mut StateMachine {
@@ -246,6 +296,7 @@ impl StorageActor {
                 raft.do_send(AppliedUpTo);
             }
         }
+        self.note_replay_progress();
         self.bytes_since_checkpoint += applied_bytes;
         if self.bytes_since_checkpoint >= self.params.config.checkpoint_bytes {
             self.start_background_checkpoint(ctx);
@@ -347,11 +398,8 @@ impl Actor for StorageActor {
 
 impl actix::Supervised for StorageActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        // Drop everything in memory; `started` reopens from RocksDB and the images. A
-        // background checkpoint still running reports to the new instance, which ignores it by
-        // its id (its ticket belongs to the old state machine).
-        self.machine = None;
-        self.checkpoint_in_flight = None;
+        // `started` reopens from RocksDB and the images.
+        self.drop_machine();
     }
 }
 
@@ -404,20 +452,35 @@ impl Handler<InstallSnapshot> for StorageActor {
             // A background checkpoint of the old images must not record anything after the
             // switch; the install records its own applied index durably.
             actor.checkpoint_in_flight = None;
-            actor
-                .machine()
-                .install_snapshot(msg.staged, &log_store, &msg.metadata, &msg.members)
-                .map_err(|error| error.to_string())?;
+            let installed = actor.machine().install_snapshot(
+                msg.staged,
+                &log_store,
+                &msg.metadata,
+                &msg.members,
+            );
+            if let Err(error) = installed {
+                // On disk either the old state or the new one is complete, but the state
+                // machine in memory may match neither: open it again (and replay), as after a
+                // crash. The Raft actor restarts too and is sent the snapshot again.
+                slog::error!(actor.params.supervision.logger, "installing a snapshot failed";
+                    "error" => %error, "index" => msg.metadata.index);
+                actor.drop_machine();
+                actor.open_machine();
+                actor.announce_started();
+                return Err(error.to_string());
+            }
             let machine = actor.machine.as_ref().expect("opened in started()");
             actor.params.registry.replace_all(machine);
             let applied_index = machine.applied_index();
+            let volumes = machine.volumes().len();
             actor
                 .params
                 .applied_index
-                .store(applied_index, Ordering::Release);
+                .store(applied_index, Ordering::SeqCst);
             actor.bytes_since_checkpoint = 0;
+            actor.note_replay_progress();
             slog::info!(actor.params.supervision.logger, "snapshot installed";
-                "applied_index" => applied_index, "volumes" => machine.volumes().len());
+                "applied_index" => applied_index, "volumes" => volumes);
             Ok(())
         })
         .unwrap_or_else(|| Err("the storage actor crashed installing a snapshot".to_string()))

@@ -241,6 +241,13 @@ impl VolumeShared {
         Ok(())
     }
 
+    /// Marks the volume replaced under every write lock: no read is in flight, and every
+    /// later read through a reader of it fails with `VolumeReplaced`.
+    fn retire(&self) {
+        let _guards: Vec<_> = self.stripes.iter().map(|stripe| stripe.write()).collect();
+        self.replaced.store(true, Ordering::Release);
+    }
+
     /// The stripes guarding `[start, end)` (non-empty range), ascending: the lock order.
     fn stripes_for(&self, start: u64, end: u64) -> Vec<usize> {
         let first_region = start / self.region_bytes;
@@ -1604,10 +1611,11 @@ impl StateMachine {
         }
         // A background checkpoint in flight syncs images that are about to be replaced and
         // would record an index of the old state: its ticket is recognised by this counter and
-        // ignored.
+        // ignored. Its images go back to the written set, so that if the install fails below
+        // the next checkpoint syncs them before it records an index past their writes.
         self.snapshot_installs += 1;
-        self.volumes_in_background_checkpoint.clear();
-        self.volumes_written_since_checkpoint.clear();
+        let in_background = std::mem::take(&mut self.volumes_in_background_checkpoint);
+        self.volumes_written_since_checkpoint.extend(in_background);
 
         let image_generation = self
             .volumes
@@ -1678,13 +1686,13 @@ impl StateMachine {
 
         let old_volumes = std::mem::replace(&mut self.volumes, new_volumes);
         for volume in old_volumes.values() {
-            // Under every write lock: no read is in flight, and later reads see the flag.
-            let _guards: Vec<_> = volume.stripes.iter().map(|stripe| stripe.write()).collect();
-            volume.replaced.store(true, Ordering::Release);
+            volume.retire();
         }
         self.applied_index = metadata.index;
         self.durable_applied_index = metadata.index;
         self.snapshot_covered_index = staged.covered_index();
+        // The old images are gone; the new ones were synced before the switch.
+        self.volumes_written_since_checkpoint.clear();
 
         // The old generation: unreferenced now (`open` would remove it after a crash here).
         for volume in old_volumes.values() {
@@ -1699,6 +1707,15 @@ impl StateMachine {
         // Dropping `staged` removes the (now image-less) staging directory.
         drop(staged);
         Ok(())
+    }
+
+    /// Makes every reader handed out fail with `VolumeReplaced` from now on: for a state
+    /// machine about to be dropped and opened again (the storage actor restarts), whose
+    /// readers would otherwise go on reading images the new one writes without their locks.
+    pub fn retire_readers(&self) {
+        for volume in self.volumes.values() {
+            volume.retire();
+        }
     }
 
     /// Every volume, by id.
