@@ -588,3 +588,134 @@ impl Handler<CheckpointSynced> for StorageActor {
         self.guarded(ctx, |actor, _| actor.finish_background_checkpoint(msg));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::supervisor::{ActorKind, RestartCounters};
+    use crate::storage::command::{encode_command, encode_write_command, Command};
+    use crate::storage::{open_db, StorageOptions};
+    use raft::prelude::ConfState;
+
+    const BLOCK: usize = 4096;
+
+    /// A proposal's entry context as every server writes it: proposing node, proposal id and
+    /// the term it was proposed in.
+    fn proposal_context(node_id: u64, proposal_id: u64, term: u64) -> bytes::Bytes {
+        let mut context = Vec::new();
+        for field in [node_id, proposal_id, term] {
+            context.extend_from_slice(&field.to_be_bytes());
+        }
+        context.into()
+    }
+
+    fn entry(index: u64, term: u64, context: bytes::Bytes, data: Vec<u8>) -> Entry {
+        Entry {
+            index,
+            term,
+            context,
+            data: data.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The storage actor of one node, on a log written by the test.
+    struct Harness {
+        _directory: tempfile::TempDir,
+        registry: VolumeRegistry,
+        applied_index: Arc<AtomicU64>,
+        storage: Addr<StorageActor>,
+    }
+
+    fn start(log_entries: &[Entry]) -> Harness {
+        let directory = tempfile::tempdir().unwrap();
+        let options = StorageOptions {
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            max_background_jobs: 1,
+        };
+        let db = open_db(directory.path(), &options).unwrap();
+        let log_store = RaftLogStore::open(db.clone(), 1).unwrap();
+        let voters = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        log_store.bootstrap(voters, &[]).unwrap();
+        log_store.persist_ready(log_entries, None, true).unwrap();
+        let config = crate::config::Config::load(None, &[]).unwrap();
+        let registry = VolumeRegistry::default();
+        let applied_index = Arc::new(AtomicU64::new(0));
+        let params = StorageActorParams {
+            group_id: 1,
+            data_dir: directory.path().to_path_buf(),
+            db,
+            config: config.storage,
+            log_store,
+            registry: registry.clone(),
+            applied_index: applied_index.clone(),
+            applied_wanted: Arc::new(AtomicU64::new(u64::MAX)),
+            read_gate: ReadGate::default(),
+            supervision: Supervision {
+                kind: ActorKind::Storage,
+                logger: slog::Logger::root(slog::Discard, slog::o!()),
+                counters: RestartCounters::new(),
+            },
+        };
+        let storage = StorageActor::new(params).start();
+        Harness {
+            _directory: directory,
+            registry,
+            applied_index,
+            storage,
+        }
+    }
+
+    /// A write forwarded in term 1 and appended by the leader of term 2 (its stale twin: its
+    /// proposer was told to retry) must be a no-op on every replica however it reaches the
+    /// state machine, including the entries a storage actor reads from the log itself to fill
+    /// a gap after a restart.
+    #[actix_rt::test]
+    async fn a_stale_twin_read_from_the_log_is_applied_as_a_no_op() {
+        let create = encode_command(&Command::CreateVolume {
+            name: "v",
+            size_bytes: 1 << 20,
+            block_size_bytes: BLOCK as u32,
+        });
+        let log = vec![
+            entry(1, 1, proposal_context(1, 1, 1), create),
+            entry(
+                2,
+                1,
+                proposal_context(1, 2, 1),
+                encode_write_command(1, 0, 0, &[0xaa; BLOCK]),
+            ),
+            // Proposed in term 1, appended in term 2.
+            entry(
+                3,
+                2,
+                proposal_context(2, 7, 1),
+                encode_write_command(1, 0, 0, &[0xbb; BLOCK]),
+            ),
+            entry(4, 2, proposal_context(1, 3, 2), Vec::new()),
+        ];
+        let harness = start(&log);
+        // Handed entry 4 only: entries 1 to 3 are read from the log.
+        harness
+            .storage
+            .send(ApplyCommitted {
+                entries: vec![log[3].clone()],
+                responders: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(harness.applied_index.load(Ordering::SeqCst), 4);
+        let reader = harness.registry.get("v").expect("volume v exists");
+        let mut block = vec![0u8; BLOCK];
+        reader.read(0, &mut block).unwrap();
+        assert!(
+            block.iter().all(|byte| *byte == 0xaa),
+            "the stale twin was applied: block 0 starts {:02x?}",
+            &block[..4]
+        );
+    }
+}
