@@ -1546,3 +1546,51 @@ fn a_member_added_before_any_compaction_catches_up() {
     cluster.assert_all_alive("after the member was added");
     cluster.assert_replicas_identical(&members, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
 }
+
+/// A server that lags behind the leader must not answer from its own stale volume table:
+/// attach and delete are decided by the committed Raft command, on whichever server is asked.
+/// The leader's and the other follower's links to one follower are delayed by a second, a
+/// volume is created through the leader, and the lagging follower is asked at once to attach
+/// it (a proxy told "no such volume" declares the volume lost), and to delete another one.
+#[test]
+fn a_lagging_server_answers_attach_and_delete_from_the_committed_state() {
+    let _turn = one_cluster_at_a_time();
+    let mut cluster = Cluster::start(ClusterOptions::default().with_relays());
+    let leader = cluster.leader();
+    let lagging = cluster.others(leader)[0];
+    for other in cluster.others(lagging) {
+        cluster
+            .relay(other, lagging)
+            .set_mode(RelayMode::Delay(Duration::from_secs(1)));
+    }
+    let leader_control = cluster.node(leader).control_address;
+    let lagging_control = cluster.node(lagging).control_address;
+    for name in ["lagging-attach", "lagging-delete"] {
+        let created = http_post(
+            leader_control,
+            "/v1/volumes",
+            &serde_json::json!({ "name": name, "size_bytes": 16 * MIB }),
+        )
+        .expect("create through the leader");
+        assert_eq!(created.status, 201, "create {name}: {}", created.body);
+    }
+    let attached = http_post(
+        lagging_control,
+        "/v1/volumes/lagging-attach/attach",
+        &serde_json::json!({ "client": "lagging-test" }),
+    )
+    .expect("attach through the lagging follower");
+    assert_eq!(
+        attached.status, 200,
+        "node {lagging}, a second behind, answered the attach from its own table: {}",
+        attached.body
+    );
+    let deleted = http_delete(lagging_control, "/v1/volumes/lagging-delete")
+        .expect("delete through the lagging follower");
+    assert_eq!(
+        deleted.status, 204,
+        "node {lagging}, a second behind, answered the delete from its own table: {}",
+        deleted.body
+    );
+    cluster.heal_all_links();
+}
