@@ -5,6 +5,8 @@
 //! - [`storage`]: RocksDB (Raft log, state-machine metadata) beside sparse image files.
 //! - [`actors`]: the actix actors that move bytes between sockets, Raft and storage.
 //! - [`peer`]: the wire format between storage servers (pure functions, like [`nbd`]).
+//! - [`raft`]: Raft rules that are pure functions of entries (the proposal context, what the
+//!   state machine applies of an entry).
 //! - [`control`]: the HTTP control API (volumes, status).
 //! - [`dev`]: `raftblk dev`, a whole cluster and proxy on loopback as child processes.
 //! - [`proxy`]: the client-side proxy (`raftblk proxy`): leader following, reissue, cache.
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod peer;
 pub mod proxy;
+pub mod raft;
 pub mod server;
 pub mod storage;
 

@@ -67,6 +67,7 @@ use super::storage::StorageActor;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::MemberConfig;
 use crate::config::RaftConfig;
+use crate::raft::entry::ProposalContext;
 use crate::storage::raft_log::RaftLogStore;
 use crate::storage::snapshot::SnapshotDescriptor;
 
@@ -150,38 +151,6 @@ struct PendingProposal {
     proposed_at: Instant,
     /// The term this node was in when it proposed; the entry must carry the same term.
     term: u64,
-}
-
-/// The context of every proposal's entry: who proposed it, which proposal, in which term.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ProposalContext {
-    node_id: u64,
-    proposal_id: u64,
-    term: u64,
-}
-
-impl ProposalContext {
-    const BYTES: usize = 24;
-
-    fn encode(&self) -> Bytes {
-        let mut bytes = Vec::with_capacity(Self::BYTES);
-        bytes.extend_from_slice(&self.node_id.to_be_bytes());
-        bytes.extend_from_slice(&self.proposal_id.to_be_bytes());
-        bytes.extend_from_slice(&self.term.to_be_bytes());
-        Bytes::from(bytes)
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != Self::BYTES {
-            return None;
-        }
-        let field = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        Some(ProposalContext {
-            node_id: field(0),
-            proposal_id: field(8),
-            term: field(16),
-        })
-    }
 }
 
 pub struct RaftActor {
@@ -649,26 +618,22 @@ impl RaftActor {
         let last_index = last.index;
         let mut responders = Vec::new();
         let mut entries_for_storage = Vec::with_capacity(entries.len());
-        for mut entry in entries {
+        for entry in entries {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
                     if let Some(context) = ProposalContext::decode(&entry.context) {
-                        let stale = context.term != entry.term;
                         if context.node_id == self.params.node_id {
                             if let Some(pending) =
                                 self.pending_proposals.remove(&context.proposal_id)
                             {
-                                if stale {
+                                // A stale twin changes nothing (`raft::entry`): its
+                                // proposer retries.
+                                if context.is_stale_in(&entry) {
                                     let _ = pending.responder.send(Err(ProposalError::Dropped));
                                 } else {
                                     responders.push((entry.index, pending.responder));
                                 }
                             }
-                        }
-                        if stale {
-                            // Deterministic on every replica: the entry's term and context
-                            // are part of the log.
-                            entry.data = Bytes::new();
                         }
                     }
                 }
@@ -682,9 +647,8 @@ impl RaftActor {
                             }
                         }
                     }
+                    // The state machine sees a no-op at this index (`raft::entry`).
                     self.apply_conf_change(&entry);
-                    // The state machine sees a no-op at this index.
-                    entry.data = Bytes::new();
                 }
             }
             entries_for_storage.push(entry);

@@ -26,6 +26,7 @@ use super::messages::*;
 use super::raft::{RaftActor, ReadGate};
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::StorageConfig;
+use crate::raft::entry::applied_command;
 use crate::storage::raft_log::RaftLogStore;
 use crate::storage::snapshot::SnapshotSource;
 use crate::storage::state_machine::{
@@ -247,9 +248,11 @@ impl StorageActor {
             }
             return;
         }
+        // What each entry means to the state machine is decided here, from the entry alone,
+        // whichever way it came: delivered, or read back from the log above.
         let batch: Vec<(u64, &[u8])> = to_apply
             .iter()
-            .map(|entry| (entry.index, entry.data.as_ref()))
+            .map(|entry| (entry.index, applied_command(entry)))
             .collect();
         let applied_bytes: u64 = batch.iter().map(|(_, data)| data.len() as u64).sum();
         let result = self.machine().apply_batch(&batch);
@@ -599,14 +602,13 @@ mod tests {
 
     const BLOCK: usize = 4096;
 
-    /// A proposal's entry context as every server writes it: proposing node, proposal id and
-    /// the term it was proposed in.
     fn proposal_context(node_id: u64, proposal_id: u64, term: u64) -> bytes::Bytes {
-        let mut context = Vec::new();
-        for field in [node_id, proposal_id, term] {
-            context.extend_from_slice(&field.to_be_bytes());
+        crate::raft::entry::ProposalContext {
+            node_id,
+            proposal_id,
+            term,
         }
-        context.into()
+        .encode()
     }
 
     fn entry(index: u64, term: u64, context: bytes::Bytes, data: Vec<u8>) -> Entry {
