@@ -1549,7 +1549,8 @@ fn a_member_added_before_any_compaction_catches_up() {
 
 /// A server that lags behind the leader must not answer from its own stale volume table:
 /// attach and delete are decided by the committed Raft command, on whichever server is asked.
-/// The leader's and the other follower's links to one follower are delayed by a second, a
+/// The leader's and the other follower's links to one follower are delayed by 400 ms (less
+/// than the two election timeouts after which a forwarded proposal is retried), a
 /// volume is created through the leader, and the lagging follower is asked at once to attach
 /// it (a proxy told "no such volume" declares the volume lost), and to delete another one.
 #[test]
@@ -1561,7 +1562,7 @@ fn a_lagging_server_answers_attach_and_delete_from_the_committed_state() {
     for other in cluster.others(lagging) {
         cluster
             .relay(other, lagging)
-            .set_mode(RelayMode::Delay(Duration::from_secs(1)));
+            .set_mode(RelayMode::Delay(Duration::from_millis(400)));
     }
     let leader_control = cluster.node(leader).control_address;
     let lagging_control = cluster.node(lagging).control_address;
@@ -1582,14 +1583,14 @@ fn a_lagging_server_answers_attach_and_delete_from_the_committed_state() {
     .expect("attach through the lagging follower");
     assert_eq!(
         attached.status, 200,
-        "node {lagging}, a second behind, answered the attach from its own table: {}",
+        "node {lagging}, 400 ms behind, answered the attach from its own table: {}",
         attached.body
     );
     let deleted = http_delete(lagging_control, "/v1/volumes/lagging-delete")
         .expect("delete through the lagging follower");
     assert_eq!(
         deleted.status, 204,
-        "node {lagging}, a second behind, answered the delete from its own table: {}",
+        "node {lagging}, 400 ms behind, answered the delete from its own table: {}",
         deleted.body
     );
     cluster.heal_all_links();

@@ -182,21 +182,7 @@ async fn resize_volume(
     body: web::Json<ResizeVolumeRequest>,
 ) -> HttpResponse {
     use actix_web::http::StatusCode;
-    let Some(current) = state.registry.get(&name).map(|reader| reader.info()) else {
-        return error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"));
-    };
-    if body.size_bytes < current.size_bytes {
-        return error_response(
-            StatusCode::CONFLICT,
-            format!(
-                "volume '{name}' has {} bytes; shrinking to {} is refused (it would cut off                  data clients may still address)",
-                current.size_bytes, body.size_bytes
-            ),
-        );
-    }
-    if let Err(problem) = validate_volume_geometry(body.size_bytes, current.block_size_bytes) {
-        return error_response(StatusCode::BAD_REQUEST, problem);
-    }
+    // The committed command decides (see `create_volume`), shrinking and geometry included.
     let command = encode_command(&Command::ResizeVolume {
         name: &name,
         size_bytes: body.size_bytes,
@@ -270,12 +256,8 @@ async fn create_volume(
     {
         return error_response(StatusCode::BAD_REQUEST, problem);
     }
-    if state.registry.get(&body.name).is_some() {
-        return error_response(
-            StatusCode::CONFLICT,
-            format!("volume '{}' already exists", body.name),
-        );
-    }
+    // No look at this node's own volume table first: it may lag behind the group. The
+    // committed command decides, the same on every server.
     let command = encode_command(&Command::CreateVolume {
         name: &body.name,
         size_bytes: body.size_bytes,
@@ -297,9 +279,7 @@ async fn create_volume(
 
 async fn delete_volume(state: web::Data<ControlState>, name: web::Path<String>) -> HttpResponse {
     use actix_web::http::StatusCode;
-    if state.registry.get(&name).is_none() {
-        return error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"));
-    }
+    // The committed command decides (see `create_volume`).
     let command = encode_command(&Command::DeleteVolume { name: &name });
     match propose(&state, command).await {
         Ok(ApplyOutcome::VolumeDeleted(_)) => HttpResponse::NoContent().finish(),
@@ -336,9 +316,8 @@ async fn attach_volume(
     if let Err(problem) = validate_client_name(&body.client) {
         return error_response(StatusCode::BAD_REQUEST, problem);
     }
-    if state.registry.get(&name).is_none() {
-        return error_response(StatusCode::NOT_FOUND, format!("no volume named '{name}'"));
-    }
+    // The committed command decides (see `create_volume`): a lagging server's "no such
+    // volume" would make a proxy declare the volume lost.
     let command = encode_command(&Command::Attach {
         name: &name,
         client: &body.client,
