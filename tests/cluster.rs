@@ -1595,3 +1595,78 @@ fn a_lagging_server_answers_attach_and_delete_from_the_committed_state() {
     );
     cluster.heal_all_links();
 }
+
+/// A session open on a follower while the follower installs a snapshot reads on: the
+/// snapshot replaces the whole state machine, and the session's reader of the old one is
+/// exchanged for the new one's, invisibly to the client. The follower is cut off (its links
+/// black-holed, its NBD connection open and idle) until the leader has compacted its log past
+/// it, then reconnected, sent a snapshot, and read through the same connection.
+#[test]
+fn a_session_open_across_a_snapshot_install_reads_on() {
+    let _turn = one_cluster_at_a_time();
+    let mut random = SplitMix64::from_environment_or_clock("session_across_snapshot");
+    let options = ClusterOptions::default()
+        .with_relays()
+        .set("raft", "log_keep_entries", "8")
+        .set("raft", "log_lag_entries_max", "64")
+        .set("raft", "log_lag_bytes_max", "1048576");
+    let mut cluster = Cluster::start(options);
+    let leader = cluster.leader();
+    let follower = cluster.others(leader)[0];
+    let minute = Duration::from_secs(60);
+    let load = BackgroundLoad::start(
+        cluster.nbd_client(leader, DEFAULT_EXPORT_NAME),
+        VerifiedRegion::new(8 * MIB, 4096, 1),
+        random.next_u64(),
+    );
+    load.wait_for_more_acknowledgements(200, minute, "before the follower is cut off");
+    let mut session = cluster.nbd_client(follower, DEFAULT_EXPORT_NAME);
+    session.read_ok(0, 4096);
+    cluster.set_links_of(follower, RelayMode::BlackHole);
+    let follower_log_bound = cluster
+        .status(leader)
+        .expect("leader status")
+        .last_log_index;
+    cluster.wait_until(
+        "the cut-off follower to lose its leader",
+        minute,
+        |cluster| {
+            cluster
+                .status(follower)
+                .map(|status| status.leader_id == 0)
+                .unwrap_or(false)
+        },
+    );
+    cluster.wait_until(
+        "the leader to compact its log past what the cut-off follower has",
+        Duration::from_secs(90),
+        |cluster| {
+            cluster
+                .status(leader)
+                .map(|status| status.first_log_index > follower_log_bound + 1)
+                .unwrap_or(false)
+        },
+    );
+    load.wait_for_more_acknowledgements(200, minute, "after compaction");
+    let (mut region, statistics) = load.finish();
+    assert!(statistics.transport_error.is_none(), "{statistics:?}");
+    cluster.heal_all_links();
+    cluster.wait_until(
+        "the follower to install a snapshot",
+        CONVERGENCE_TIMEOUT,
+        |cluster| {
+            cluster
+                .status(follower)
+                .map(|status| status.snapshots_installed >= 1)
+                .unwrap_or(false)
+        },
+    );
+    let blocks_holding_writes = region.verify(
+        &mut session,
+        "through a connection opened before the snapshot install",
+    );
+    assert!(
+        blocks_holding_writes > 200,
+        "only {blocks_holding_writes} blocks hold writes"
+    );
+}
