@@ -672,6 +672,133 @@ mod tests {
         }
     }
 
+    /// A leader's storage, driven by hand: log and state machine in a directory of its own.
+    struct Leader {
+        _directory: tempfile::TempDir,
+        log: RaftLogStore,
+        machine: StateMachine,
+        applied_index: Arc<AtomicU64>,
+    }
+
+    impl Leader {
+        fn new() -> Leader {
+            let directory = tempfile::tempdir().unwrap();
+            let options = StorageOptions {
+                block_cache_bytes: 1 << 20,
+                write_buffer_bytes: 1 << 20,
+                max_background_jobs: 1,
+            };
+            let db = open_db(directory.path(), &options).unwrap();
+            let log = RaftLogStore::open(db.clone(), 1).unwrap();
+            log.bootstrap(
+                ConfState {
+                    voters: vec![1],
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap();
+            let applied_index = Arc::new(AtomicU64::new(0));
+            log.set_applied_index_source(applied_index.clone());
+            let machine = StateMachine::open(db, &directory.path().join("images"), 1).unwrap();
+            Leader {
+                _directory: directory,
+                log,
+                machine,
+                applied_index,
+            }
+        }
+
+        /// Appends `command` as the next entry (term 1) and applies it.
+        fn propose(&mut self, command: Vec<u8>) -> (Entry, ApplyOutcome) {
+            let index = self.log.last_log_index() + 1;
+            let entry = entry(index, 1, proposal_context(1, index, 1), command);
+            let hard_state = raft::prelude::HardState {
+                term: 1,
+                vote: 1,
+                commit: index,
+                ..Default::default()
+            };
+            self.log
+                .persist_ready(std::slice::from_ref(&entry), Some(&hard_state), true)
+                .unwrap();
+            let outcome = self
+                .machine
+                .apply_batch(&[(index, &entry.data[..])])
+                .unwrap()
+                .remove(0);
+            self.applied_index.store(index, Ordering::Release);
+            (entry, outcome)
+        }
+    }
+
+    /// A proposal of this node whose entry an installed snapshot already covers: its effect
+    /// (or its rejection) is in the copied state, and this node cannot tell which. Here the
+    /// entry is a write the leader rejected as fenced; the proposer must not be told it
+    /// succeeded, only to ask again.
+    #[actix_rt::test]
+    async fn a_proposal_covered_by_an_installed_snapshot_is_not_acknowledged() {
+        let mut leader = Leader::new();
+        leader.propose(encode_command(&Command::CreateVolume {
+            name: "v",
+            size_bytes: 1 << 20,
+            block_size_bytes: BLOCK as u32,
+        }));
+        leader.propose(encode_command(&Command::Attach {
+            name: "v",
+            client: "holder",
+            force: false,
+            attach_id: Some(1),
+        }));
+        let metadata = leader.log.snapshot(0, 2).unwrap().get_metadata().clone();
+        // After the snapshot's index, inside what the (fuzzy) copy covers: an unattached write.
+        let (fenced, outcome) = leader.propose(encode_write_command(1, 0, 0, &[0xcc; BLOCK]));
+        assert_eq!(
+            outcome,
+            ApplyOutcome::Rejected(crate::storage::state_machine::ApplyRejection::Fenced)
+        );
+        let mut source = leader.machine.snapshot_source().unwrap();
+        assert_eq!(source.covered_index(), fenced.index);
+
+        let follower = start(&[]);
+        // Opened (which clears stray staging areas) before this one is staged.
+        follower.storage.send(Checkpoint).await.unwrap().unwrap();
+        let mut staging = crate::storage::snapshot::SnapshotStaging::begin(
+            &follower._directory.path().join("images"),
+            1,
+            metadata.index,
+        )
+        .unwrap();
+        while let Some(chunk) = source.next_chunk(64 * 1024).unwrap() {
+            staging.stage(&chunk).unwrap();
+        }
+        follower
+            .storage
+            .send(InstallSnapshot {
+                staged: staging.finish().unwrap(),
+                metadata,
+                members: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let (responder, answer) = tokio::sync::oneshot::channel();
+        follower
+            .storage
+            .send(ApplyCommitted {
+                entries: vec![fenced.clone()],
+                responders: vec![(fenced.index, responder)],
+            })
+            .await
+            .unwrap();
+        let answer = answer.await.expect("the proposal is answered");
+        assert_eq!(
+            answer,
+            Err(ProposalError::Dropped),
+            "a write the leader fenced was answered {answer:?}"
+        );
+    }
+
     /// A write forwarded in term 1 and appended by the leader of term 2 (its stale twin: its
     /// proposer was told to retry) must be a no-op on every replica however it reaches the
     /// state machine, including the entries a storage actor reads from the log itself to fill
