@@ -280,7 +280,14 @@ impl StorageActor {
                 volumes_changed = true;
             }
             if let Some(responder) = responders.remove(index) {
-                let _ = responder.send(Ok(outcome));
+                let answer = match outcome {
+                    // Covered by an installed snapshot: its effect, or its rejection, is in
+                    // the copied state, and this node cannot tell which. Never report that as
+                    // success; the proposer asks again and gets the answer of a fresh entry.
+                    ApplyOutcome::AlreadyApplied => Err(ProposalError::Dropped),
+                    outcome => Ok(outcome),
+                };
+                let _ = responder.send(answer);
             }
         }
         for (_, responder) in responders {
