@@ -280,27 +280,95 @@ fn peer_link_panic_restarts_the_link_and_replication_goes_on() {
     cluster.assert_all_alive("after the peer link crash");
 }
 
+/// The proxy's cache lookup counters (`raftblk_proxy_cache_lookups_total`): (hits, misses).
+fn cache_lookups(metrics: std::net::SocketAddr) -> (u64, u64) {
+    let url = format!("http://{metrics}/metrics");
+    let text = ureq::get(&url)
+        .timeout(Duration::from_secs(10))
+        .call()
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+        .into_string()
+        .expect("the metrics text");
+    let counter = |result: &str| -> u64 {
+        let prefix = format!("raftblk_proxy_cache_lookups_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in the proxy's metrics:\n{text}")) as u64
+    };
+    (counter("hit"), counter("miss"))
+}
+
+/// The proxy's cache actor panics inside the lookup of a read: that read is served from the
+/// cluster all the same (the session bypasses a cache that does not answer), the actor
+/// restarts, and it restarts cold: a block it held before the crash is a miss afterwards, then
+/// a hit once read again.
 #[test]
 fn proxy_cache_panic_restarts_it_cold_and_reads_bypass_it() {
     let cluster = Cluster::start(ClusterOptions::default());
-    let proxy_control: std::net::SocketAddr = format!("127.0.0.1:{}", common::pick_free_port())
-        .parse()
-        .expect("an address");
+    let free_address = || -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", common::pick_free_port())
+            .parse()
+            .expect("an address")
+    };
+    let (proxy_control, proxy_metrics) = (free_address(), free_address());
+    let config_path = cluster.workspace().join("proxy-metrics.toml");
+    std::fs::write(
+        &config_path,
+        format!("[proxy]\nmetrics_listen = \"{proxy_metrics}\"\n"),
+    )
+    .expect("write the proxy config");
     let proxy = ProxyProcess::start(
         &cluster,
         "supervision-test",
-        &["--control-listen", &proxy_control.to_string()],
+        &[
+            "--control-listen",
+            &proxy_control.to_string(),
+            "--config",
+            &config_path.to_string_lossy(),
+        ],
     );
     let mut client = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
     verified_workload(&mut client, 1, 16);
+    let block_zero = || block_pattern(0, 0);
+    // Warm: block 0 is in the cache.
+    client.read_ok(0, BLOCK_BYTES as u32);
+    let before = cache_lookups(proxy_metrics);
+    assert!(client.read_ok(0, BLOCK_BYTES as u32) == block_zero());
+    let warm = cache_lookups(proxy_metrics);
+    assert_eq!(
+        (warm.0 - before.0, warm.1 - before.1),
+        (1, 0),
+        "block 0 must be a cache hit before the crash"
+    );
+
     common::arm_failpoint(proxy_control, "proxy_cache_lookup", "1*panic");
-    verified_workload(&mut client, 3, 16);
+    // This read's lookup crashes the cache: it is served from the cluster.
+    assert!(
+        client.read_ok(BLOCK_BYTES as u64, BLOCK_BYTES as u32) == block_pattern(0, 1),
+        "the read whose cache lookup crashed returned wrong data"
+    );
     common::wait_until(
         "the cache's restart is counted",
         Duration::from_secs(30),
         || restarts_at(proxy_control)["cache"] == 1,
     );
-    verified_workload(&mut client, 1, 16);
+    let restarted = cache_lookups(proxy_metrics);
+    assert!(client.read_ok(0, BLOCK_BYTES as u32) == block_zero());
+    let cold = cache_lookups(proxy_metrics);
+    assert_eq!(
+        (cold.0 - restarted.0, cold.1 - restarted.1),
+        (0, 1),
+        "block 0, cached before the crash, must be a miss after the restart (cold)"
+    );
+    assert!(client.read_ok(0, BLOCK_BYTES as u32) == block_zero());
+    let refilled = cache_lookups(proxy_metrics);
+    assert_eq!(
+        (refilled.0 - cold.0, refilled.1 - cold.1),
+        (1, 0),
+        "the restarted cache serves block 0 once it read it"
+    );
+    verified_workload(&mut client, 3, 16);
     let log = std::fs::read_to_string(&proxy.log_path).unwrap_or_default();
     assert!(
         log.contains("actor crashed; restarting it") && log.contains("cache actor restarted cold"),

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::mount::MountedVolume;
+use common::mount::{checksums, MountedVolume};
 use common::*;
 use serde_json::Value;
 
@@ -452,24 +452,12 @@ fn nbdinfo_map_shows_holes_after_trim_and_zero() {
     );
 }
 
-/// `sha256sum` of every file under `directory`, as sorted "hash  relative-path" lines.
-fn checksums(directory: &Path) -> Vec<String> {
-    let result = run_command(
-        Command::new("sh")
-            .arg("-c")
-            .arg("find . -type f ! -path './lost+found/*' -print0 | sort -z | xargs -0 sha256sum")
-            .current_dir(directory),
-        SHORT,
-    )
-    .assert_success();
-    result.stdout_text().lines().map(str::to_owned).collect()
-}
-
 /// A real filesystem on a volume: nbdfuse + losetup + mkfs.ext4 + mount, write files, unmount
-/// and tear everything down, restart the server (SIGTERM, same data directory), then fsck and
-/// mount again: the filesystem is clean and every file has the same sha256.
+/// and tear everything down, restart the server cleanly (SIGTERM, same data directory), then
+/// fsck and mount again: the filesystem is clean and every file has the same sha256. (A leader
+/// killed while ext4 is mounted and written: `tests/cluster.rs`.)
 #[test]
-fn ext4_on_nbdfuse_loop_device_survives_server_restart() {
+fn ext4_on_nbdfuse_loop_device_survives_a_clean_server_restart() {
     require_tools(&[
         "nbdfuse",
         "losetup",

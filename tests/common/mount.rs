@@ -2,8 +2,9 @@
 //! file by `nbdfuse`, a loop device on that file (or on a plain local file, for a baseline), and
 //! an ext4 mount on the loop device.
 //!
-//! Used by the interop test (ext4 survives a server restart) and by the benchmark report (dd and
-//! PostgreSQL on ext4). Needs root (losetup, mount) and `/dev/fuse`.
+//! Used by the interop and cluster tests (ext4 across a server restart and a leader kill) and by
+//! the benchmark report (dd and PostgreSQL on ext4). Needs root (losetup, mount) and
+//! `/dev/fuse`.
 //!
 //! Invariant: whatever [`MountedVolume`] set up is undone, in reverse order (umount, detach the
 //! loop device, `fusermount3 -u`, wait for nbdfuse): step by step with checks in
@@ -199,4 +200,17 @@ fn run_during_cleanup(command: &mut Command) {
             let _ = child.wait();
         }
     }
+}
+
+/// `sha256sum` of every file under `directory`, as sorted "hash  relative-path" lines.
+pub fn checksums(directory: &Path) -> Vec<String> {
+    let result = super::run_command(
+        Command::new("sh")
+            .arg("-c")
+            .arg("find . -type f ! -path './lost+found/*' -print0 | sort -z | xargs -0 sha256sum")
+            .current_dir(directory),
+        STEP_TIMEOUT,
+    )
+    .assert_success();
+    result.stdout_text().lines().map(str::to_owned).collect()
 }
