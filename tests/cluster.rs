@@ -1807,3 +1807,79 @@ fn ext4_through_the_proxy_survives_a_leader_kill_9_while_mounted_and_written() {
     }
     volume.detach();
 }
+
+/// A peer's message stream carries that member's Raft messages and nothing else: a snapshot
+/// (which must come on a snapshot stream, staged before Raft sees it) or a message naming
+/// another sender ends the connection before Raft steps it. A stepped `MsgSnapshot` without
+/// staged data would crash the Raft actor, and one connection repeating it would crash it
+/// past its restart limit and end the process.
+#[test]
+fn a_message_stream_carries_no_snapshot_and_only_its_senders_messages() {
+    use raftblk::peer::{encode_hello, encode_raft_message, Hello, StreamKind};
+    use std::io::{Read, Write};
+    let _turn = one_cluster_at_a_time();
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let leader = cluster.leader();
+    let follower = cluster.others(leader)[0];
+    let other = cluster.others(leader)[1];
+    let term = cluster.status(follower).expect("status").term;
+    let commit = cluster.status(follower).expect("status").commit_index;
+    let send = |message: raft::prelude::Message, hello_from: u64| -> bool {
+        let mut stream =
+            std::net::TcpStream::connect(cluster.node(follower).peer_address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut out = bytes::BytesMut::new();
+        encode_hello(
+            &Hello {
+                kind: StreamKind::Messages,
+                from: hello_from,
+                to: follower,
+            },
+            &mut out,
+        );
+        encode_raft_message(raftblk::DEFAULT_GROUP_ID, &message, &mut out);
+        stream.write_all(&out).expect("send");
+        // Closed by the follower (end of stream or reset), not left open (a read timeout).
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => true,
+            Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    let mut snapshot = raft::prelude::Message::default();
+    snapshot.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+    snapshot.from = leader;
+    snapshot.to = follower;
+    snapshot.term = term;
+    snapshot.mut_snapshot().mut_metadata().index = commit + 1000;
+    snapshot.mut_snapshot().mut_metadata().term = term;
+    snapshot
+        .mut_snapshot()
+        .mut_metadata()
+        .mut_conf_state()
+        .voters = vec![1, 2, 3];
+    assert!(
+        send(snapshot, leader),
+        "a snapshot on a message stream must end it"
+    );
+    let mut heartbeat = raft::prelude::Message::default();
+    heartbeat.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+    heartbeat.from = leader;
+    heartbeat.to = follower;
+    heartbeat.term = term;
+    assert!(
+        send(heartbeat, other),
+        "a message from node {leader} on node {other}'s stream must end it"
+    );
+    thread::sleep(Duration::from_secs(2));
+    let status = cluster.node(follower).status().expect("status");
+    assert_eq!(
+        status.json["actor_restarts"]["raft"], 0,
+        "the follower's Raft actor crashed: {}",
+        status.json["actor_restarts"]
+    );
+    cluster.assert_all_alive("after the bad peer messages");
+}
