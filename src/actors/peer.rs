@@ -666,6 +666,17 @@ async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::i
             if message.to != context.node_id {
                 return Err(invalid("message addressed to another node"));
             }
+            if message.from != hello.from {
+                return Err(invalid(format!(
+                    "a message from node {} on node {}'s stream",
+                    message.from, hello.from
+                )));
+            }
+            // A snapshot travels on a snapshot stream, which stages its data before Raft sees
+            // it; stepped without staged data it would crash the Raft actor.
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                return Err(invalid("a snapshot on a message stream"));
+            }
             // A full mailbox drops the message; Raft repairs that like a lost packet.
             let _ = context.raft.try_send(StepPeerMessage(message));
         },
