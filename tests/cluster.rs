@@ -33,6 +33,37 @@ const ELECTION_TIMEOUT_BOUND: Duration = Duration::from_secs(20);
 /// The Linux kernel nbd client gives up on a request after 30 s (issue 3, "`raftblk proxy`").
 const KERNEL_NBD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Waits until `leader` has compacted its log past `bound`, the last index a stopped or
+/// cut-off follower can hold: that follower can then catch up only by a snapshot.
+#[track_caller]
+fn wait_for_compaction_past(cluster: &mut Cluster, leader: u64, bound: u64) {
+    cluster.wait_until(
+        &format!("node {leader} to compact its log past index {bound}"),
+        Duration::from_secs(90),
+        |cluster| {
+            cluster
+                .status(leader)
+                .map(|status| status.first_log_index > bound + 1)
+                .unwrap_or(false)
+        },
+    );
+}
+
+/// Waits until `node` has installed a snapshot.
+#[track_caller]
+fn wait_for_snapshot_installed(cluster: &mut Cluster, node: u64) {
+    cluster.wait_until(
+        &format!("node {node} to install a snapshot"),
+        CONVERGENCE_TIMEOUT,
+        |cluster| {
+            cluster
+                .status(node)
+                .map(|status| status.snapshots_installed >= 1)
+                .unwrap_or(false)
+        },
+    );
+}
+
 /// A verified load running on its own thread against one NBD connection.
 struct BackgroundLoad {
     stop: Arc<AtomicBool>,
@@ -273,16 +304,7 @@ fn node_down_past_log_compaction_rejoins_by_snapshot() {
         .status(leader)
         .expect("leader status")
         .last_log_index;
-    cluster.wait_until(
-        "the leader to compact its log past what the stopped follower has",
-        Duration::from_secs(90),
-        |cluster| {
-            cluster
-                .status(leader)
-                .map(|status| status.first_log_index > follower_log_bound + 1)
-                .unwrap_or(false)
-        },
-    );
+    wait_for_compaction_past(&mut cluster, leader, follower_log_bound);
     load.wait_for_more_acknowledgements(200, minute, "after compaction");
     let (mut region, statistics) = load.finish();
     assert!(statistics.transport_error.is_none(), "{statistics:?}");
@@ -291,16 +313,7 @@ fn node_down_past_log_compaction_rejoins_by_snapshot() {
         .expect("leader status")
         .snapshots_sent;
     cluster.restart(follower);
-    cluster.wait_until(
-        "the restarted follower to install a snapshot",
-        CONVERGENCE_TIMEOUT,
-        |cluster| {
-            cluster
-                .status(follower)
-                .map(|status| status.snapshots_installed >= 1)
-                .unwrap_or(false)
-        },
-    );
+    wait_for_snapshot_installed(&mut cluster, follower);
     let leader_status = cluster.status(leader).expect("leader status");
     assert!(
         leader_status.snapshots_sent > sent_before,
@@ -1638,30 +1651,12 @@ fn a_session_open_across_a_snapshot_install_reads_on() {
                 .unwrap_or(false)
         },
     );
-    cluster.wait_until(
-        "the leader to compact its log past what the cut-off follower has",
-        Duration::from_secs(90),
-        |cluster| {
-            cluster
-                .status(leader)
-                .map(|status| status.first_log_index > follower_log_bound + 1)
-                .unwrap_or(false)
-        },
-    );
+    wait_for_compaction_past(&mut cluster, leader, follower_log_bound);
     load.wait_for_more_acknowledgements(200, minute, "after compaction");
     let (mut region, statistics) = load.finish();
     assert!(statistics.transport_error.is_none(), "{statistics:?}");
     cluster.heal_all_links();
-    cluster.wait_until(
-        "the follower to install a snapshot",
-        CONVERGENCE_TIMEOUT,
-        |cluster| {
-            cluster
-                .status(follower)
-                .map(|status| status.snapshots_installed >= 1)
-                .unwrap_or(false)
-        },
-    );
+    wait_for_snapshot_installed(&mut cluster, follower);
     let blocks_holding_writes = region.verify(
         &mut session,
         "through a connection opened before the snapshot install",
@@ -1681,24 +1676,9 @@ fn a_session_open_across_a_snapshot_install_reads_on() {
 /// `e2fsck -f -n` finds it clean, and mounted again every file of every round has its sha256.
 #[test]
 fn ext4_through_the_proxy_survives_a_leader_kill_9_while_mounted_and_written() {
-    use common::mount::{checksums, MountedVolume};
+    use common::mount::{checksums, require_mount_tools, MountedVolume};
     let _turn = one_cluster_at_a_time();
-    require_tools(&[
-        "nbdfuse",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-        "fusermount3",
-        "sha256sum",
-    ]);
-    // SAFETY: geteuid(2) only reads the process's credentials.
-    let effective_user_id = unsafe { libc::geteuid() };
-    assert_eq!(
-        effective_user_id, 0,
-        "this test attaches a loop device and mounts ext4, which needs root"
-    );
+    require_mount_tools();
     /// A bound on the rounds, which fill 3.4 MiB each of the 64 MiB volume.
     const ROUNDS_MAX: usize = 12;
     let mut random = SplitMix64::from_environment_or_clock("ext4_leader_kill");

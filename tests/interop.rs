@@ -8,11 +8,10 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::mount::{checksums, MountedVolume};
+use common::mount::{checksums, require_mount_tools, MountedVolume};
 use common::*;
 use serde_json::Value;
 
@@ -458,27 +457,7 @@ fn nbdinfo_map_shows_holes_after_trim_and_zero() {
 /// killed while ext4 is mounted and written: `tests/cluster.rs`.)
 #[test]
 fn ext4_on_nbdfuse_loop_device_survives_a_clean_server_restart() {
-    require_tools(&[
-        "nbdfuse",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-        "fusermount3",
-        "sha256sum",
-    ]);
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: nbdfuse needs FUSE"
-    );
-    // SAFETY: geteuid(2) only reads the process's credentials.
-    let effective_user_id = unsafe { libc::geteuid() };
-    assert_eq!(
-        effective_user_id, 0,
-        "this test attaches a loop device and mounts ext4, which needs root (run the suite as \
-         root, as CI does)"
-    );
+    require_mount_tools();
     let mut server = ServerProcess::start();
     let mut random = SplitMix64::from_environment_or_clock("ext4_on_nbdfuse");
     let workspace = server.workspace().to_owned();

@@ -636,7 +636,9 @@ mod tests {
         storage: Addr<StorageActor>,
     }
 
-    fn start(log_entries: &[Entry]) -> Harness {
+    /// RocksDB with small buffers in a new directory, and group 1's log, bootstrapped with
+    /// one voter.
+    fn open_store() -> (tempfile::TempDir, Arc<rocksdb::DB>, RaftLogStore) {
         let directory = tempfile::tempdir().unwrap();
         let options = StorageOptions {
             block_cache_bytes: 1 << 20,
@@ -650,6 +652,11 @@ mod tests {
             ..Default::default()
         };
         log_store.bootstrap(voters, &[]).unwrap();
+        (directory, db, log_store)
+    }
+
+    fn start(log_entries: &[Entry]) -> Harness {
+        let (directory, db, log_store) = open_store();
         log_store.persist_ready(log_entries, None, true).unwrap();
         let config = crate::config::Config::load(None, &[]).unwrap();
         let registry = VolumeRegistry::default();
@@ -689,22 +696,7 @@ mod tests {
 
     impl Leader {
         fn new() -> Leader {
-            let directory = tempfile::tempdir().unwrap();
-            let options = StorageOptions {
-                block_cache_bytes: 1 << 20,
-                write_buffer_bytes: 1 << 20,
-                max_background_jobs: 1,
-            };
-            let db = open_db(directory.path(), &options).unwrap();
-            let log = RaftLogStore::open(db.clone(), 1).unwrap();
-            log.bootstrap(
-                ConfState {
-                    voters: vec![1],
-                    ..Default::default()
-                },
-                &[],
-            )
-            .unwrap();
+            let (directory, db, log) = open_store();
             let applied_index = Arc::new(AtomicU64::new(0));
             log.set_applied_index_source(applied_index.clone());
             let machine = StateMachine::open(db, &directory.path().join("images"), 1).unwrap();

@@ -214,3 +214,29 @@ pub fn checksums(directory: &Path) -> Vec<String> {
     .assert_success();
     result.stdout_text().lines().map(str::to_owned).collect()
 }
+
+/// Fails the test unless the tools and rights for a mounted volume are here: nbdfuse, a loop
+/// device, ext4 tools, `/dev/fuse`, and root (losetup and mount need it; CI runs as root).
+pub fn require_mount_tools() {
+    super::require_tools(&[
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+        "fusermount3",
+        "sha256sum",
+    ]);
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: nbdfuse needs FUSE"
+    );
+    // SAFETY: geteuid(2) only reads the process's credentials.
+    let effective_user_id = unsafe { libc::geteuid() };
+    assert_eq!(
+        effective_user_id, 0,
+        "a mounted volume needs a loop device and mount, which need root (run the suite as \
+         root, as CI does)"
+    );
+}
