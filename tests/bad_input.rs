@@ -701,3 +701,65 @@ fn memory_stays_bounded_under_hundreds_of_aborted_connections() {
     );
     server.assert_running("at the end of the memory test");
 }
+
+/// A volume name longer than a name may be (255 bytes) is refused by every volume command
+/// before anything is proposed. A command carries at most 255 bytes of a name: a longer one
+/// must not act on the volume its first 255 bytes name.
+#[test]
+fn an_over_long_volume_name_is_refused_and_touches_no_other_volume() {
+    use common::cluster::{http_delete, http_get, http_post};
+    let server = ServerProcess::start();
+    let control = server.control_address();
+    let name = "v".repeat(255);
+    let created = http_post(
+        control,
+        "/v1/volumes",
+        &serde_json::json!({ "name": name, "size_bytes": 16 * MIB }),
+    )
+    .expect("create");
+    assert_eq!(created.status, 201, "{}", created.body);
+    let longer = format!("{name}x");
+    let answers = [
+        (
+            "delete",
+            http_delete(control, &format!("/v1/volumes/{longer}")),
+        ),
+        (
+            "attach",
+            http_post(
+                control,
+                &format!("/v1/volumes/{longer}/attach"),
+                &serde_json::json!({ "client": "intruder" }),
+            ),
+        ),
+        (
+            "resize",
+            http_post(
+                control,
+                &format!("/v1/volumes/{longer}/resize"),
+                &serde_json::json!({ "size_bytes": 32 * MIB }),
+            ),
+        ),
+        (
+            "detach",
+            http_delete(control, &format!("/v1/volumes/{longer}/attach?epoch=1")),
+        ),
+    ];
+    for (what, answer) in answers {
+        let answer = answer.expect("an answer");
+        assert_eq!(
+            answer.status, 400,
+            "{what} of a 256-byte name: {}",
+            answer.body
+        );
+    }
+    let volumes = http_get(control, "/v1/volumes").expect("list");
+    let volume = volumes.body["volumes"]
+        .as_array()
+        .or(volumes.body.as_array())
+        .and_then(|list| list.iter().find(|volume| volume["name"] == name.as_str()))
+        .unwrap_or_else(|| panic!("the 255-byte volume is gone: {}", volumes.body))
+        .clone();
+    assert_eq!(volume["size_bytes"], 16 * MIB, "{volume}");
+    assert!(volume["attachment"].is_null(), "{volume}");
+}
