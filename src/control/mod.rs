@@ -182,6 +182,9 @@ async fn resize_volume(
     body: web::Json<ResizeVolumeRequest>,
 ) -> HttpResponse {
     use actix_web::http::StatusCode;
+    if let Err(problem) = validate_volume_name(&name) {
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
     // The committed command decides (see `create_volume`), shrinking and geometry included.
     let command = encode_command(&Command::ResizeVolume {
         name: &name,
@@ -279,6 +282,10 @@ async fn create_volume(
 
 async fn delete_volume(state: web::Data<ControlState>, name: web::Path<String>) -> HttpResponse {
     use actix_web::http::StatusCode;
+    // A command carries at most 255 bytes of a name: a longer one would name another volume.
+    if let Err(problem) = validate_volume_name(&name) {
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
     // The committed command decides (see `create_volume`).
     let command = encode_command(&Command::DeleteVolume { name: &name });
     match propose(&state, command).await {
@@ -313,7 +320,9 @@ async fn attach_volume(
     body: web::Json<AttachRequest>,
 ) -> HttpResponse {
     use actix_web::http::StatusCode;
-    if let Err(problem) = validate_client_name(&body.client) {
+    if let Err(problem) =
+        validate_volume_name(&name).and_then(|()| validate_client_name(&body.client))
+    {
         return error_response(StatusCode::BAD_REQUEST, problem);
     }
     // The committed command decides (see `create_volume`): a lagging server's "no such
@@ -373,6 +382,9 @@ async fn detach_volume(
     query: web::Query<DetachQuery>,
 ) -> HttpResponse {
     use actix_web::http::StatusCode;
+    if let Err(problem) = validate_volume_name(&name) {
+        return error_response(StatusCode::BAD_REQUEST, problem);
+    }
     let command = encode_command(&Command::Detach {
         name: &name,
         epoch: query.epoch,
