@@ -457,11 +457,14 @@ impl VolumeHandle {
         self.reader.lock().clone()
     }
 
-    /// Takes the registry's reader of this volume, if it still has one.
-    fn refresh(&self) {
+    /// Takes the registry's reader of this volume, if it still has one, and returns the
+    /// reader the handle holds now.
+    fn refresh(&self) -> VolumeReader {
+        let mut current = self.reader.lock();
         if let Some(reader) = self.registry.get_by_id(self.volume_id) {
-            *self.reader.lock() = reader;
+            *current = reader;
         }
+        current.clone()
     }
 }
 
@@ -526,15 +529,22 @@ impl SessionBackend for RaftVolumeBackend {
         // The payload is now inside the proposal (or unneeded): free it before waiting.
         drop(payload);
         // Decided now, at dispatch: a barrier skipped must be skipped for a request issued
-        // while the gate was open.
+        // while the gate was open. The reader is taken first: a restarted storage actor closes
+        // the gate before its new state machine hands out a reader, so a reader of the new one
+        // never goes with an open gate.
+        let reader = self.volume.current();
         let needs_barrier = self.read_gate.reads_need_barrier();
         let backend = self.clone();
         async move {
             match (header.command, proposal) {
                 (_, Some(command_bytes)) => backend.propose(command_bytes, deadline).await,
-                (Command::Read, None) => backend.read(header, needs_barrier, deadline).await,
+                (Command::Read, None) => {
+                    backend.read(header, reader, needs_barrier, deadline).await
+                }
                 (Command::BlockStatus, None) => {
-                    backend.block_status(header, needs_barrier, deadline).await
+                    backend
+                        .block_status(header, reader, needs_barrier, deadline)
+                        .await
                 }
                 _ => BackendReply::Error {
                     errno: Errno::Inval,
@@ -595,17 +605,19 @@ impl RaftVolumeBackend {
     async fn read(
         &self,
         header: RequestHeader,
+        reader: VolumeReader,
         needs_barrier: bool,
         deadline: Instant,
     ) -> BackendReply {
         let offset = header.offset;
         let length = header.length as usize;
-        let mut needs_barrier = needs_barrier;
+        let (mut reader, mut needs_barrier) = (reader, needs_barrier);
         let result = loop {
+            // The barrier after the reader was taken (see `execute`).
             if let Err(reply) = self.barrier(needs_barrier, deadline).await {
                 return reply;
             }
-            let volume = self.volume.current();
+            let volume = reader.clone();
             // Serve from the page cache on this thread when possible (no thread hop); only
             // reads that would wait for the disk go to the blocking pool.
             let mut buffer = vec![0u8; length];
@@ -623,7 +635,7 @@ impl RaftVolumeBackend {
                 break result;
             }
             tokio::time::sleep(REPLACED_READER_RETRY).await;
-            self.volume.refresh();
+            reader = self.volume.refresh();
             needs_barrier = true;
         };
         match result {
@@ -654,24 +666,26 @@ impl RaftVolumeBackend {
     async fn block_status(
         &self,
         header: RequestHeader,
+        reader: VolumeReader,
         needs_barrier: bool,
         deadline: Instant,
     ) -> BackendReply {
         let offset = header.offset;
         let length = u64::from(header.length);
-        let mut needs_barrier = needs_barrier;
+        let (mut reader, mut needs_barrier) = (reader, needs_barrier);
         let result = loop {
+            // The barrier after the reader was taken (see `execute`).
             if let Err(reply) = self.barrier(needs_barrier, deadline).await {
                 return reply;
             }
-            let volume = self.volume.current();
+            let volume = reader.clone();
             let result =
                 tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
             if !reader_replaced(&result) || Instant::now() >= deadline {
                 break result;
             }
             tokio::time::sleep(REPLACED_READER_RETRY).await;
-            self.volume.refresh();
+            reader = self.volume.refresh();
             needs_barrier = true;
         };
         match result {

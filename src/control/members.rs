@@ -81,8 +81,10 @@ pub struct PromoteRequest {
 
 /// How long a promotion waits for its learner when the request does not say.
 pub const PROMOTE_WAIT_DEFAULT: Duration = Duration::from_secs(10);
-/// The longest a promotion request is held (clients time out a request after a minute).
-pub const PROMOTE_WAIT_MAX: Duration = Duration::from_secs(50);
+/// The longest a promotion request waits for its learner. The change may then still wait
+/// for its commit (the request timeout, 30 s by default), and clients give up on a request
+/// after a minute: a longer wait is asked for again by the client.
+pub const PROMOTE_WAIT_MAX: Duration = Duration::from_secs(25);
 /// How long any membership change waits for the previous one to finish applying (a replace's
 /// joint configuration is left by a second entry, right after the first).
 const PREVIOUS_CHANGE_WAIT: Duration = Duration::from_secs(10);
