@@ -1636,6 +1636,19 @@ fn a_session_open_across_a_snapshot_install_reads_on() {
     load.wait_for_more_acknowledgements(200, minute, "before the follower is cut off");
     let mut session = cluster.nbd_client(follower, DEFAULT_EXPORT_NAME);
     session.read_ok(0, 4096);
+    // A second volume, with a session of its own on the follower, that the snapshot will not
+    // hold: it is deleted while the follower is cut off.
+    let leader_control = cluster.node(leader).control_address;
+    let created = http_post(
+        leader_control,
+        "/v1/volumes",
+        &serde_json::json!({ "name": "gone", "size_bytes": 4 * MIB }),
+    )
+    .expect("create gone");
+    assert_eq!(created.status, 201, "{}", created.body);
+    cluster.wait_for_volume_everywhere("gone", minute);
+    let mut gone_session = cluster.nbd_client(follower, "gone");
+    gone_session.read_ok(0, 4096);
     cluster.set_links_of(follower, RelayMode::BlackHole);
     let follower_log_bound = cluster
         .status(leader)
@@ -1651,12 +1664,23 @@ fn a_session_open_across_a_snapshot_install_reads_on() {
                 .unwrap_or(false)
         },
     );
+    let deleted = http_delete(leader_control, "/v1/volumes/gone").expect("delete gone");
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
     wait_for_compaction_past(&mut cluster, leader, follower_log_bound);
     load.wait_for_more_acknowledgements(200, minute, "after compaction");
     let (mut region, statistics) = load.finish();
     assert!(statistics.transport_error.is_none(), "{statistics:?}");
     cluster.heal_all_links();
     wait_for_snapshot_installed(&mut cluster, follower);
+    // The volume the snapshot dropped: its session is told at once, not at its deadline.
+    let asked = Instant::now();
+    let reply = gone_session.read(0, 4096).expect("an answer");
+    assert_ne!(reply.error, 0, "a read of a deleted volume succeeded");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "the read of a volume the snapshot dropped was answered after {:?}",
+        asked.elapsed()
+    );
     let blocks_holding_writes = region.verify(
         &mut session,
         "through a connection opened before the snapshot install",
