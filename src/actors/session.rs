@@ -457,14 +457,13 @@ impl VolumeHandle {
         self.reader.lock().clone()
     }
 
-    /// Takes the registry's reader of this volume, if it still has one, and returns the
-    /// reader the handle holds now.
-    fn refresh(&self) -> VolumeReader {
-        let mut current = self.reader.lock();
-        if let Some(reader) = self.registry.get_by_id(self.volume_id) {
-            *current = reader;
-        }
-        current.clone()
+    /// Takes the registry's reader of this volume; `None` when the registry has none, as
+    /// after a snapshot install that dropped the volume (the retired reader is kept: it
+    /// fails every read).
+    fn refresh(&self) -> Option<VolumeReader> {
+        let reader = self.registry.get_by_id(self.volume_id)?;
+        *self.reader.lock() = reader.clone();
+        Some(reader)
     }
 }
 
@@ -635,7 +634,10 @@ impl RaftVolumeBackend {
                 break result;
             }
             tokio::time::sleep(REPLACED_READER_RETRY).await;
-            reader = self.volume.refresh();
+            let Some(current) = self.volume.refresh() else {
+                break result;
+            };
+            reader = current;
             needs_barrier = true;
         };
         match result {
@@ -685,7 +687,10 @@ impl RaftVolumeBackend {
                 break result;
             }
             tokio::time::sleep(REPLACED_READER_RETRY).await;
-            reader = self.volume.refresh();
+            let Some(current) = self.volume.refresh() else {
+                break result;
+            };
+            reader = current;
             needs_barrier = true;
         };
         match result {
