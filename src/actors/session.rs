@@ -467,9 +467,12 @@ impl VolumeHandle {
     }
 }
 
+/// What a read through a [`VolumeReader`] gives, run on the blocking pool or not.
+type ReaderResult<T> = Result<Result<T, StorageError>, tokio::task::JoinError>;
+
 /// Whether a read failed because its reader's state machine was replaced (see
 /// [`VolumeHandle`]): then it is read again, not failed.
-fn reader_replaced<T>(result: &Result<Result<T, StorageError>, tokio::task::JoinError>) -> bool {
+fn reader_replaced<T>(result: &ReaderResult<T>) -> bool {
     matches!(result, Ok(Err(StorageError::VolumeReplaced { .. })))
 }
 
@@ -601,6 +604,36 @@ impl RaftVolumeBackend {
             })
     }
 
+    /// Runs `attempt` on `reader` after the barrier (taken after the reader, see `execute`).
+    /// While the attempt fails because the reader's state machine was replaced, it runs again
+    /// on the registry's reader of the volume, after a barrier, until the deadline or until
+    /// the registry no longer has the volume. `Err` is the barrier's failure reply.
+    async fn with_reader<T, F, Fut>(
+        &self,
+        mut reader: VolumeReader,
+        mut needs_barrier: bool,
+        deadline: Instant,
+        mut attempt: F,
+    ) -> Result<ReaderResult<T>, BackendReply>
+    where
+        F: FnMut(VolumeReader) -> Fut,
+        Fut: Future<Output = ReaderResult<T>>,
+    {
+        loop {
+            self.barrier(needs_barrier, deadline).await?;
+            let result = attempt(reader.clone()).await;
+            if !reader_replaced(&result) || Instant::now() >= deadline {
+                return Ok(result);
+            }
+            tokio::time::sleep(REPLACED_READER_RETRY).await;
+            let Some(current) = self.volume.refresh() else {
+                return Ok(result);
+            };
+            reader = current;
+            needs_barrier = true;
+        }
+    }
+
     async fn read(
         &self,
         header: RequestHeader,
@@ -610,35 +643,26 @@ impl RaftVolumeBackend {
     ) -> BackendReply {
         let offset = header.offset;
         let length = header.length as usize;
-        let (mut reader, mut needs_barrier) = (reader, needs_barrier);
-        let result = loop {
-            // The barrier after the reader was taken (see `execute`).
-            if let Err(reply) = self.barrier(needs_barrier, deadline).await {
-                return reply;
-            }
-            let volume = reader.clone();
-            // Serve from the page cache on this thread when possible (no thread hop); only
-            // reads that would wait for the disk go to the blocking pool.
-            let mut buffer = vec![0u8; length];
-            let result = match volume.read_cached(offset, &mut buffer) {
-                Ok(true) => Ok(Ok(buffer)),
-                Ok(false) => {
-                    tokio::task::spawn_blocking(move || {
-                        volume.read(offset, &mut buffer).map(|()| buffer)
-                    })
-                    .await
+        let result = self
+            .with_reader(reader, needs_barrier, deadline, |volume| async move {
+                // Serve from the page cache on this thread when possible (no thread hop);
+                // only reads that would wait for the disk go to the blocking pool.
+                let mut buffer = vec![0u8; length];
+                match volume.read_cached(offset, &mut buffer) {
+                    Ok(true) => Ok(Ok(buffer)),
+                    Ok(false) => {
+                        tokio::task::spawn_blocking(move || {
+                            volume.read(offset, &mut buffer).map(|()| buffer)
+                        })
+                        .await
+                    }
+                    Err(error) => Ok(Err(error)),
                 }
-                Err(error) => Ok(Err(error)),
-            };
-            if !reader_replaced(&result) || Instant::now() >= deadline {
-                break result;
-            }
-            tokio::time::sleep(REPLACED_READER_RETRY).await;
-            let Some(current) = self.volume.refresh() else {
-                break result;
-            };
-            reader = current;
-            needs_barrier = true;
+            })
+            .await;
+        let result = match result {
+            Ok(result) => result,
+            Err(reply) => return reply,
         };
         match result {
             Ok(Ok(buffer)) => BackendReply::Data(Bytes::from(buffer)),
@@ -674,24 +698,14 @@ impl RaftVolumeBackend {
     ) -> BackendReply {
         let offset = header.offset;
         let length = u64::from(header.length);
-        let (mut reader, mut needs_barrier) = (reader, needs_barrier);
-        let result = loop {
-            // The barrier after the reader was taken (see `execute`).
-            if let Err(reply) = self.barrier(needs_barrier, deadline).await {
-                return reply;
-            }
-            let volume = reader.clone();
-            let result =
-                tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await;
-            if !reader_replaced(&result) || Instant::now() >= deadline {
-                break result;
-            }
-            tokio::time::sleep(REPLACED_READER_RETRY).await;
-            let Some(current) = self.volume.refresh() else {
-                break result;
-            };
-            reader = current;
-            needs_barrier = true;
+        let result = self
+            .with_reader(reader, needs_barrier, deadline, |volume| async move {
+                tokio::task::spawn_blocking(move || volume.block_status(offset, length)).await
+            })
+            .await;
+        let result = match result {
+            Ok(result) => result,
+            Err(reply) => return reply,
         };
         match result {
             Ok(Ok(extents)) => {
