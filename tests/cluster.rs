@@ -1,7 +1,7 @@
 //! Three-node replication, end to end: real `raftblk server` processes on loopback forming one
 //! Raft group, the `raftblk proxy` in front of them, and real NBD clients (fio, nbdinfo,
-//! qemu-io) or the test's own verifying client. Each test names the requirement of issue 3
-//! ("What it must show") it checks, and the Raft paper section where one applies.
+//! qemu-io) or the test's own verifying client. Each test says the requirement it checks, and
+//! the Raft paper section where one applies.
 //!
 //! The tests run one at a time (a file-wide lock): three servers each are all two cores can
 //! carry, and timing-sensitive failovers must not starve each other.
@@ -30,7 +30,7 @@ const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A new leader must be elected within this time of the old one's death (election timeout
 /// here is 0.5–1 s; the rest is slack for a loaded machine).
 const ELECTION_TIMEOUT_BOUND: Duration = Duration::from_secs(20);
-/// The Linux kernel nbd client gives up on a request after 30 s (issue 3, "`raftblk proxy`").
+/// The Linux kernel nbd client gives up on a request after 30 s: the proxy must answer sooner.
 const KERNEL_NBD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Waits until `leader` has compacted its log past `bound`, the last index a stopped or
@@ -679,8 +679,8 @@ fn whole_cluster_kill_9_mid_load_keeps_every_acknowledged_write() {
 }
 
 /// Requirement: "A second read-write attach of the same volume is refused with a clear error."
-/// At the control API and the NBD exports of the servers (issue 3, "Control API" and "NBD on
-/// servers"): attach, refusal of a second client, forced takeover, fencing of the old epoch.
+/// At the control API and the NBD exports of the servers: attach, refusal of a second client,
+/// forced takeover, fencing of the old epoch.
 #[test]
 fn second_attach_is_refused_and_a_forced_takeover_fences_the_first_writer() {
     let _turn = one_cluster_at_a_time();
@@ -747,7 +747,7 @@ fn second_attach_is_refused_and_a_forced_takeover_fences_the_first_writer() {
     );
 
     // An anonymous session on an attached volume is read-only: advertised so, and its
-    // writes refused (issue 3, "NBD on servers").
+    // writes refused.
     let mut anonymous = cluster.nbd_client(follower, DEFAULT_EXPORT_NAME);
     let anonymous_write = anonymous
         .write(8192, &tagged_block(0xcc, 2))
@@ -1249,7 +1249,7 @@ fn voters_of(cluster: &Cluster, among: &[u64]) -> Option<Vec<u64>> {
     Some(voters)
 }
 
-/// Requirement (issue 5, membership): "3→4→3 and a replace under verified client load with
+/// Requirement (membership): "3→4→3 and a replace under verified client load with
 /// zero client errors; the table of 3→4→3 vs 3→2→3". Raft §6 / the joint-consensus
 /// extension: a new node joins as a learner (it does not count for the quorum while it
 /// catches up by snapshot and log), is promoted once caught up, and a replace is one joint

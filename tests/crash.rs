@@ -1,7 +1,8 @@
 //! Crash safety: `kill -9` the server at a random instant in the middle of a write load with
 //! many requests in flight, restart it on the same data directory, and check that every write
-//! the client saw acknowledged is there (DESIGN.md "Durability rule"; doc/proto.md "Ordering
-//! of messages and writes": a write is complete once the server replies to it).
+//! the client saw acknowledged is there (the durability rule: nothing is acknowledged before it
+//! is durable; doc/proto.md "Ordering of messages and writes": a write is complete once the
+//! server replies to it).
 //!
 //! The checker (`tests/common/verified.rs`) explains how it avoids passing vacuously; here:
 //! - the kill only comes after a minimum number of acknowledged writes, and the test asserts

@@ -623,12 +623,8 @@ pub enum MembershipError {
     },
     /// The leader waited for the learner as long as it was asked to; the message says how far
     /// behind it was.
-    #[error("{message}")]
-    NotCaughtUp {
-        message: String,
-        matched: u64,
-        commit: u64,
-    },
+    #[error("{0}")]
+    NotCaughtUp(String),
 }
 
 /// Drives membership changes from `raftblk ctl members`: finds the leader through any of the
@@ -732,11 +728,7 @@ impl MembershipClient {
                         Err(ureq::Error::Status(code, response)) => {
                             let text = response.into_string().unwrap_or_default();
                             if let Ok(body) = serde_json::from_str::<NotCaughtUpBody>(&text) {
-                                return Err(MembershipError::NotCaughtUp {
-                                    message: body.error,
-                                    matched: body.matched,
-                                    commit: body.commit_index,
-                                });
+                                return Err(MembershipError::NotCaughtUp(body.error));
                             }
                             let message = serde_json::from_str::<serde_json::Value>(&text)
                                 .ok()
@@ -852,7 +844,7 @@ impl MembershipClient {
                 result
             });
             match result {
-                Err(MembershipError::NotCaughtUp { .. }) if started.elapsed() < timeout => continue,
+                Err(MembershipError::NotCaughtUp(_)) if started.elapsed() < timeout => continue,
                 result => return result,
             }
         }

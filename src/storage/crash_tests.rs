@@ -3,8 +3,8 @@
 //! the middle of a pwrite, a checksum batch, a checkpoint, a compaction, or its own replay);
 //! the parent reopens the storage, replays the log, and checks that every write the child
 //! reported as applied is there and that every block reads back with a valid checksum
-//! (DESIGN.md "Storage on each node": "After `kill -9` at any instant, restart replays the log
-//! and every acknowledged write is present; no torn or stale block is ever served").
+//! (the storage promise: after `kill -9` at any instant, restart replays the log and every
+//! acknowledged write is present; no torn or stale block is ever served).
 //!
 //! The child is this same test binary, started with [`CHILD_DIRECTORY_VARIABLE`] set.
 //! A kill does not drop the page cache, so this checks the ordering of RocksDB writes, image

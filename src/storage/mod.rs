@@ -17,7 +17,7 @@
 //! [`state_machine::StateMachine`]; NBD sessions read through cloned
 //! [`state_machine::VolumeReader`]s. Nothing here spawns threads or knows about actors.
 //!
-//! Durability rule (see DESIGN.md "Storage on each node"): the Raft log is the write-ahead log,
+//! Durability rule: the Raft log is the write-ahead log,
 //! the images are a checkpoint. The applied index recorded in RocksDB never runs ahead of what is
 //! durable in the images: [`state_machine::StateMachine::make_durable`] fdatasyncs every image
 //! written since the last checkpoint *before* it records the applied index (synced). Entries

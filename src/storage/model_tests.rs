@@ -7,7 +7,7 @@
 //! entry with a synced `persist_ready`, then applied (several at once with `apply_batch`).
 //! Restart drops the state machine, the log and the database, reopens them, and replays the
 //! log from the durable applied index + 1, which is what checks the durability rule and the
-//! idempotence of replay (DESIGN.md "Storage on each node"). PowerLoss is a restart that
+//! idempotence of replay. PowerLoss is a restart that
 //! first rolls every 512-byte sector of the images written since the last checkpoint back to
 //! its checkpointed content or not, at random, as a power cut may (what is not fdatasync'd may
 //! or may not have reached the disk; the Raft log is synced at every step, so it survives).

@@ -12,7 +12,7 @@
 //!   batch of entries; the next synced RocksDB write (every Raft `Ready` syncs the WAL) makes
 //!   them durable, and a crash before that is repaired by replay (below).
 //!
-//! Durability rule (DESIGN.md "Storage on each node"): the applied index recorded in RocksDB
+//! Durability rule: the applied index recorded in RocksDB
 //! never runs ahead of what is durable in the images. [`StateMachine::make_durable`]
 //! fdatasyncs every image written since the last checkpoint and only THEN records the applied
 //! index, with a synced write. After a crash, the entries after the recorded index are applied

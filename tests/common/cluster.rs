@@ -111,7 +111,7 @@ pub fn http_delete(address: SocketAddr, path: &str) -> Result<HttpAnswer, String
     )
 }
 
-/// The Raft part of `GET /v1/status` (issue 3, "Control API").
+/// The Raft part of `GET /v1/status`.
 #[derive(Clone, Debug, Default)]
 pub struct NodeStatus {
     pub node_id: u64,
