@@ -74,7 +74,7 @@ pub struct RaftConfig {
     pub log_lag_entries_max: u64,
     pub log_lag_bytes_max: u64,
     /// Lease reads: how long after a successful ReadIndex round the leader answers reads
-    /// without another one (0: off). See `actors::read_lease` for what it assumes.
+    /// without another one (0: off). See `raft::lease` for what it assumes.
     pub read_lease_ms: u64,
 }
 
@@ -310,7 +310,7 @@ impl Config {
                 "must be greater than raft.heartbeat_ticks, which must be non-zero",
             ));
         }
-        let lease_max = crate::actors::read_lease::read_lease_ms_max(
+        let lease_max = crate::raft::lease::read_lease_ms_max(
             self.raft.election_ticks,
             self.raft.tick_interval_ms,
         );

@@ -73,7 +73,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType};
 use raft::{GetEntriesContext, RawNode, StateRole, Storage as _};
-use raftblk::actors::raft::PersistQueue;
+use raftblk::raft::persist::PersistQueue;
 use raftblk::storage::command::{decode_command, encode_command, encode_write_command, Command};
 use raftblk::storage::raft_log::RaftLogStore;
 use raftblk::storage::state_machine::{ApplyOutcome, StateMachine};

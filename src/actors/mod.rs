@@ -3,8 +3,8 @@
 //!
 //! - [`listener::NbdListenerActor`]: accepts connections, runs the handshake.
 //! - [`session::NbdSessionActor`]: one per connection; dispatches requests.
-//! - [`raft::RaftActor`]: the Raft group; persists the log, orders writes.
-//! - [`read_lease`]: opt-in lease reads, and the vote rule of a restarted node they need.
+//! - [`raft::RaftActor`]: the Raft group's shell: runs the sans-I/O core
+//!   ([`crate::raft::core::RaftCore`]) and carries out the I/O it asks for.
 //! - [`storage::StorageActor`]: applies committed entries to the images; checkpoints.
 //! - [`peer`]: the Raft peer transport (links to the other members, snapshot transfers).
 //! - [`supervisor`]: turns handler panics into restarts, counts them.
@@ -17,7 +17,6 @@ pub mod listener;
 pub mod messages;
 pub mod peer;
 pub mod raft;
-pub mod read_lease;
 pub mod session;
 pub mod storage;
 pub mod supervisor;

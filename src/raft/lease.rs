@@ -60,7 +60,12 @@ impl LeaseInstant {
         LeaseInstant(Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
     }
 
-    fn plus(self, duration: Duration) -> Self {
+    /// The instant `since_boot` after boot: a simulated clock's readings.
+    pub fn from_boot(since_boot: Duration) -> Self {
+        LeaseInstant(since_boot)
+    }
+
+    pub fn plus(self, duration: Duration) -> Self {
         LeaseInstant(self.0 + duration)
     }
 
@@ -76,7 +81,7 @@ pub fn read_lease_ms_max(election_ticks: usize, tick_interval_ms: u64) -> u64 {
     (election_ticks.saturating_sub(1) as u64) * tick_interval_ms * 9 / 10 * 9 / 10
 }
 
-/// What the leader knows of its lease. Pure bookkeeping: the Raft actor tells it what
+/// What the leader knows of its lease. Pure bookkeeping: the Raft core tells it what
 /// happened and asks it whether a read may skip its round.
 #[derive(Debug)]
 pub struct ReadLease {
@@ -123,6 +128,12 @@ impl ReadLease {
 
     pub fn enabled(&self) -> bool {
         self.duration.is_some()
+    }
+
+    /// Starts counting served reads at `served` (a rebuilt core carries its predecessor's
+    /// count).
+    pub fn carry_reads_served(&mut self, served: u64) {
+        self.reads_served = served;
     }
 
     /// Reads served from the lease since the node started.
@@ -216,16 +227,16 @@ pub struct VoteHold {
 }
 
 impl VoteHold {
-    /// A hold starting now: one election timeout long where lease reads are on, none where
-    /// they are off.
-    pub fn starting_now(config: &RaftConfig) -> Self {
+    /// A hold starting at `at`: one election timeout long where lease reads are on, none
+    /// where they are off.
+    pub fn starting_at(config: &RaftConfig, at: LeaseInstant) -> Self {
         let length = if config.read_lease_ms > 0 {
             Duration::from_millis(config.election_ticks as u64 * config.tick_interval_ms)
         } else {
             Duration::ZERO
         };
         VoteHold {
-            until: LeaseInstant::now().plus(length),
+            until: at.plus(length),
         }
     }
 
@@ -431,13 +442,13 @@ mod tests {
             log_lag_bytes_max: 1,
             read_lease_ms: 700,
         };
-        let started = VoteHold::starting_now(&config);
+        let started = VoteHold::starting_at(&config, LeaseInstant::now());
         let now = LeaseInstant::now();
         assert!(started.until > now && now.until(started.until) <= Duration::from_secs(1));
         let vote_now = vote(MessageType::MsgRequestVote, TERM + 1, false);
         assert!(started.refuses(&vote_now, TERM, now));
         config.read_lease_ms = 0;
-        let without_leases = VoteHold::starting_now(&config);
+        let without_leases = VoteHold::starting_at(&config, LeaseInstant::now());
         assert!(
             !without_leases.refuses(&vote_now, TERM, LeaseInstant::now()),
             "no hold where leases are off"
