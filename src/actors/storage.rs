@@ -11,7 +11,7 @@
 //! a gap before an entry is filled from the log. Either way entries are applied exactly in
 //! index order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,18 +19,16 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use parking_lot::RwLock;
-use raft::prelude::Entry;
-use raft::Storage as _;
 
 use super::messages::*;
 use super::raft::{RaftActor, ReadGate};
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::StorageConfig;
-use crate::raft::entry::applied_command;
+use crate::storage::apply::apply_committed;
 use crate::storage::raft_log::RaftLogStore;
 use crate::storage::snapshot::SnapshotSource;
 use crate::storage::state_machine::{
-    ApplyOutcome, CheckpointTicket, StateMachine, VolumeInfo, VolumeReader,
+    CheckpointTicket, StateMachine, VolumeInfo, VolumeReader,
 };
 
 /// The volume table as seen by readers (NBD sessions, the handshake's export list, the control
@@ -214,89 +212,28 @@ impl StorageActor {
             entries,
             responders,
         } = msg;
-        let mut responders: HashMap<u64, ProposalResponder> = responders.into_iter().collect();
-        let Some(first_index) = entries.first().map(|entry| entry.index) else {
-            return;
-        };
-        let applied_index = self.machine().applied_index();
-        // A gap means this actor restarted and lost entries it had been handed: read them
-        // from the log, which keeps everything above the durable applied index.
-        let mut to_apply: Vec<Entry> = Vec::new();
-        if first_index > applied_index + 1 {
-            match self.params.log_store.entries(
-                applied_index + 1,
-                first_index,
-                None,
-                raft::GetEntriesContext::empty(false),
-            ) {
-                Ok(missing) => to_apply.extend(missing),
-                Err(error) => panic!(
-                    "cannot read committed entries {}..{first_index} from the log: {error}",
-                    applied_index + 1
-                ),
-            }
-        }
-        to_apply.extend(
-            entries
-                .into_iter()
-                .filter(|entry| entry.index > applied_index),
-        );
-        if to_apply.is_empty() {
-            for (_, responder) in responders {
-                // Already applied before a restart; the outcome is unknown, so ask for a retry.
-                let _ = responder.send(Err(ProposalError::Dropped));
-            }
-            return;
-        }
-        // What each entry means to the state machine is decided here, from the entry alone,
-        // whichever way it came: delivered, or read back from the log above.
-        let batch: Vec<(u64, &[u8])> = to_apply
-            .iter()
-            .map(|entry| (entry.index, applied_command(entry)))
-            .collect();
-        let applied_bytes: u64 = batch.iter().map(|(_, data)| data.len() as u64).sum();
-        let result = self.machine().apply_batch(&batch);
-        let outcomes = match result {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
+        let first_index = entries.first().map(|entry| entry.index);
+        let log_store = self.params.log_store.clone();
+        let applied = match apply_committed(self.machine(), &log_store, entries, responders) {
+            Ok(applied) => applied,
+            Err((error, responders)) => {
                 // An I/O error while applying: fail nothing for good, restart and replay.
                 slog::error!(self.params.supervision.logger, "applying committed entries failed";
                     "error" => %error, "first_index" => first_index);
-                for (_, responder) in responders {
-                    let _ = responder.send(Err(ProposalError::Storage(error.to_string())));
+                for responder in responders {
+                    let _ = responder.send(Err(ProposalError::Storage(error.clone())));
                 }
                 panic!("apply failed: {error}");
             }
         };
-        let mut volumes_changed = false;
-        for ((index, _), outcome) in batch.iter().zip(outcomes) {
-            if matches!(
-                outcome,
-                ApplyOutcome::VolumeCreated(_)
-                    | ApplyOutcome::VolumeDeleted(_)
-                    | ApplyOutcome::Attached(_)
-                    | ApplyOutcome::Detached(_)
-            ) {
-                volumes_changed = true;
-            }
-            if let Some(responder) = responders.remove(index) {
-                let answer = match outcome {
-                    // Covered by an installed snapshot: its effect, or its rejection, is in
-                    // the copied state, and this node cannot tell which. Never report that as
-                    // success; the proposer asks again and gets the answer of a fresh entry.
-                    ApplyOutcome::AlreadyApplied => Err(ProposalError::Dropped),
-                    outcome => Ok(outcome),
-                };
-                let _ = responder.send(answer);
-            }
+        for (responder, answer) in applied.replies {
+            let _ = responder.send(answer);
         }
-        for (_, responder) in responders {
-            let _ = responder.send(Err(ProposalError::Dropped));
-        }
-        if volumes_changed {
+        if applied.volumes_changed {
             let machine = self.machine.as_ref().expect("opened in started()");
             self.params.registry.replace_all(machine);
         }
+        let applied_bytes = applied.applied_bytes;
         let applied_index = self.machine().applied_index();
         self.params
             .applied_index
@@ -605,7 +542,9 @@ mod tests {
     use crate::actors::supervisor::{ActorKind, RestartCounters};
     use crate::storage::command::{encode_command, encode_write_command, Command};
     use crate::storage::{open_db, StorageOptions};
-    use raft::prelude::ConfState;
+    use crate::storage::state_machine::ApplyOutcome;
+    use raft::prelude::{ConfState, Entry};
+    use raft::Storage as _;
 
     const BLOCK: usize = 4096;
 

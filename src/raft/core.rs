@@ -31,7 +31,7 @@
 //! [`super::lease`]). Each proposal's entry carries a [`ProposalContext`]; the stale-twin
 //! rule in [`super::entry`] decides what of it the state machine applies.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,7 +215,7 @@ pub struct RaftCore<P, R> {
     applied_index: u64,
     /// Highest committed index handed out to apply.
     delivered_index: u64,
-    pending_proposals: HashMap<u64, PendingProposal<P>>,
+    pending_proposals: BTreeMap<u64, PendingProposal<P>>,
     /// Proposals received since the last Ready, stepped into raft-rs together (see
     /// [`RaftCore::step_proposal_batch`]).
     proposal_batch: Vec<(Bytes, P)>,
@@ -224,7 +224,7 @@ pub struct RaftCore<P, R> {
     /// Read barriers not yet sent as a ReadIndex request.
     read_batch: Vec<R>,
     /// ReadIndex requests sent, keyed by their request context.
-    reads_in_progress: HashMap<u64, ReadRound<R>>,
+    reads_in_progress: BTreeMap<u64, ReadRound<R>>,
     lease: ReadLease,
     /// Whether the next Ready starts a ReadIndex round only to renew the lease.
     lease_renewal_wanted: bool,
@@ -254,7 +254,7 @@ pub struct RaftCore<P, R> {
     /// Ticks since start, and the tick at which the leader last saw each peer active
     /// (raft-rs clears `recent_active` every election timeout, so one look is not enough).
     ticks: u64,
-    peer_active_at_tick: HashMap<u64, u64>,
+    peer_active_at_tick: BTreeMap<u64, u64>,
     /// Whether a WAL sync asked for by [`Effect::SyncWal`] has not been reported yet.
     wal_sync_running: bool,
     /// Whether the next WAL sync runs inline (see [`Effect::SyncWal`]).
@@ -337,11 +337,11 @@ impl<P, R> RaftCore<P, R> {
             effects: Vec::new(),
             applied_index,
             delivered_index: applied_index,
-            pending_proposals: HashMap::new(),
+            pending_proposals: BTreeMap::new(),
             proposal_batch: Vec::new(),
             proposal_batch_bytes: 0,
             read_batch: Vec::new(),
-            reads_in_progress: HashMap::new(),
+            reads_in_progress: BTreeMap::new(),
             lease,
             lease_renewal_wanted: false,
             vote_hold,
@@ -355,7 +355,7 @@ impl<P, R> RaftCore<P, R> {
             quorum_ok: None,
             peers_down: BTreeSet::new(),
             ticks: 0,
-            peer_active_at_tick: HashMap::new(),
+            peer_active_at_tick: BTreeMap::new(),
             wal_sync_running: false,
             log_quiet: true,
             persist_queue: PersistQueue::default(),
@@ -1262,7 +1262,7 @@ impl<P, R> RaftCore<P, R> {
                 ));
             }
         }
-        for (_, round) in self.reads_in_progress.drain() {
+        for (_, round) in std::mem::take(&mut self.reads_in_progress) {
             for responder in round.responders {
                 self.effects
                     .push(Effect::ReadAnswered(responder, Err(ProposalError::Dropped)));
@@ -1448,4 +1448,308 @@ fn conf_change_v2(change: &ConfChange) -> ConfChangeV2 {
     v2.set_changes(vec![single].into());
     v2.context = change.context.clone();
     v2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{open_db, StorageOptions};
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn config() -> RaftConfig {
+        RaftConfig {
+            tick_interval_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            proposals_pending_max: 4,
+            mailbox_capacity: 64,
+            log_keep_entries: 0,
+            log_lag_entries_max: 100,
+            log_lag_bytes_max: 1 << 20,
+            read_lease_ms: 0,
+        }
+    }
+
+    struct Harness {
+        _directory: tempfile::TempDir,
+        applied_index: Arc<AtomicU64>,
+        core: RaftCore<u64, u64>,
+    }
+
+    fn at(seconds: u64) -> LeaseInstant {
+        LeaseInstant::from_boot(SECOND * 3600 + SECOND * seconds as u32)
+    }
+
+    /// A core over a fresh log whose voters are `voters`; this node is 1.
+    fn harness(voters: &[u64], config: RaftConfig) -> Harness {
+        let directory = tempfile::tempdir().unwrap();
+        let options = StorageOptions {
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            max_background_jobs: 1,
+        };
+        let db = open_db(directory.path(), &options).unwrap();
+        let log_store = RaftLogStore::open(db, 1).unwrap();
+        let conf_state = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
+        log_store.bootstrap(conf_state, &[]).unwrap();
+        let applied_index = Arc::new(AtomicU64::new(0));
+        let params = CoreParams {
+            group_id: 1,
+            node_id: 1,
+            config,
+            limits: RaftLimits::default(),
+            request_timeout: SECOND * 30,
+            log_store,
+            applied_index: applied_index.clone(),
+            applied_wanted: Arc::new(AtomicU64::new(u64::MAX)),
+            read_gate: ReadGate::default(),
+            proposal_ids_from: 1000,
+            logger: slog::Logger::root(slog::Discard, slog::o!()),
+        };
+        let core = RaftCore::new(params, CoreCounters::default(), at(0));
+        Harness {
+            _directory: directory,
+            applied_index,
+            core,
+        }
+    }
+
+    fn no_snapshot(_: &Snapshot) -> Result<Vec<MemberConfig>, String> {
+        Err("no snapshot expected".into())
+    }
+
+    impl Harness {
+        /// Runs Readies and WAL syncs until the core is idle; returns the effects other than
+        /// the syncs.
+        fn settle(&mut self, now: LeaseInstant) -> Vec<Effect<u64, u64>> {
+            let mut effects = Vec::new();
+            for _ in 0..16 {
+                if self.core.wants_ready()
+                    && self.core.process_ready(now, &mut no_snapshot) == ReadyProgress::WriteHeld
+                {
+                    self.core.write_held_ready();
+                }
+                let mut synced = false;
+                for effect in self.core.take_effects() {
+                    match effect {
+                        Effect::SyncWal { number, .. } => {
+                            self.core.wal_synced(number);
+                            synced = true;
+                        }
+                        other => effects.push(other),
+                    }
+                }
+                if !synced && !self.core.wants_ready() && !self.core.has_effects() {
+                    break;
+                }
+            }
+            effects
+        }
+
+        /// Applies every Apply effect (by publishing its last index) and returns the
+        /// responders with the index they were delivered at.
+        fn apply(&mut self, effects: &[Effect<u64, u64>]) -> Vec<(u64, u64)> {
+            let mut delivered = Vec::new();
+            for effect in effects {
+                if let Effect::Apply {
+                    entries,
+                    responders,
+                } = effect
+                {
+                    if let Some(last) = entries.last() {
+                        self.applied_index.store(last.index, Ordering::SeqCst);
+                    }
+                    delivered.extend(responders.iter().map(|(index, op)| (*op, *index)));
+                }
+            }
+            self.core.applied_published();
+            delivered
+        }
+    }
+
+    #[test]
+    fn a_sole_voter_delivers_its_proposal_only_after_the_wal_sync() {
+        let mut harness = harness(&[1], config());
+        let effects = harness.settle(at(0));
+        harness.apply(&effects);
+        assert_eq!(harness.core.raw_node().raft.state, StateRole::Leader);
+        harness
+            .core
+            .propose(Bytes::from_static(b"write"), 7, at(0));
+        assert_eq!(
+            harness.core.process_ready(at(0), &mut no_snapshot),
+            ReadyProgress::Done
+        );
+        let effects = harness.core.take_effects();
+        // The entry is written, but nothing is applied before its sync returns.
+        assert!(effects
+            .iter()
+            .all(|effect| !matches!(effect, Effect::Apply { .. })));
+        let number = effects
+            .iter()
+            .find_map(|effect| match effect {
+                Effect::SyncWal { number, .. } => Some(*number),
+                _ => None,
+            })
+            .expect("a WAL sync is asked for");
+        harness.core.wal_synced(number);
+        let effects = harness.settle(at(0));
+        let delivered = harness.apply(&effects);
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].0, 7);
+    }
+
+    #[test]
+    fn proposals_beyond_the_pending_limit_are_refused_as_overloaded() {
+        let mut harness = harness(&[1], config());
+        let effects = harness.settle(at(0));
+        harness.apply(&effects);
+        for op in 0..5 {
+            harness
+                .core
+                .propose(Bytes::from_static(b"write"), op, at(0));
+        }
+        let refused: Vec<(u64, ProposalError)> = harness
+            .core
+            .take_effects()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::ProposalFailed(op, error) => Some((op, error)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused, vec![(4, ProposalError::Overloaded)]);
+    }
+
+    #[test]
+    fn a_follower_without_a_leader_answers_proposals_and_reads_with_retry() {
+        // Three voters, the others silent: node 1 knows no leader.
+        let mut harness = harness(&[1, 2, 3], config());
+        harness.core.read_barrier(5, at(0));
+        harness
+            .core
+            .propose(Bytes::from_static(b"write"), 6, at(0));
+        let effects = harness.settle(at(0));
+        let reads: Vec<_> = effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::ReadAnswered(op, result) => Some((*op, result.clone())),
+                _ => None,
+            })
+            .collect();
+        let proposals: Vec<_> = effects
+            .iter()
+            .filter_map(|effect| match effect {
+                Effect::ProposalFailed(op, error) => Some((*op, error.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reads, vec![(5, Err(ProposalError::Dropped))]);
+        assert_eq!(proposals, vec![(6, ProposalError::Dropped)]);
+    }
+
+    #[test]
+    fn a_read_barrier_is_answered_once_the_read_index_is_applied() {
+        let mut harness = harness(&[1], config());
+        let effects = harness.settle(at(0));
+        harness.apply(&effects);
+        harness
+            .core
+            .propose(Bytes::from_static(b"write"), 1, at(0));
+        let effects = harness.settle(at(0));
+        harness.core.read_barrier(9, at(0));
+        let mut read_effects = harness.settle(at(0));
+        // The write is committed but not applied: the read waits for it.
+        assert!(read_effects
+            .iter()
+            .all(|effect| !matches!(effect, Effect::ReadAnswered(..))));
+        harness.apply(&effects);
+        read_effects.extend(harness.core.take_effects());
+        assert!(read_effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::ReadAnswered(9, Ok(())))));
+    }
+
+    #[test]
+    fn conf_changes_and_transfers_are_refused_off_the_leader() {
+        let mut harness = harness(&[1, 2, 3], config());
+        let mut change = ConfChangeV2::default();
+        let mut single = raft::prelude::ConfChangeSingle::default();
+        single.set_change_type(raft::prelude::ConfChangeType::AddLearnerNode);
+        single.node_id = 4;
+        change.set_changes(vec![single].into());
+        harness.core.propose_conf_change(change, None, 3, at(0));
+        let refused: Vec<_> = harness
+            .core
+            .take_effects()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::ProposalFailed(op, error) => Some((op, error)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            vec![(3, ProposalError::NotLeader { leader_id: 0 })]
+        );
+        assert_eq!(
+            harness.core.transfer_leader(2),
+            Err(ProposalError::NotLeader { leader_id: 0 })
+        );
+    }
+
+    #[test]
+    fn a_failing_conf_change_check_is_answered_not_ready_with_its_reason() {
+        let mut harness = harness(&[1], config());
+        let effects = harness.settle(at(0));
+        harness.apply(&effects);
+        let mut change = ConfChangeV2::default();
+        let mut single = raft::prelude::ConfChangeSingle::default();
+        single.set_change_type(raft::prelude::ConfChangeType::AddLearnerNode);
+        single.node_id = 4;
+        change.set_changes(vec![single].into());
+        let check: ConfChangeCheck = Box::new(|status: &RaftStatus| {
+            Err(format!("not now (term {})", status.term))
+        });
+        harness.core.propose_conf_change(change, Some(check), 3, at(0));
+        let refused: Vec<_> = harness
+            .core
+            .take_effects()
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::ProposalFailed(op, error) => Some((op, error)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            vec![(3, ProposalError::ConfChangeNotReady("not now (term 1)".into()))]
+        );
+    }
+
+    #[test]
+    fn with_leases_on_ticks_closer_than_nine_tenths_of_the_interval_are_skipped() {
+        let mut config = config();
+        config.read_lease_ms = 500;
+        let mut harness = harness(&[1, 2, 3], config);
+        let start = LeaseInstant::from_boot(SECOND * 3600);
+        // Thirty ticks in a burst, 1 ms apart: one counts.
+        for tick in 0..30u32 {
+            harness
+                .core
+                .tick(start.plus(Duration::from_millis(u64::from(tick))));
+        }
+        assert_eq!(harness.core.raw_node().raft.election_elapsed, 1);
+        // Ticks a whole interval apart all count.
+        for tick in 1..=3u64 {
+            harness
+                .core
+                .tick(start.plus(Duration::from_millis(100 * tick)));
+        }
+        assert_eq!(harness.core.raw_node().raft.election_elapsed, 4);
+    }
 }

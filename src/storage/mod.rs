@@ -2,6 +2,7 @@
 //! block checksums) beside one sparse image file per volume.
 //!
 //! Layout of this module:
+//! - [`apply`]: the one path committed entries take into the state machine.
 //! - [`command`]: pure encode/decode of the state-machine commands carried in Raft entries.
 //! - [`raft_log`]: the Raft log and Raft state of one group in RocksDB ([`raft::Storage`]).
 //! - [`image`]: one sparse image file (pwrite/pread, hole punching, allocation map).
@@ -24,6 +25,7 @@
 //! after the recorded index are applied again on restart, so applying is idempotent as a
 //! sequence. Log compaction must never drop entries above the durable applied index.
 
+pub mod apply;
 pub mod command;
 mod error;
 pub mod image;
