@@ -1,106 +1,141 @@
-//! Deterministic simulation of the Raft layer: several raft-rs `RawNode`s on the project's real
-//! storage, driven on one thread by one seeded random number generator, with checkers for the
-//! safety properties of the Raft paper and for identical replicas.
+//! Deterministic simulation of the shipping Raft core. Several nodes, each the server's own
+//! [`RaftCore`] (the code the Raft actor runs) over the real [`RaftLogStore`] and the real
+//! [`StateMachine`] in RocksDB and image files, applied through the storage actor's own
+//! [`apply_committed`], are driven on one thread by one seeded random number generator. Only
+//! what is I/O on a server is the simulation's: the clock, the network between the nodes,
+//! when a WAL sync returns, when the storage side gets to its mailbox, and the clients.
 //!
-//! What each simulated node is made of (the same pieces a server uses):
+//! What a node is made of, as on a server:
 //! - RocksDB opened with [`raftblk::storage::open_db`] in a directory of its own, holding the
 //!   Raft log ([`RaftLogStore`], bootstrapped with every node as a voter) and the applied state
 //!   ([`StateMachine`], image files beside it);
-//! - a `RawNode` driven through the same `Ready` order as `src/actors/raft.rs`: send leader
-//!   messages, (no snapshot), hand committed entries to the state machine, write entries and
-//!   hard state unsynced in one `persist_ready`, hold the persisted messages,
-//!   `advance_append_async`; then a WAL sync, one at a time per node, that starts as soon as
-//!   none runs and finishes at a random later step, after which `on_persist_ready` reports
-//!   every Ready written before it started and their held messages are sent (Readies that
-//!   changed only the commit index need no sync, as on the server);
-//! - an apply queue drained at random moments (the storage actor applies asynchronously), each
-//!   batch followed by `advance_apply_to`; checkpoints (`make_durable`) at random moments,
-//!   followed by log compaction below the durable applied index.
+//! - a [`RaftCore`] fed the events the Raft actor feeds it (proposals, read barriers, peer
+//!   messages, ticks, WAL syncs returned, the published applied index, the storage side
+//!   restarted, durable applied index) and whose effects the simulation carries out as the
+//!   actor does: messages into the simulated network, committed entries into the storage
+//!   side's mailbox, a WAL sync that returns at a random later step (inline ones at once),
+//!   replies to the clients;
+//! - the storage side: a mailbox drained at random moments through [`apply_committed`], the
+//!   applied index published and the core woken when it reaches the index the core waits
+//!   for, checkpoints (`make_durable`, then the core's own compaction policy);
+//! - snapshots as the peer transport moves them: the sender's state machine opens a
+//!   [`SnapshotSource`](raftblk::storage::snapshot::SnapshotSource), the receiver stages its
+//!   chunks with [`SnapshotStaging`], and only then is the `MsgSnapshot` stepped in; the core
+//!   installs it through the state machine's `install_snapshot`. A transfer fails (the sender
+//!   hears `report_snapshot` failure) when the receiver is down, the staging fails, or the
+//!   message is lost.
 //!
 //! What the world does to them, all decided by the seed:
-//! - the network drops, delays (and so reorders) and duplicates messages, and cuts links in
-//!   partitions that come and go (a lone node, a random split, one-way links);
-//! - nodes crash (the `RawNode`, the state machine and every RocksDB handle are dropped without
-//!   a checkpoint) and restart from their directory like a server does: the state machine from
-//!   its durable applied index, the hard state's commit index raised to it, and the entries
-//!   after it applied again. A crash of the process loses nothing that was written, synced or
-//!   not (the page cache survives), which is what this simulates; power loss is the business of
-//!   the storage crash tests. The directories live on `/dev/shm` when it exists, so fsyncs are
-//!   cheap;
-//! - clients propose random writes, trims and zeroings of two small volumes at random nodes
-//!   (a follower forwards them to its leader; raft-rs drops them when no leader is known).
+//! - the network drops, delays (and so reorders) and duplicates messages, now and then holds
+//!   one back for long (a stalled connection), and cuts links in partitions that come and go
+//!   (a lone node, a random split, one-way links);
+//! - a node's process crashes (everything in memory is dropped, RocksDB closed without a
+//!   checkpoint) and restarts from its directory like a server: the core from the log, the
+//!   state machine from its durable applied index. A crash loses nothing that was written,
+//!   synced or not (the page cache survives); power loss is the business of the crash tests;
+//! - the Raft actor alone restarts (the core is rebuilt from RocksDB; the storage side and its
+//!   mailbox live on), and the storage actor alone restarts (its state machine is dropped,
+//!   its readers retired, and it is reopened from durable state; the core re-delivers what it
+//!   lost);
+//! - the leader is asked to hand leadership to another voter;
+//! - where the seed turns lease reads on, every node's clock runs at its own rate within the
+//!   lease's stated assumptions (5 % either way);
+//! - clients, like a proxy's NBD connections, each issue one request at a time to the node
+//!   they believe leads (now and then another): writes of a whole block in a small hot set,
+//!   reads of one (a reader taken first, then a read barrier, then the read, as an NBD
+//!   session does), and other commands (trims, zeroings, writes of other ranges, some out of
+//!   range). A request the node answers "retry" is reissued, at the leader or another node,
+//!   until the client's deadline, after which it has failed (EIO to the client).
 //!
-//! Election timeouts: raft-rs draws them from an unseeded random number generator, so every
-//! node gets `min_election_tick = election_tick` and `max_election_tick = election_tick + 1`
-//! (a range of one value), each node a different value drawn from the seed.
-//!
-//! Checkers (the Raft paper, "Figure 3: Raft guarantees these properties at all times"), run
-//! while the simulation goes:
+//! Checkers:
 //! - Election Safety: at most one leader per term (every node's role after every step);
 //! - Log Matching: every entry persisted anywhere is recorded by (index, term) with a digest of
 //!   its data and the term of the entry before it; an entry with the same index and term must
-//!   have the same data and the same predecessor term, which by induction makes the logs
-//!   identical up to it. Checked when entries are persisted and on a periodic read-back of
-//!   every log from RocksDB;
-//! - Leader Completeness / committed entries never change: every committed entry handed to any
-//!   state machine, and every entry at or below a node's commit index in its RocksDB log, must
-//!   equal the first one recorded at that index;
-//! - State Machine Safety: every node applies the same entry at each index, with the same
-//!   outcome as an independent in-memory model of the volumes computes for it;
+//!   have the same data and the same predecessor term. Checked when entries are handed out
+//!   and on a periodic read-back of every log from RocksDB;
+//! - committed entries never change: every committed entry handed to any state machine, and
+//!   every entry at or below a node's commit index in its RocksDB log, equals the first one
+//!   recorded at that index;
+//! - State Machine Safety: every node applies the same outcome at each index as an
+//!   independent in-memory model of the volumes computes for it (the model takes what the
+//!   shipping stale-twin rule says an entry applies);
+//! - per block, linearizability of the hot blocks as registers: a read returns the value of
+//!   the newest write at or below the applied index it read at, and that index is at least
+//!   the index of every write acknowledged before the read was issued; a write that failed
+//!   may or may not land, but never after a write to its block acknowledged after it failed,
+//!   nor may any write land after a later acknowledged one;
 //! - after the chaos ends (network healed, crashed nodes restarted): a leader is elected and a
-//!   probe proposal commits within a bounded number of ticks (liveness), every node applies
-//!   everything, every node's volumes read back (checksums verified) exactly as the model
-//!   says, and every acknowledged proposal (applied on the node it was proposed on) is in the
-//!   committed log at the index it was acknowledged with.
+//!   probe write commits within a bounded number of ticks (liveness), every client request
+//!   completes, every node applies everything, every node's volumes read back exactly as the
+//!   model says (identical replicas), and every acknowledged write is the committed entry at
+//!   the index it was acknowledged with (no acknowledged write lost).
 //!
-//! Snapshots: `RaftLogStore` does not serve snapshots yet, so compaction is kept low enough that
-//! no follower ever needs one (see `Simulation::compaction_bound_index` for the bound and why
-//! it must also look at the leaders' progress and at recent commit indexes); a `Ready` carrying
-//! a snapshot is a failure, and a follower stuck behind a leader's compacted log shows up as a
-//! liveness failure naming it.
-//! Membership changes and ReadIndex are not simulated.
+//! Membership changes are not simulated yet (the cluster tests drive them against real
+//! processes).
 //!
-//! Running it: `cargo test --release --test raft_simulation` runs the CI seeds. A failure names
-//! its seed; `RAFTBLK_SIM_SEED=<n>` replays only that seed (add `RAFTBLK_SIM_TRACE=1` and
-//! `-- --nocapture` to print the last events before the failure), `RAFTBLK_SIM_SEEDS=<count>`
-//! runs more seeds, `RAFTBLK_SIM_STEPS=<n>` makes each run longer.
+//! Running it: `cargo test --release --test raft_simulation` runs the CI seeds and prints, as
+//! its last line, `simulation: N seeds, M client operations checked, 0 violations`. A failure
+//! names its seed and the command that replays it: `RAFTBLK_SIM_SEED=<n>` replays only that
+//! seed (with `RAFTBLK_SIM_TRACE=1` and `-- --nocapture` it prints the last events),
+//! `RAFTBLK_SIM_SEEDS=<count>` runs more seeds, `RAFTBLK_SIM_STEPS=<n>` makes each run longer.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType};
-use raft::{GetEntriesContext, RawNode, StateRole, Storage as _};
-use raftblk::raft::persist::PersistQueue;
+use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, Snapshot};
+use raft::{GetEntriesContext, StateRole, Storage as _};
+use raftblk::config::RaftConfig;
+use raftblk::raft::core::{
+    CoreCounters, CoreParams, Effect, RaftCore, RaftLimits, ReadGate, ReadyProgress,
+};
+use raftblk::raft::entry::applied_command;
+use raftblk::raft::lease::{read_lease_ms_max, LeaseInstant};
+use raftblk::raft::ProposalError;
+use raftblk::storage::apply::apply_committed;
 use raftblk::storage::command::{decode_command, encode_command, encode_write_command, Command};
 use raftblk::storage::raft_log::RaftLogStore;
-use raftblk::storage::state_machine::{ApplyOutcome, StateMachine};
+use raftblk::storage::snapshot::{SnapshotDescriptor, SnapshotStaging, StagedSnapshot};
+use raftblk::storage::state_machine::{ApplyOutcome, StateMachine, VolumeReader};
 use raftblk::storage::{open_db, StorageOptions, IMAGES_DIRECTORY_NAME};
 
 /// The Raft group every simulated node belongs to.
 const GROUP_ID: u64 = 1;
-/// Simulation steps between two ticks of one node (each node has its own phase).
+/// One step of simulated time, and the tick interval in steps (each node has its own phase).
+const STEP_MS: u64 = 1;
 const TICK_INTERVAL_STEPS: u64 = 4;
+const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 2;
 /// Steps of one run in CI; `RAFTBLK_SIM_STEPS` overrides it.
-const STEPS_DEFAULT: u64 = 4_000;
+const STEPS_DEFAULT: u64 = 1_500;
 /// Seeds run in CI; `RAFTBLK_SIM_SEEDS` overrides it.
-const SEEDS_DEFAULT: u64 = 100;
+const SEEDS_DEFAULT: u64 = 1_000;
 /// Every this many steps, every node's whole log is read back from RocksDB and checked.
-const LOG_SCAN_INTERVAL_STEPS: u64 = 200;
-/// Liveness bound: after the heal, a leader must be elected and a probe proposal applied on
-/// every node within this many ticks. The longest election timeout is 19 ticks; pre-vote and a
-/// vote round, a few failed elections and the catch-up of a restarted node fit well inside.
-const LIVENESS_TICKS_MAX: u64 = 400;
-/// Ticks after which an unacknowledged liveness probe is proposed again.
-const PROBE_RETRY_TICKS: u64 = 40;
-/// Bound on `Ready` rounds handled for one node in one step (each round is finite; raft-rs
+const LOG_SCAN_INTERVAL_STEPS: u64 = 250;
+/// Liveness bound: after the heal, a leader must be elected, a probe write acknowledged,
+/// every client request completed and everything applied on every node within this many
+/// ticks (a client's deadline fits in it).
+const LIVENESS_TICKS_MAX: u64 = 1_000;
+/// Bound on Ready rounds handled for one node in one step (each round is finite; raft-rs
 /// stops producing them once nothing changes).
 const READY_ROUNDS_MAX: usize = 32;
 /// Events kept for the failure report when tracing.
 const TRACE_EVENTS_MAX: usize = 40_000;
+/// How long a client keeps reissuing a request before it reports the failure (the proxy's
+/// request deadline, scaled to the simulated cluster).
+const CLIENT_DEADLINE_STEPS: u64 = 2_400;
+/// Clients (connections), each with one request at a time.
+const CLIENTS: u64 = 4;
+/// The hot set: registers are the first blocks of the first volume.
+const HOT_BLOCKS: u64 = 12;
+const HOT_BLOCK_BYTES: usize = 512;
+/// How long a leader's own proposal may wait for its commit (the server's request timeout,
+/// scaled).
+const REQUEST_TIMEOUT_STEPS: u64 = 2_000;
 
 // ---------------------------------------------------------------------------------------------
 // Randomness and hashing
@@ -185,17 +220,21 @@ impl Fnv64 {
 
 fn entry_digest(entry: &Entry) -> u64 {
     Fnv64::of(&[
-        &[entry.get_entry_type() as u8],
-        entry.data.as_ref(),
-        entry.context.as_ref(),
+        &(entry.get_entry_type() as u64).to_le_bytes(),
+        &entry.context,
+        &entry.data,
     ])
 }
 
+fn data_digest(data: &[u8]) -> u64 {
+    Fnv64::of(&[data])
+}
+
 // ---------------------------------------------------------------------------------------------
-// Options
+// Options and chaos
 // ---------------------------------------------------------------------------------------------
 
-/// A deliberately broken node, to show the checkers catch what they claim to.
+/// A deliberately broken node or client, to show the checkers catch what they claim to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     /// Halfway through the run, one node's newest log entry is rewritten in RocksDB with the
@@ -204,6 +243,8 @@ enum Fault {
     /// Appends are acknowledged but not durable: a crash loses every log entry above the
     /// node's durable applied index (and the commit index that covered them).
     AppendsNotDurable,
+    /// Clients read without waiting for the read barrier.
+    ReadsSkipTheBarrier,
 }
 
 #[derive(Clone, Debug)]
@@ -247,15 +288,25 @@ struct Chaos {
     drop_per_million: u64,
     duplicate_per_million: u64,
     delay_steps_max: u64,
+    /// A message held back for up to `long_delay_steps_max` (a stalled connection).
+    long_delay_per_million: u64,
+    long_delay_steps_max: u64,
     crash_per_million: u64,
     restart_per_million: u64,
+    raft_restart_per_million: u64,
+    storage_restart_per_million: u64,
+    transfer_per_million: u64,
     partition_per_million: u64,
     heal_per_million: u64,
-    proposal_per_million: u64,
+    request_per_million: u64,
     apply_per_million: u64,
     checkpoint_per_million: u64,
     /// Chance per step that a running WAL sync finishes.
     wal_sync_done_per_million: u64,
+    /// Chance that a snapshot transfer fails while it is staged.
+    snapshot_failure_per_million: u64,
+    /// Entries kept below the durable applied index at compaction (the core's policy).
+    log_keep_entries: u64,
 }
 
 impl Chaos {
@@ -264,34 +315,49 @@ impl Chaos {
             drop_per_million: [0, 10_000, 50_000, 150_000][rng.below(4) as usize],
             duplicate_per_million: [0, 10_000, 50_000][rng.below(3) as usize],
             delay_steps_max: rng.between(1, 12),
+            long_delay_per_million: [0, 0, 500, 3_000][rng.below(4) as usize],
+            long_delay_steps_max: rng.between(50, 400),
             crash_per_million: if crash_heavy {
                 6_000
             } else {
                 rng.between(0, 2_500)
             },
             restart_per_million: rng.between(5_000, 30_000),
+            raft_restart_per_million: rng.between(0, 1_500),
+            storage_restart_per_million: rng.between(0, 3_000),
+            transfer_per_million: rng.between(0, 1_500),
             partition_per_million: rng.between(0, 3_000),
             heal_per_million: rng.between(2_000, 10_000),
-            proposal_per_million: rng.between(50_000, 250_000),
+            request_per_million: rng.between(100_000, 400_000),
             apply_per_million: rng.between(200_000, 900_000),
             checkpoint_per_million: rng.between(5_000, 40_000),
             wal_sync_done_per_million: rng.between(100_000, 900_000),
+            snapshot_failure_per_million: [0, 100_000, 400_000][rng.below(3) as usize],
+            log_keep_entries: [0, 2, 8, 64][rng.below(4) as usize],
         }
     }
 
-    fn calm() -> Self {
+    /// The world after the heal: nothing fails any more, and clients stop issuing requests.
+    fn calm(log_keep_entries: u64) -> Self {
         Chaos {
             drop_per_million: 0,
             duplicate_per_million: 0,
             delay_steps_max: 3,
+            long_delay_per_million: 0,
+            long_delay_steps_max: 0,
             crash_per_million: 0,
             restart_per_million: 0,
+            raft_restart_per_million: 0,
+            storage_restart_per_million: 0,
+            transfer_per_million: 0,
             partition_per_million: 0,
             heal_per_million: 0,
-            proposal_per_million: 0,
+            request_per_million: 0,
             apply_per_million: 1_000_000,
             checkpoint_per_million: 20_000,
             wal_sync_done_per_million: 1_000_000,
+            snapshot_failure_per_million: 0,
+            log_keep_entries,
         }
     }
 }
@@ -300,11 +366,17 @@ impl Chaos {
 // The network
 // ---------------------------------------------------------------------------------------------
 
+/// A message on its way; a snapshot carries the data the receiver staged from it.
+struct Packet {
+    message: Message,
+    staged: Option<StagedSnapshot>,
+}
+
 /// Messages in flight, ordered by delivery step and then by the order they were sent; a random
 /// delay per message is what reorders them.
 struct Network {
     rng: SplitMix64,
-    in_flight: BTreeMap<(u64, u64), Message>,
+    in_flight: BTreeMap<(u64, u64), Packet>,
     next_sequence: u64,
     /// Directed links that are cut: `(from, to)`.
     cut_links: BTreeSet<(u64, u64)>,
@@ -313,42 +385,66 @@ struct Network {
 }
 
 impl Network {
-    fn send(&mut self, now_step: u64, chaos: &Chaos, message: Message) {
+    /// Queues `packet`; false when it was lost on the way.
+    fn send(&mut self, now_step: u64, chaos: &Chaos, packet: Packet) -> bool {
         self.messages_sent += 1;
-        if self.cut_links.contains(&(message.from, message.to))
-            || self.rng.chance(chaos.drop_per_million, 1_000_000)
+        let (from, to) = (packet.message.from, packet.message.to);
+        if self.cut_links.contains(&(from, to)) || self.rng.chance(chaos.drop_per_million, 1_000_000)
         {
             self.messages_dropped += 1;
-            return;
+            return false;
         }
-        let copies = if self.rng.chance(chaos.duplicate_per_million, 1_000_000) {
+        // A staged snapshot exists once; its message is never duplicated.
+        let copies = if packet.staged.is_none()
+            && self.rng.chance(chaos.duplicate_per_million, 1_000_000)
+        {
             2
         } else {
             1
         };
-        for _ in 0..copies {
-            let deliver_at_step = now_step + self.rng.between(1, chaos.delay_steps_max);
+        let mut packet = Some(packet);
+        for copy in 0..copies {
+            let delay = if self.rng.chance(chaos.long_delay_per_million, 1_000_000) {
+                self.rng.between(1, chaos.long_delay_steps_max.max(1))
+            } else {
+                self.rng.between(1, chaos.delay_steps_max)
+            };
+            let this = if copy + 1 == copies {
+                packet.take().expect("one packet per copy")
+            } else {
+                let original = packet.as_ref().expect("kept for the last copy");
+                Packet {
+                    message: original.message.clone(),
+                    staged: None,
+                }
+            };
             self.in_flight
-                .insert((deliver_at_step, self.next_sequence), message.clone());
+                .insert((now_step + delay, self.next_sequence), this);
             self.next_sequence += 1;
         }
+        true
     }
 
-    /// Every message due at `now_step` whose link is still up.
-    fn due(&mut self, now_step: u64) -> Vec<Message> {
+    /// Every packet due at `now_step`, and those whose link went down on the way (lost).
+    fn due(&mut self, now_step: u64) -> (Vec<Packet>, Vec<Packet>) {
         let mut due = Vec::new();
+        let mut lost = Vec::new();
         while let Some(entry) = self.in_flight.first_entry() {
             if entry.key().0 > now_step {
                 break;
             }
-            let message = entry.remove();
-            if self.cut_links.contains(&(message.from, message.to)) {
+            let packet = entry.remove();
+            if self
+                .cut_links
+                .contains(&(packet.message.from, packet.message.to))
+            {
                 self.messages_dropped += 1;
+                lost.push(packet);
                 continue;
             }
-            due.push(message);
+            due.push(packet);
         }
-        due
+        (due, lost)
     }
 }
 
@@ -468,8 +564,100 @@ impl Model {
     }
 }
 
-/// The volumes the workload uses: (name, size, block size). Small, so that writes overlap.
+/// The volumes the workload uses: (name, size, block size). The first holds the hot blocks
+/// (registers); the other takes every other command. Small, so that writes overlap.
 const VOLUMES: [(&str, u64, u32); 2] = [("sim-a", 64 * 1024, 512), ("sim-b", 128 * 1024, 4096)];
+
+/// A hot block's content for the write of `value`: the value, the block number, and a fill
+/// derived from both, so that a read tells which write it sees and whether it is whole.
+fn register_content(block: u64, value: u64) -> Vec<u8> {
+    let mut content = Vec::with_capacity(HOT_BLOCK_BYTES);
+    content.extend_from_slice(&value.to_le_bytes());
+    content.extend_from_slice(&block.to_le_bytes());
+    let mut fill = SplitMix64::new(value ^ block.rotate_left(32));
+    while content.len() < HOT_BLOCK_BYTES {
+        content.extend_from_slice(&fill.next_u64().to_le_bytes());
+    }
+    content
+}
+
+/// Which write a hot block's content is: `Some(0)` for zeroes (never written), `None` for
+/// content no write produced.
+fn register_value(block: u64, content: &[u8]) -> Option<u64> {
+    if content.iter().all(|byte| *byte == 0) {
+        return Some(0);
+    }
+    let value = u64::from_le_bytes(content[..8].try_into().ok()?);
+    (content == register_content(block, value).as_slice()).then_some(value)
+}
+
+/// The hot block a command writes as a whole, and the value it writes.
+fn register_write(hot_volume_id: Option<u64>, data: &[u8]) -> Option<(u64, u64)> {
+    let Ok(Command::Write {
+        volume_id,
+        offset,
+        data,
+        ..
+    }) = decode_command(data)
+    else {
+        return None;
+    };
+    if Some(volume_id) != hot_volume_id || data.len() != HOT_BLOCK_BYTES {
+        return None;
+    }
+    let block = offset / HOT_BLOCK_BYTES as u64;
+    if offset % HOT_BLOCK_BYTES as u64 != 0 || block >= HOT_BLOCKS {
+        return None;
+    }
+    Some((block, register_value(block, data)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients and their operations
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum OpKind {
+    /// A whole hot block written with the value that is this operation's id.
+    Write { block: u64 },
+    /// A hot block read.
+    Read { block: u64 },
+    /// Any other command (volume creation, trims, zeroings, other writes).
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum OpResult {
+    /// Acknowledged: applied at this index on the node that answered.
+    Acknowledged { index: u64 },
+    /// Read: the value seen, at the applied index of the node that served it.
+    Read { value: u64, applied_index: u64 },
+    /// The client's deadline passed: the request may or may not have taken effect.
+    Failed,
+}
+
+struct Op {
+    id: u64,
+    client: u64,
+    kind: OpKind,
+    command: Bytes,
+    invoked_step: u64,
+    deadline_step: u64,
+    /// The attempt in flight: its number and node, or when the next one starts.
+    attempt: u64,
+    attempt_node: Option<u64>,
+    retry_at_step: Option<u64>,
+    /// A read's reader, taken before its barrier (as an NBD session does).
+    reader: Option<VolumeReader>,
+    completed: Option<(u64, OpResult)>,
+}
+
+/// A proposal's responder in the simulation: which operation and which attempt.
+#[derive(Clone, Copy, Debug)]
+struct Responder {
+    op: u64,
+    attempt: u64,
+}
 
 // ---------------------------------------------------------------------------------------------
 // The checkers' record of the cluster's history
@@ -478,6 +666,7 @@ const VOLUMES: [(&str, u64, u32); 2] = [("sim-a", 64 * 1024, 512), ("sim-b", 128
 struct CommittedEntry {
     term: u64,
     digest: u64,
+    data_digest: u64,
 }
 
 #[derive(Default)]
@@ -492,10 +681,10 @@ struct History {
     /// What the model says applying each committed entry does, same positions.
     expected_outcomes: Vec<ExpectedOutcome>,
     model: Model,
-    /// Proposal id -> digest of its command, for every proposal made.
-    proposals: BTreeMap<u64, u64>,
-    /// Proposal id -> index it was acknowledged at.
-    acknowledged: BTreeMap<u64, u64>,
+    /// Per hot block: (index, value) of every write applied to it, in log order.
+    versions: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Every client operation.
+    ops: BTreeMap<u64, Op>,
     trace: Fnv64,
 }
 
@@ -573,8 +762,21 @@ impl History {
         self.committed.push(CommittedEntry {
             term: entry.term,
             digest,
+            data_digest: data_digest(&entry.data),
         });
-        let outcome = self.model.apply(entry.index, &entry.data);
+        // What the entry means to the state machine, by the shipping rule (a stale twin is a
+        // no-op).
+        let command = applied_command(entry);
+        let hot_volume_id = self.model.volume_id(VOLUMES[0].0);
+        let outcome = self.model.apply(entry.index, command);
+        if outcome == ExpectedOutcome::Applied {
+            if let Some((block, value)) = register_write(hot_volume_id, command) {
+                self.versions
+                    .entry(block)
+                    .or_default()
+                    .push((entry.index, value));
+            }
+        }
         self.expected_outcomes.push(outcome);
         Ok(())
     }
@@ -588,37 +790,153 @@ impl History {
         }
         Ok(())
     }
+
+    /// The value of hot block `block` after applying everything up to `index`.
+    fn register_at(&self, block: u64, index: u64) -> (u64, u64) {
+        self.versions
+            .get(&block)
+            .and_then(|versions| {
+                versions
+                    .iter()
+                    .rev()
+                    .find(|(version_index, _)| *version_index <= index)
+                    .copied()
+            })
+            .unwrap_or((0, 0))
+    }
+
+    /// Per-block register linearizability over every completed operation (see the module
+    /// doc). Returns the number of operations checked.
+    fn check_registers(&self) -> Checked<u64> {
+        let completed_step = |op: &Op| op.completed.as_ref().map(|(step, _)| *step);
+        let mut checked = 0;
+        for op in self.ops.values() {
+            let Some((_, result)) = &op.completed else {
+                continue;
+            };
+            checked += 1;
+            match (&op.kind, result) {
+                (OpKind::Write { block }, OpResult::Acknowledged { index }) => {
+                    let landed = self.versions.get(block).is_some_and(|versions| {
+                        versions.contains(&(*index, op.id))
+                    });
+                    if !landed {
+                        return Err(format!(
+                            "register: write {} to block {block} was acknowledged at index \
+                             {index}, where the committed log does not write it",
+                            op.id
+                        ));
+                    }
+                }
+                (OpKind::Read { block }, OpResult::Read {
+                    value,
+                    applied_index,
+                }) => {
+                    let (version_index, expected) = self.register_at(*block, *applied_index);
+                    if *value != expected {
+                        return Err(format!(
+                            "register: read {} of block {block} at applied index \
+                             {applied_index} saw value {value}; the log's last write to it at \
+                             or below that index is {expected} (index {version_index})",
+                            op.id
+                        ));
+                    }
+                    // Every write acknowledged before the read was issued is visible.
+                    for earlier in self.ops.values() {
+                        let (OpKind::Write { block: written }, Some((done, OpResult::Acknowledged { index }))) =
+                            (&earlier.kind, &earlier.completed)
+                        else {
+                            continue;
+                        };
+                        if written == block && *done < op.invoked_step && index > applied_index
+                        {
+                            return Err(format!(
+                                "register: stale read: read {} of block {block} issued at step \
+                                 {} read at applied index {applied_index}, but write {} was \
+                                 acknowledged at index {index} at step {done}, before it",
+                                op.id, op.invoked_step, earlier.id
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // No write lands after a write to its block acknowledged after the first one
+        // completed (acknowledged or failed).
+        for (block, versions) in &self.versions {
+            for (landed_index, value) in versions {
+                let Some(landed) = self.ops.get(value) else {
+                    continue;
+                };
+                let Some(landed_done) = completed_step(landed) else {
+                    continue;
+                };
+                for later in self.ops.values() {
+                    let (OpKind::Write { block: written }, Some((_, OpResult::Acknowledged { index }))) =
+                        (&later.kind, &later.completed)
+                    else {
+                        continue;
+                    };
+                    if written == block && later.invoked_step > landed_done && index < landed_index
+                    {
+                        return Err(format!(
+                            "register: write {} to block {block}, completed at step \
+                             {landed_done} ({:?}), landed at index {landed_index}, after write \
+                             {} issued later and acknowledged at index {index}",
+                            landed.id,
+                            landed.completed.as_ref().map(|(_, result)| result),
+                            later.id
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(checked)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // One node
 // ---------------------------------------------------------------------------------------------
 
-/// A running node: everything a crash throws away.
+type Core = RaftCore<Responder, Responder>;
+
+/// A batch of committed entries in the storage side's mailbox, with its responders.
+type ApplyBatch = (Vec<Entry>, Vec<(u64, Responder)>);
+
+/// A running node: everything a process crash throws away.
 struct LiveNode {
-    raw_node: RawNode<RaftLogStore>,
+    /// `None` only within a step, while the Raft actor restarts.
+    core: Option<Core>,
+    counters: CoreCounters,
     log_store: RaftLogStore,
+    db: Arc<rocksdb::DB>,
     machine: StateMachine,
-    /// Committed entries handed over but not applied yet (the storage actor's mailbox).
-    apply_queue: VecDeque<Entry>,
-    /// Proposals made on this node and not yet seen applied: proposal id -> digest.
-    pending_proposals: BTreeMap<u64, u64>,
-    /// The asynchronous persistence of `RaftActor`: the Readies written and not yet reported
-    /// persisted, and the Ready number the running sync will report.
-    persist_queue: PersistQueue,
-    wal_sync_running: Option<u64>,
+    /// Bumped whenever the storage side reopens its state machine.
+    machine_generation: u64,
+    applied_index: Arc<AtomicU64>,
+    applied_wanted: Arc<AtomicU64>,
+    read_gate: ReadGate,
+    /// The storage side's mailbox.
+    apply_queue: VecDeque<ApplyBatch>,
+    /// The WAL sync asked for and not yet returned.
+    wal_sync: Option<u64>,
+    /// The snapshot staged by the transport, waiting for the Ready that installs it.
+    inbox: Option<(u64, u64, StagedSnapshot)>,
 }
 
 struct SimNode {
     id: u64,
     data_dir: PathBuf,
+    /// raft-rs's election timeout for this node, fixed (see `RaftLimits`).
     election_ticks: usize,
     tick_phase: u64,
+    /// This node's clock rate, in millionths of real time.
+    clock_rate_ppm: u64,
     live: Option<LiveNode>,
-    /// The commit index persisted when the node crashed (for the compaction bound).
-    commit_index_at_crash: u64,
-    /// The node's commit index at each of the last steps (for the compaction bound).
-    recent_commit_indexes: VecDeque<u64>,
+    /// Core instances built so far (proposal ids must not repeat between them).
+    cores_built: u64,
 }
 
 fn small_storage_options() -> StorageOptions {
@@ -633,11 +951,34 @@ fn storage_failure(node_id: u64, what: &str, error: impl std::fmt::Display) -> S
     format!("node {node_id}: {what}: {error}")
 }
 
+fn discard_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
 impl SimNode {
+    fn raft_config(&self, chaos: &Chaos, read_lease_ms: u64) -> RaftConfig {
+        RaftConfig {
+            tick_interval_ms: TICK_INTERVAL_STEPS * STEP_MS,
+            election_ticks: ELECTION_TICKS,
+            heartbeat_ticks: HEARTBEAT_TICKS,
+            proposals_pending_max: 256,
+            mailbox_capacity: 1024,
+            log_keep_entries: chaos.log_keep_entries,
+            log_lag_entries_max: 64,
+            log_lag_bytes_max: 64 * 1024,
+            read_lease_ms,
+        }
+    }
+
+    fn now(&self, step: u64) -> LeaseInstant {
+        // Every clock starts an hour after boot, so that nothing is near zero.
+        let micros = step * STEP_MS * 1_000 * self.clock_rate_ppm / 1_000_000;
+        LeaseInstant::from_boot(Duration::from_secs(3_600) + Duration::from_micros(micros))
+    }
+
     /// Opens the node from its directory the way a server starts: RocksDB, bootstrap of a new
-    /// group, the state machine at its durable applied index, the commit index raised to it,
-    /// and a `RawNode` told that index as `applied`.
-    fn start(&mut self, voters: &[u64]) -> Checked<()> {
+    /// group, the state machine at its durable applied index, then the core.
+    fn start(&mut self, voters: &[u64], config: RaftConfig, step: u64) -> Checked<()> {
         let id = self.id;
         let db = open_db(&self.data_dir, &small_storage_options())
             .map_err(|error| storage_failure(id, "open RocksDB", error))?;
@@ -654,48 +995,74 @@ impl SimNode {
                 )
                 .map_err(|error| storage_failure(id, "bootstrap", error))?;
         }
-        let machine = StateMachine::open(db, &self.data_dir.join(IMAGES_DIRECTORY_NAME), GROUP_ID)
-            .map_err(|error| storage_failure(id, "open the state machine", error))?;
-        let applied_index = machine.applied_index();
-        // As `RaftActor::rebuild`: what the last run wrote counts as persisted from now on.
-        log_store
-            .sync_wal()
-            .map_err(|error| storage_failure(id, "sync the WAL", error))?;
-        let mut hard_state = log_store.hard_state();
-        if hard_state.commit < applied_index {
-            hard_state.commit = applied_index;
-            log_store
-                .persist_ready(&[], Some(&hard_state), true)
-                .map_err(|error| storage_failure(id, "persist the recovered commit", error))?;
-        }
-        let config = raft::Config {
-            id,
-            election_tick: self.election_ticks,
-            min_election_tick: self.election_ticks,
-            max_election_tick: self.election_ticks + 1,
-            heartbeat_tick: HEARTBEAT_TICKS,
-            applied: applied_index,
-            // Small limits, so that appends and committed batches get split.
-            max_size_per_msg: 8 * 1024,
-            max_inflight_msgs: 16,
-            max_committed_size_per_ready: 16 * 1024,
-            check_quorum: true,
-            pre_vote: true,
-            ..Default::default()
-        };
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let raw_node = RawNode::new(&config, log_store.clone(), &logger)
-            .map_err(|error| storage_failure(id, "start the raft node", error))?;
-        self.live = Some(LiveNode {
-            raw_node,
+        let machine =
+            StateMachine::open(db.clone(), &self.data_dir.join(IMAGES_DIRECTORY_NAME), GROUP_ID)
+                .map_err(|error| storage_failure(id, "open the state machine", error))?;
+        let applied_index = Arc::new(AtomicU64::new(machine.applied_index()));
+        log_store.set_applied_index_source(applied_index.clone());
+        let mut live = LiveNode {
+            core: None,
+            counters: CoreCounters::default(),
             log_store,
+            db,
             machine,
+            machine_generation: 0,
+            applied_index,
+            applied_wanted: Arc::new(AtomicU64::new(u64::MAX)),
+            read_gate: ReadGate::default(),
             apply_queue: VecDeque::new(),
-            pending_proposals: BTreeMap::new(),
-            persist_queue: PersistQueue::default(),
-            wal_sync_running: None,
-        });
+            wal_sync: None,
+            inbox: None,
+        };
+        self.build_core(&mut live, config, step);
+        self.live = Some(live);
         Ok(())
+    }
+
+    /// Builds the core from the log, as the Raft actor does at start and on every restart.
+    fn build_core(&mut self, live: &mut LiveNode, config: RaftConfig, step: u64) {
+        self.cores_built += 1;
+        let params = CoreParams {
+            group_id: GROUP_ID,
+            node_id: self.id,
+            config,
+            limits: RaftLimits {
+                // Small limits, so that appends and committed batches get split.
+                max_size_per_msg: 8 * 1024,
+                max_inflight_msgs: 16,
+                max_committed_size_per_ready: 16 * 1024,
+                election_tick_range: Some((self.election_ticks, self.election_ticks + 1)),
+            },
+            request_timeout: Duration::from_millis(REQUEST_TIMEOUT_STEPS * STEP_MS),
+            log_store: live.log_store.clone(),
+            applied_index: live.applied_index.clone(),
+            applied_wanted: live.applied_wanted.clone(),
+            read_gate: live.read_gate.clone(),
+            // Apart for every core any node builds in a run.
+            proposal_ids_from: (self.id << 56) | (self.cores_built << 40),
+            logger: discard_logger(),
+        };
+        live.wal_sync = None;
+        live.core = Some(RaftCore::new(params, live.counters, self.now(step)));
+    }
+}
+
+impl LiveNode {
+    fn core(&self) -> &Core {
+        self.core.as_ref().expect("the core is rebuilt within the step")
+    }
+
+    fn core_mut(&mut self) -> &mut Core {
+        self.core.as_mut().expect("the core is rebuilt within the step")
+    }
+
+    fn role(&self) -> StateRole {
+        self.core().raw_node().raft.state
+    }
+
+    fn hot_reader(&self, history: &History) -> Option<VolumeReader> {
+        self.machine
+            .reader(history.model.volume_id(VOLUMES[0].0)?)
     }
 }
 
@@ -708,30 +1075,36 @@ impl SimNode {
 struct RunSummary {
     trace_hash: u64,
     committed_entries: u64,
-    proposals: u64,
+    operations: u64,
     acknowledged: u64,
+    reads: u64,
+    failed: u64,
     terms_with_leader: u64,
     crashes: u64,
+    raft_restarts: u64,
+    storage_restarts: u64,
+    snapshots_installed: u64,
     messages_sent: u64,
     messages_dropped: u64,
-    compactions: u64,
 }
 
 struct Simulation {
     options: SimulationOptions,
     rng: SplitMix64,
     chaos: Chaos,
+    read_lease_ms: u64,
     network: Network,
     nodes: Vec<SimNode>,
     history: History,
     step: u64,
-    next_proposal_id: u64,
+    next_op_id: u64,
+    /// Per client: the operation in flight.
+    clients: Vec<Option<u64>>,
     crashes: u64,
-    compactions: u64,
+    raft_restarts: u64,
+    storage_restarts: u64,
+    snapshots_installed: u64,
     corruption_injected: bool,
-    /// How many steps of commit indexes [`Self::compaction_bound_index`] looks back: longer
-    /// than any message stays in flight.
-    commit_window_steps: u64,
     recent_events: VecDeque<String>,
     /// Keeps the node directories alive for the run.
     _root: tempfile::TempDir,
@@ -758,7 +1131,12 @@ impl Simulation {
     fn new(options: SimulationOptions) -> Checked<Self> {
         let mut rng = SplitMix64::new(options.seed);
         let chaos = Chaos::draw(&mut rng, options.crash_heavy);
-        let chaos_window_steps = chaos.delay_steps_max.max(Chaos::calm().delay_steps_max) + 2;
+        // One seed in three turns lease reads on, as long as the configuration allows.
+        let read_lease_ms = if rng.chance(1, 3) {
+            read_lease_ms_max(ELECTION_TICKS, TICK_INTERVAL_STEPS * STEP_MS)
+        } else {
+            0
+        };
         let network = Network {
             rng: rng.split(),
             in_flight: BTreeMap::new(),
@@ -769,47 +1147,67 @@ impl Simulation {
         };
         let root = simulation_root();
         // Distinct election timeouts per node, from the seed: 10..=19 ticks.
-        let mut election_ticks: Vec<usize> = (10..20).collect();
+        let mut election_ticks: Vec<usize> = (ELECTION_TICKS..ELECTION_TICKS + 10).collect();
         let mut nodes = Vec::new();
         for id in 1..=options.node_count {
             let pick = rng.below(election_ticks.len() as u64) as usize;
+            let clock_rate_ppm = if read_lease_ms > 0 {
+                rng.between(950_000, 1_050_000)
+            } else {
+                1_000_000
+            };
             nodes.push(SimNode {
                 id,
                 data_dir: root.path().join(format!("node-{id}")),
                 election_ticks: election_ticks.swap_remove(pick),
                 tick_phase: rng.below(TICK_INTERVAL_STEPS),
+                clock_rate_ppm,
                 live: None,
-                commit_index_at_crash: 0,
-                recent_commit_indexes: VecDeque::new(),
+                cores_built: 0,
             });
         }
         let mut simulation = Simulation {
             options,
             rng,
             chaos,
+            read_lease_ms,
             network,
             nodes,
             history: History::default(),
             step: 0,
-            next_proposal_id: 1,
+            next_op_id: 1,
+            clients: vec![None; CLIENTS as usize],
             crashes: 0,
-            compactions: 0,
+            raft_restarts: 0,
+            storage_restarts: 0,
+            snapshots_installed: 0,
             corruption_injected: false,
-            commit_window_steps: chaos_window_steps,
             recent_events: VecDeque::new(),
             _root: root,
         };
-        let voters = simulation.voters();
-        for node in &mut simulation.nodes {
-            node.start(&voters)?;
+        for index in 0..simulation.nodes.len() {
+            simulation.start_node(index)?;
         }
-        let election_ticks = simulation_election_ticks(&simulation);
-        simulation.event(|| format!("start: election ticks {election_ticks:?}"));
+        let election_ticks: Vec<usize> = simulation
+            .nodes
+            .iter()
+            .map(|node| node.election_ticks)
+            .collect();
+        let lease = simulation.read_lease_ms;
+        simulation.event(|| format!("start: election ticks {election_ticks:?}, lease {lease} ms"));
         Ok(simulation)
     }
 
     fn voters(&self) -> Vec<u64> {
         self.nodes.iter().map(|node| node.id).collect()
+    }
+
+    fn start_node(&mut self, index: usize) -> Checked<()> {
+        let voters = self.voters();
+        let config = self.nodes[index].raft_config(&self.chaos, self.read_lease_ms);
+        let step = self.step;
+        self.nodes[index].start(&voters, config, step)?;
+        self.run_effects(index)
     }
 
     fn event(&mut self, describe: impl FnOnce() -> String) {
@@ -826,68 +1224,72 @@ impl Simulation {
     fn run(&mut self) -> Checked<RunSummary> {
         while self.step < self.options.steps {
             self.chaos_events()?;
-            self.client_proposals();
+            self.client_requests()?;
             self.one_step()?;
         }
         self.heal_and_check_liveness()?;
         self.check_final_state()?;
+        self.history.check_registers()?;
         Ok(self.summary())
     }
 
     fn summary(&self) -> RunSummary {
+        let count = |wanted: fn(&OpResult) -> bool| {
+            self.history
+                .ops
+                .values()
+                .filter(|op| op.completed.as_ref().is_some_and(|(_, result)| wanted(result)))
+                .count() as u64
+        };
         RunSummary {
             trace_hash: self.history.trace.0,
             committed_entries: self.history.committed.len() as u64,
-            proposals: self.history.proposals.len() as u64,
-            acknowledged: self.history.acknowledged.len() as u64,
+            operations: self.history.ops.len() as u64,
+            acknowledged: count(|result| matches!(result, OpResult::Acknowledged { .. })),
+            reads: count(|result| matches!(result, OpResult::Read { .. })),
+            failed: count(|result| matches!(result, OpResult::Failed)),
             terms_with_leader: self.history.leader_by_term.len() as u64,
             crashes: self.crashes,
+            raft_restarts: self.raft_restarts,
+            storage_restarts: self.storage_restarts,
+            snapshots_installed: self.snapshots_installed,
             messages_sent: self.network.messages_sent,
             messages_dropped: self.network.messages_dropped,
-            compactions: self.compactions,
         }
     }
 
-    /// One step of virtual time: deliver, tick, apply, checkpoint, process every `Ready`,
+    fn live_mut(&mut self, index: usize) -> Option<&mut LiveNode> {
+        self.nodes[index].live.as_mut()
+    }
+
+    fn index_of(&self, id: u64) -> Option<usize> {
+        self.nodes.iter().position(|node| node.id == id)
+    }
+
+    /// One step of virtual time: deliver, tick, sync, apply, checkpoint, process every Ready,
     /// check.
     fn one_step(&mut self) -> Checked<()> {
-        let now = self.step;
-        for message in self.network.due(now) {
-            let to = message.to;
-            self.history.trace.u64(now);
-            self.history.trace.u64(message.from);
-            self.history.trace.u64(to);
-            self.history.trace.u64(message.get_msg_type() as u64);
-            self.history.trace.u64(message.term);
-            self.history.trace.u64(message.index);
-            if self.options.trace {
-                let description = describe_message(&message);
-                self.event(|| format!("deliver {description}"));
-            }
-            let Some(node) = self.node_mut(to) else {
-                continue;
-            };
-            let Some(live) = node.live.as_mut() else {
-                continue;
-            };
-            // Errors are messages raft-rs refuses (e.g. from a peer it does not know): nothing
-            // a server would do more than log.
-            let _ = live.raw_node.step(message);
+        let now_step = self.step;
+        let (due, lost) = self.network.due(now_step);
+        for packet in lost {
+            self.snapshot_transfer_ended(&packet.message, false)?;
+        }
+        for packet in due {
+            self.deliver(packet)?;
         }
         for index in 0..self.nodes.len() {
             if self.nodes[index].live.is_none() {
                 continue;
             }
-            if now % TICK_INTERVAL_STEPS == self.nodes[index].tick_phase {
-                if let Some(live) = self.nodes[index].live.as_mut() {
-                    live.raw_node.tick();
-                }
+            if now_step % TICK_INTERVAL_STEPS == self.nodes[index].tick_phase {
+                let now = self.nodes[index].now(now_step);
+                self.with_core(index, |core| core.tick(now))?;
             }
             self.process_ready(index)?;
             let sync_running = self.nodes[index]
                 .live
                 .as_ref()
-                .is_some_and(|live| live.wal_sync_running.is_some());
+                .is_some_and(|live| live.wal_sync.is_some());
             if sync_running
                 && self
                     .rng
@@ -907,145 +1309,318 @@ impl Simulation {
                 self.checkpoint(index)?;
             }
         }
+        self.retry_due_requests()?;
         self.check_leaders()?;
-        self.record_commit_indexes();
-        if now % LOG_SCAN_INTERVAL_STEPS == LOG_SCAN_INTERVAL_STEPS - 1 {
+        if now_step % LOG_SCAN_INTERVAL_STEPS == LOG_SCAN_INTERVAL_STEPS - 1 {
             self.scan_logs()?;
         }
         self.step += 1;
         Ok(())
     }
 
-    fn node_mut(&mut self, id: u64) -> Option<&mut SimNode> {
-        self.nodes.iter_mut().find(|node| node.id == id)
+    /// Runs `body` on the node's core and carries out its effects. A panic whose message says
+    /// the core asked for a restart (a snapshot install failed) restarts the Raft actor, as
+    /// its supervisor would; any other panic is a failure of the run.
+    fn with_core(&mut self, index: usize, body: impl FnOnce(&mut Core)) -> Checked<()> {
+        let Some(live) = self.live_mut(index) else {
+            return Ok(());
+        };
+        let core = live.core_mut();
+        let result = catch_unwind(AssertUnwindSafe(|| body(core)));
+        if let Err(panic) = result {
+            let message = panic_message(&*panic);
+            if !message.starts_with("installing the snapshot at") {
+                resume_unwind(panic);
+            }
+            let node_id = self.nodes[index].id;
+            self.event(|| format!("node {node_id} core panicked: {message}"));
+            self.restart_raft(index)?;
+            return Ok(());
+        }
+        self.run_effects(index)
     }
 
-    fn send_all(&mut self, messages: Vec<Message>) {
-        for message in messages {
-            if self.options.trace {
-                let description = describe_message(&message);
-                self.event(|| format!("send {description}"));
+    /// Carries out every effect the core queued, as the Raft actor does.
+    fn run_effects(&mut self, index: usize) -> Checked<()> {
+        loop {
+            let Some(live) = self.live_mut(index) else {
+                return Ok(());
+            };
+            let effects = live.core_mut().take_effects();
+            if effects.is_empty() {
+                return Ok(());
             }
-            self.network.send(self.step, &self.chaos, message);
+            for effect in effects {
+                self.carry_out(index, effect)?;
+            }
         }
     }
 
-    /// Drives the node's `Ready`s in the order of `RaftActor::process_ready`.
-    fn process_ready(&mut self, index: usize) -> Checked<()> {
+    fn carry_out(&mut self, index: usize, effect: Effect<Responder, Responder>) -> Checked<()> {
         let node_id = self.nodes[index].id;
-        for _ in 0..READY_ROUNDS_MAX {
-            let Some(live) = self.nodes[index].live.as_mut() else {
-                return Ok(());
-            };
-            if !live.raw_node.has_ready() {
-                return Ok(());
-            }
-            let mut ready = live.raw_node.ready();
-            let messages = ready.take_messages();
-            if !ready.snapshot().is_empty() {
-                return Err(format!(
-                    "node {node_id} was sent a snapshot at index {}; compaction must not need one",
-                    ready.snapshot().get_metadata().index
-                ));
-            }
-            let committed = ready.take_committed_entries();
-            let entries = ready.entries().clone();
-            let hard_state = ready.hs().cloned();
-            let must_sync = ready.must_sync();
-            self.send_all(messages);
-            self.deliver_committed(index, committed)?;
-            let live = self.nodes[index].live.as_mut().expect("checked above");
-            if !entries.is_empty() || hard_state.is_some() {
-                live.log_store
-                    .persist_ready(&entries, hard_state.as_ref(), false)
-                    .map_err(|error| storage_failure(node_id, "persist_ready", error))?;
-                for entry in &entries {
-                    let previous_term = if entry.index <= 1 {
-                        Some(0)
-                    } else {
-                        live.log_store.term(entry.index - 1).ok()
-                    };
-                    self.history
-                        .check_log_entry(node_id, entry, previous_term)?;
+        match effect {
+            Effect::Send(messages) => {
+                for message in messages {
+                    self.send(index, message)?;
                 }
             }
-            let live = self.nodes[index].live.as_mut().expect("checked above");
-            let number = ready.number();
-            let persisted_messages = ready.take_persisted_messages();
-            live.raw_node.advance_append_async(ready);
-            live.persist_queue
-                .written(number, must_sync, persisted_messages);
-            self.start_wal_sync(index);
+            Effect::Apply {
+                entries,
+                responders,
+            } => {
+                for entry in &entries {
+                    self.history
+                        .check_committed(node_id, entry, "was handed committed")?;
+                }
+                if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+                    let (first_index, last_index) = (first.index, last.index);
+                    self.event(|| format!("node {node_id} committed {first_index}..={last_index}"));
+                }
+                if let Some(live) = self.live_mut(index) {
+                    live.apply_queue.push_back((entries, responders));
+                }
+            }
+            Effect::ProposalFailed(responder, error) => {
+                self.attempt_failed(responder.op, responder.attempt, &error);
+            }
+            Effect::ReadAnswered(responder, result) => {
+                self.read_answered(index, responder, result)?
+            }
+            Effect::SyncWal { number, inline } => {
+                if let Some(live) = self.live_mut(index) {
+                    live.wal_sync = Some(number);
+                }
+                if inline {
+                    self.finish_wal_sync(index)?;
+                }
+            }
+            Effect::MembersChanged(_) => {}
         }
         Ok(())
     }
 
-    /// `RaftActor::start_wal_sync`: at most one sync per node; Readies that need none are
-    /// reported persisted at once when no sync runs.
-    fn start_wal_sync(&mut self, index: usize) {
-        let Some(live) = self.nodes[index].live.as_mut() else {
-            return;
-        };
-        if live.wal_sync_running.is_some() {
-            return;
+    /// Sends one message; a snapshot goes the way the peer transport takes it: the receiver
+    /// stages the sender's state first, and only a staged snapshot travels.
+    fn send(&mut self, index: usize, message: Message) -> Checked<()> {
+        if self.options.trace {
+            let description = describe_message(&message);
+            self.event(|| format!("send {description}"));
         }
-        let Some((number, needs_sync)) = live.persist_queue.take_unpersisted() else {
-            return;
-        };
-        if needs_sync {
-            live.wal_sync_running = Some(number);
-        } else {
-            self.on_persisted(index, number);
+        if message.get_msg_type() != MessageType::MsgSnapshot {
+            self.network.send(
+                self.step,
+                &self.chaos,
+                Packet {
+                    message,
+                    staged: None,
+                },
+            );
+            return Ok(());
         }
+        let staged = match self.stage_snapshot(index, &message) {
+            Ok(staged) => staged,
+            Err(reason) => {
+                self.event(|| format!("snapshot transfer to {} failed: {reason}", message.to));
+                return self.snapshot_transfer_ended(&message, false);
+            }
+        };
+        let for_report = message.clone();
+        let sent = self.network.send(
+            self.step,
+            &self.chaos,
+            Packet {
+                message,
+                staged: Some(staged),
+            },
+        );
+        if !sent {
+            self.snapshot_transfer_ended(&for_report, false)?;
+        }
+        Ok(())
     }
 
-    /// The running WAL sync returns: it covers every Ready written before it started.
-    fn finish_wal_sync(&mut self, index: usize) -> Checked<()> {
-        let node_id = self.nodes[index].id;
-        let Some(live) = self.nodes[index].live.as_mut() else {
+    /// Streams the sender's state machine into a staging area on the receiver, chunk by
+    /// chunk, through the shipping source and staging.
+    fn stage_snapshot(&mut self, index: usize, message: &Message) -> Result<StagedSnapshot, String> {
+        let to_index = self
+            .index_of(message.to)
+            .ok_or_else(|| format!("no node {}", message.to))?;
+        if self.nodes[to_index].live.is_none() {
+            return Err("the receiver is down".into());
+        }
+        let fail_at_chunk = self
+            .rng
+            .chance(self.chaos.snapshot_failure_per_million, 1_000_000)
+            .then(|| self.rng.below(4));
+        let images_dir = self.nodes[to_index].data_dir.join(IMAGES_DIRECTORY_NAME);
+        let live = self.nodes[index].live.as_ref().ok_or("the sender is down")?;
+        let mut source = live
+            .machine
+            .snapshot_source()
+            .map_err(|error| error.to_string())?;
+        let metadata = message.get_snapshot().get_metadata();
+        let mut staging = SnapshotStaging::begin(&images_dir, GROUP_ID, metadata.index)
+            .map_err(|error| error.to_string())?;
+        let mut chunks = 0u64;
+        while let Some(chunk) = source.next_chunk(4096).map_err(|error| error.to_string())? {
+            if fail_at_chunk == Some(chunks) {
+                return Err(format!("the connection broke after {chunks} chunks"));
+            }
+            staging.stage(&chunk).map_err(|error| error.to_string())?;
+            chunks += 1;
+        }
+        staging.finish().map_err(|error| error.to_string())
+    }
+
+    /// The sender's transport reports how a snapshot transfer ended.
+    fn snapshot_transfer_ended(&mut self, message: &Message, finished: bool) -> Checked<()> {
+        if message.get_msg_type() != MessageType::MsgSnapshot {
+            return Ok(());
+        }
+        let Some(from_index) = self.index_of(message.from) else {
             return Ok(());
         };
-        let Some(number) = live.wal_sync_running.take() else {
+        let to = message.to;
+        self.with_core(from_index, |core| core.report_snapshot(to, finished))
+    }
+
+    fn deliver(&mut self, packet: Packet) -> Checked<()> {
+        let Packet { message, staged } = packet;
+        self.history.trace.u64(self.step);
+        self.history.trace.u64(message.from);
+        self.history.trace.u64(message.to);
+        self.history.trace.u64(message.get_msg_type() as u64);
+        self.history.trace.u64(message.term);
+        self.history.trace.u64(message.index);
+        if self.options.trace {
+            let description = describe_message(&message);
+            self.event(|| format!("deliver {description}"));
+        }
+        let Some(index) = self.index_of(message.to) else {
+            return Ok(());
+        };
+        if self.nodes[index].live.is_none() {
+            return self.snapshot_transfer_ended(&message, false);
+        }
+        if let Some(staged) = staged {
+            let metadata = message.get_snapshot().get_metadata();
+            let slot = Some((metadata.index, metadata.term, staged));
+            if let Some(live) = self.live_mut(index) {
+                live.inbox = slot;
+            }
+            self.snapshot_transfer_ended(&message, true)?;
+        }
+        let now = self.nodes[index].now(self.step);
+        self.with_core(index, |core| core.step(message, now))
+    }
+
+    /// Drives the node's Readies as the Raft actor does, installing snapshots through the
+    /// state machine.
+    fn process_ready(&mut self, index: usize) -> Checked<()> {
+        for _ in 0..READY_ROUNDS_MAX {
+            let Some(live) = self.nodes[index].live.as_mut() else {
+                return Ok(());
+            };
+            if !live.core().wants_ready() {
+                return Ok(());
+            }
+            let now = self.nodes[index].now(self.step);
+            let node_id = self.nodes[index].id;
+            let mut installed = None;
+            let held;
+            {
+                let live = self.nodes[index].live.as_mut().expect("checked above");
+                let LiveNode {
+                    core,
+                    machine,
+                    log_store,
+                    inbox,
+                    applied_index,
+                    ..
+                } = live;
+                let core = core.as_mut().expect("the core is rebuilt within the step");
+                let mut install = |snapshot: &Snapshot| {
+                    install_snapshot(machine, log_store, inbox, applied_index, snapshot)
+                        .inspect(|_| installed = Some(snapshot.get_metadata().index))
+                };
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    core.process_ready(now, &mut install)
+                }));
+                match result {
+                    Ok(progress) => held = progress == ReadyProgress::WriteHeld,
+                    Err(panic) => {
+                        let message = panic_message(&*panic);
+                        if !message.starts_with("installing the snapshot at") {
+                            resume_unwind(panic);
+                        }
+                        self.event(|| format!("node {node_id} core panicked: {message}"));
+                        // The storage side reopens its state machine, as the storage actor
+                        // does after a failed install, and the Raft actor restarts.
+                        self.restart_storage(index)?;
+                        self.restart_raft(index)?;
+                        continue;
+                    }
+                }
+            }
+            if let Some(snapshot_index) = installed {
+                self.snapshots_installed += 1;
+                self.event(|| format!("node {node_id} installed a snapshot at {snapshot_index}"));
+                if let Some(live) = self.live_mut(index) {
+                    live.machine_generation += 1;
+                }
+            }
+            self.check_persisted_entries(index)?;
+            self.run_effects(index)?;
+            if held {
+                self.with_core(index, |core| core.write_held_ready())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Log Matching over the entries the node's log holds after a Ready: its newest ones.
+    fn check_persisted_entries(&mut self, index: usize) -> Checked<()> {
+        let node_id = self.nodes[index].id;
+        let Some(live) = self.nodes[index].live.as_ref() else {
+            return Ok(());
+        };
+        let store = &live.log_store;
+        let last_index = store.last_index().unwrap_or(0);
+        let first_index = store.first_index().unwrap_or(1).max(last_index.saturating_sub(7));
+        if last_index < first_index {
+            return Ok(());
+        }
+        let entries = store
+            .entries(first_index, last_index + 1, None, GetEntriesContext::empty(false))
+            .map_err(|error| storage_failure(node_id, "read the newest entries", error))?;
+        let mut previous_term = store.term(first_index - 1).ok();
+        for entry in &entries {
+            self.history
+                .check_log_entry(node_id, entry, previous_term)?;
+            previous_term = Some(entry.term);
+        }
+        Ok(())
+    }
+
+    /// The WAL sync in flight returns: the core reports its Readies persisted.
+    fn finish_wal_sync(&mut self, index: usize) -> Checked<()> {
+        let node_id = self.nodes[index].id;
+        let Some(live) = self.live_mut(index) else {
+            return Ok(());
+        };
+        let Some(number) = live.wal_sync.take() else {
             return Ok(());
         };
         live.log_store
             .sync_wal()
             .map_err(|error| storage_failure(node_id, "sync the WAL", error))?;
         self.event(|| format!("node {node_id} persisted Readies up to {number}"));
-        self.on_persisted(index, number);
-        self.start_wal_sync(index);
-        Ok(())
+        self.with_core(index, |core| core.wal_synced(number))
     }
 
-    fn on_persisted(&mut self, index: usize, number: u64) {
-        let Some(live) = self.nodes[index].live.as_mut() else {
-            return;
-        };
-        live.raw_node.on_persist_ready(number);
-        let released = live.persist_queue.persisted(number);
-        self.send_all(released);
-    }
-
-    /// Checks committed entries and queues them for the state machine.
-    fn deliver_committed(&mut self, index: usize, entries: Vec<Entry>) -> Checked<()> {
-        let node_id = self.nodes[index].id;
-        for entry in &entries {
-            self.history
-                .check_committed(node_id, entry, "was handed committed")?;
-        }
-        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-            let (first_index, last_index) = (first.index, last.index);
-            self.event(|| format!("node {node_id} committed {first_index}..={last_index}"));
-        }
-        if let Some(live) = self.nodes[index].live.as_mut() {
-            live.apply_queue.extend(entries);
-        }
-        Ok(())
-    }
-
-    /// Applies a random prefix of the apply queue, checks each outcome against the model, and
-    /// reports the applied index to raft-rs (what `RaftActor::sync_applied` does with the
-    /// index the storage actor publishes).
+    /// The storage side takes a random number of batches from its mailbox and applies them
+    /// through the storage actor's own path, publishes its applied index, and wakes the core
+    /// when it reached the index the core waits for.
     fn apply_some(&mut self, index: usize) -> Checked<()> {
         let node_id = self.nodes[index].id;
         let Some(live) = self.nodes[index].live.as_mut() else {
@@ -1055,139 +1630,65 @@ impl Simulation {
             return Ok(());
         }
         let count = self.rng.between(1, live.apply_queue.len() as u64) as usize;
-        let batch: Vec<Entry> = live.apply_queue.drain(..count).collect();
-        let commands: Vec<(u64, &[u8])> = batch
-            .iter()
-            .map(|entry| (entry.index, entry.data.as_ref()))
-            .collect();
-        let outcomes = live
-            .machine
-            .apply_batch(&commands)
-            .map_err(|error| storage_failure(node_id, "apply_batch", error))?;
-        for (entry, outcome) in batch.iter().zip(&outcomes) {
-            if *outcome == ApplyOutcome::AlreadyApplied {
-                continue;
-            }
-            let expected = self.history.expected_outcomes[(entry.index - 1) as usize];
-            if outcome_kind(outcome) != Some(expected) {
-                return Err(format!(
-                    "state machine safety: node {node_id} applied entry {} with outcome \
-                     {outcome:?}, the model expects {expected:?}",
-                    entry.index
-                ));
-            }
-            if entry.context.len() == 8 {
-                let mut id = [0u8; 8];
-                id.copy_from_slice(&entry.context);
-                let proposal_id = u64::from_be_bytes(id);
-                if live.pending_proposals.remove(&proposal_id).is_some() {
-                    self.history.acknowledged.insert(proposal_id, entry.index);
-                }
-            }
+        let mut replies = Vec::new();
+        for _ in 0..count {
+            let Some((entries, responders)) = live.apply_queue.pop_front() else {
+                break;
+            };
+            let indexed: Vec<(u64, (Responder, u64))> = responders
+                .into_iter()
+                .map(|(entry_index, responder)| (entry_index, (responder, entry_index)))
+                .collect();
+            let applied = apply_committed(&mut live.machine, &live.log_store, entries, indexed)
+                .map_err(|(error, _)| storage_failure(node_id, "apply", error))?;
+            replies.extend(applied.replies);
         }
         let applied_index = live.machine.applied_index();
-        live.raw_node.advance_apply_to(applied_index);
+        live.applied_index.store(applied_index, Ordering::SeqCst);
+        let wake = applied_index >= live.applied_wanted.load(Ordering::SeqCst);
+        for ((responder, entry_index), answer) in replies {
+            match answer {
+                Ok(outcome) => {
+                    let expected = self.history.expected_outcomes[(entry_index - 1) as usize];
+                    if outcome_kind(&outcome) != Some(expected) {
+                        return Err(format!(
+                            "state machine safety: node {node_id} applied entry {entry_index} \
+                             with outcome {outcome:?}, the model expects {expected:?}"
+                        ));
+                    }
+                    self.attempt_acknowledged(responder, entry_index);
+                }
+                Err(error) => self.attempt_failed(responder.op, responder.attempt, &error),
+            }
+        }
         self.history.trace.u64(node_id);
         self.history.trace.u64(applied_index);
         self.event(|| format!("node {node_id} applied up to {applied_index}"));
+        if wake {
+            self.with_core(index, |core| core.applied_published())?;
+        }
         Ok(())
     }
 
-    /// The commit index of every node now (the persisted one for a crashed node).
-    fn commit_indexes(&self) -> Vec<u64> {
-        self.nodes
-            .iter()
-            .map(|node| match &node.live {
-                Some(live) => live.raw_node.raft.raft_log.committed,
-                None => node.commit_index_at_crash,
-            })
-            .collect()
-    }
-
-    /// Remembers every node's commit index of the last steps (see
-    /// [`Self::compaction_bound_index`]).
-    fn record_commit_indexes(&mut self) {
-        let commit_indexes = self.commit_indexes();
-        let window_steps = self.commit_window_steps;
-        for (node, commit_index) in self.nodes.iter_mut().zip(commit_indexes) {
-            node.recent_commit_indexes.push_back(commit_index);
-            while node.recent_commit_indexes.len() as u64 > window_steps {
-                node.recent_commit_indexes.pop_front();
-            }
-        }
-    }
-
-    /// The highest index below which every node's log may be compacted without any follower
-    /// ever needing a snapshot. A leader sends a follower entries from its `next_idx` for that
-    /// follower, and needs the term of the entry before. That index is at least:
-    /// - the smallest commit index of any node (a new leader probes down to the follower's
-    ///   rejection hint, which is never below the follower's commit index);
-    /// - the smallest `matched` and `next_idx - 1` of any current leader (the follower may
-    ///   know a higher commit index while its acknowledgement was lost);
-    /// - the smallest commit index of any node over the last steps that a message can spend in
-    ///   flight: raft-rs's `Progress::maybe_decr_to` in the Probe state sets `next_idx` to a
-    ///   rejection's hint without clamping it to `matched + 1`, so a delayed or duplicated
-    ///   rejection moves `next_idx` back to the follower's commit index of when it was sent.
-    fn compaction_bound_index(&self) -> u64 {
-        let commit_indexes = self.commit_indexes().into_iter();
-        let recent_commit_indexes = self
-            .nodes
-            .iter()
-            .flat_map(|node| node.recent_commit_indexes.iter().copied());
-        let progress_indexes = self
-            .nodes
-            .iter()
-            .filter_map(|node| node.live.as_ref())
-            .filter(|live| live.raw_node.raft.state == StateRole::Leader)
-            .flat_map(|live| {
-                live.raw_node
-                    .raft
-                    .prs()
-                    .iter()
-                    .map(|(_, progress)| progress.matched.min(progress.next_idx.saturating_sub(1)))
-                    .collect::<Vec<u64>>()
-            });
-        commit_indexes
-            .chain(recent_commit_indexes)
-            .chain(progress_indexes)
-            .min()
-            .unwrap_or(0)
-    }
-
-    /// A checkpoint (`make_durable`) and then compaction, as `DurableApplied` does.
+    /// A checkpoint (`make_durable`), then the core compacts by its own policy.
     fn checkpoint(&mut self, index: usize) -> Checked<()> {
         let node_id = self.nodes[index].id;
-        let compaction_bound_index = self.compaction_bound_index();
-        let keep_entries = self.rng.below(8);
-        let Some(live) = self.nodes[index].live.as_mut() else {
+        let Some(live) = self.live_mut(index) else {
             return Ok(());
         };
         let durable_index = live
             .machine
             .make_durable()
             .map_err(|error| storage_failure(node_id, "make_durable", error))?;
-        let compact_index = durable_index
-            .saturating_sub(keep_entries)
-            .min(compaction_bound_index + 1);
-        let first_index = live.log_store.first_index().unwrap_or(1);
-        if compact_index > first_index {
-            live.log_store
-                .compact(compact_index)
-                .map_err(|error| storage_failure(node_id, "compact", error))?;
-            self.compactions += 1;
-            self.event(|| {
-                format!("node {node_id} durable {durable_index}, compacted below {compact_index}")
-            });
-        }
-        Ok(())
+        self.with_core(index, |core| core.durable_applied(durable_index))
     }
 
     fn check_leaders(&mut self) -> Checked<()> {
         for node in &self.nodes {
             if let Some(live) = &node.live {
-                if live.raw_node.raft.state == StateRole::Leader {
-                    self.history
-                        .check_leader(node.id, live.raw_node.raft.term)?;
+                let raft = &live.core().raw_node().raft;
+                if raft.state == StateRole::Leader {
+                    self.history.check_leader(node.id, raft.term)?;
                 }
             }
         }
@@ -1203,27 +1704,22 @@ impl Simulation {
                 continue;
             };
             // Unpersisted entries would make the stored log and the commit index disagree.
-            if live.raw_node.has_ready() {
+            if live.core().raw_node().has_ready() || live.wal_sync.is_some() {
                 continue;
             }
             let store = &live.log_store;
             let first_index = store.first_index().unwrap_or(1);
             let last_index = store.last_index().unwrap_or(0);
             let entries = store
-                .entries(
-                    first_index,
-                    last_index + 1,
-                    None,
-                    GetEntriesContext::empty(false),
-                )
+                .entries(first_index, last_index + 1, None, GetEntriesContext::empty(false))
                 .map_err(|error| storage_failure(node_id, "read the log back", error))?;
-            if entries.len() as u64 != last_index + 1 - first_index {
+            if entries.len() as u64 != (last_index + 1).saturating_sub(first_index) {
                 return Err(format!(
                     "node {node_id}: log {first_index}..={last_index} read back {} entries",
                     entries.len()
                 ));
             }
-            let commit_index = live.raw_node.raft.raft_log.committed;
+            let commit_index = live.core().raw_node().raft.raft_log.committed;
             let mut previous_term = store.term(first_index - 1).ok();
             for (position, entry) in entries.iter().enumerate() {
                 if entry.index != first_index + position as u64 {
@@ -1254,13 +1750,26 @@ impl Simulation {
             let index = self.rng.below(node_count) as usize;
             self.crash(index)?;
         }
+        if self.rng.chance(self.chaos.raft_restart_per_million, 1_000_000) {
+            let index = self.rng.below(node_count) as usize;
+            self.restart_raft(index)?;
+        }
+        if self
+            .rng
+            .chance(self.chaos.storage_restart_per_million, 1_000_000)
+        {
+            let index = self.rng.below(node_count) as usize;
+            self.restart_storage(index)?;
+        }
+        if self.rng.chance(self.chaos.transfer_per_million, 1_000_000) {
+            self.transfer_leadership()?;
+        }
         for index in 0..self.nodes.len() {
             if self.nodes[index].live.is_none()
                 && self.rng.chance(self.chaos.restart_per_million, 1_000_000)
             {
                 let node_id = self.nodes[index].id;
-                let voters = self.voters();
-                self.nodes[index].start(&voters)?;
+                self.start_node(index)?;
                 self.event(|| format!("node {node_id} restarted"));
             }
         }
@@ -1282,6 +1791,9 @@ impl Simulation {
         Ok(())
     }
 
+    /// The process dies: the core, the state machine, the mailbox, every RocksDB handle (the
+    /// database closes when the last one is dropped). Requests in flight there get no answer;
+    /// their clients reissue them.
     fn crash(&mut self, index: usize) -> Checked<()> {
         let node_id = self.nodes[index].id;
         let Some(live) = self.nodes[index].live.take() else {
@@ -1290,13 +1802,68 @@ impl Simulation {
         if self.options.fault == Some(Fault::AppendsNotDurable) {
             lose_entries_above_durable_applied_index(node_id, &live)?;
         }
-        self.nodes[index].commit_index_at_crash = live.log_store.hard_state().commit;
-        // Everything goes: the raft node, the state machine, the queue, every RocksDB handle
-        // (the database closes when the last one is dropped).
         drop(live);
         self.crashes += 1;
+        self.requests_lost_at(node_id);
         self.event(|| format!("node {node_id} crashed"));
         Ok(())
+    }
+
+    /// The Raft actor restarts alone: its core is rebuilt from RocksDB; the responders it held
+    /// are dropped (their callers retry); the storage side and its mailbox live on.
+    fn restart_raft(&mut self, index: usize) -> Checked<()> {
+        let node_id = self.nodes[index].id;
+        let config = self.nodes[index].raft_config(&self.chaos, self.read_lease_ms);
+        let step = self.step;
+        let Some(mut live) = self.nodes[index].live.take() else {
+            return Ok(());
+        };
+        if let Some(core) = live.core.take() {
+            live.counters = core.counters();
+        }
+        self.requests_lost_at(node_id);
+        self.nodes[index].build_core(&mut live, config, step);
+        self.nodes[index].live = Some(live);
+        self.raft_restarts += 1;
+        self.event(|| format!("node {node_id} Raft actor restarted"));
+        self.run_effects(index)
+    }
+
+    /// The storage actor restarts alone: its state machine is dropped (its readers retired)
+    /// and reopened from durable state; the core hands it again what it lost.
+    fn restart_storage(&mut self, index: usize) -> Checked<()> {
+        let node_id = self.nodes[index].id;
+        let images_dir = self.nodes[index].data_dir.join(IMAGES_DIRECTORY_NAME);
+        let Some(live) = self.live_mut(index) else {
+            return Ok(());
+        };
+        live.machine.retire_readers();
+        let machine = StateMachine::open(live.db.clone(), &images_dir, GROUP_ID)
+            .map_err(|error| storage_failure(node_id, "reopen the state machine", error))?;
+        live.machine = machine;
+        live.machine_generation += 1;
+        let applied_index = live.machine.applied_index();
+        live.applied_index.store(applied_index, Ordering::SeqCst);
+        self.storage_restarts += 1;
+        self.event(|| format!("node {node_id} storage actor restarted at {applied_index}"));
+        self.with_core(index, |core| core.storage_started(applied_index))
+    }
+
+    fn transfer_leadership(&mut self) -> Checked<()> {
+        let Some(leader) = self.nodes.iter().position(|node| {
+            node.live
+                .as_ref()
+                .is_some_and(|live| live.role() == StateRole::Leader)
+        }) else {
+            return Ok(());
+        };
+        let voters = self.voters();
+        let to = voters[self.rng.below(voters.len() as u64) as usize];
+        let leader_id = self.nodes[leader].id;
+        self.event(|| format!("leader {leader_id} asked to transfer to {to}"));
+        self.with_core(leader, |core| {
+            let _ = core.transfer_leader(to);
+        })
     }
 
     fn partition(&mut self) {
@@ -1352,12 +1919,7 @@ impl Simulation {
                 continue;
             }
             let mut entries = store
-                .entries(
-                    last_index,
-                    last_index + 1,
-                    None,
-                    GetEntriesContext::empty(false),
-                )
+                .entries(last_index, last_index + 1, None, GetEntriesContext::empty(false))
                 .map_err(|error| storage_failure(node.id, "read the newest entry", error))?;
             let Some(mut entry) = entries.pop() else {
                 continue;
@@ -1378,38 +1940,99 @@ impl Simulation {
         Ok(())
     }
 
-    fn client_proposals(&mut self) {
-        if !self.rng.chance(self.chaos.proposal_per_million, 1_000_000) {
-            return;
+    // -----------------------------------------------------------------------------------------
+    // Clients
+    // -----------------------------------------------------------------------------------------
+
+    /// Idle clients issue their next request.
+    fn client_requests(&mut self) -> Checked<()> {
+        for client in 0..CLIENTS {
+            if self.clients[client as usize].is_some()
+                || !self.rng.chance(self.chaos.request_per_million, 1_000_000)
+            {
+                continue;
+            }
+            let (kind, command) = self.random_request();
+            self.issue(client, kind, command)?;
         }
-        let index = self.rng.below(self.nodes.len() as u64) as usize;
-        if self.nodes[index].live.is_none() {
-            return;
-        }
-        let command = self.random_command();
-        self.propose(index, command);
+        Ok(())
     }
 
-    /// A command for the workload: create the volumes until they exist, then mostly writes,
-    /// some trims and zeroings, and a few out of range (rejected the same way everywhere).
-    fn random_command(&mut self) -> Vec<u8> {
+    fn issue(&mut self, client: u64, kind: OpKind, command: Bytes) -> Checked<u64> {
+        let id = self.next_op_id;
+        self.next_op_id += 1;
+        let command = match kind {
+            OpKind::Write { block } => {
+                let volume_id = self
+                    .history
+                    .model
+                    .volume_id(VOLUMES[0].0)
+                    .expect("hot writes are issued once the volume exists");
+                Bytes::from(encode_write_command(
+                    volume_id,
+                    0,
+                    block * HOT_BLOCK_BYTES as u64,
+                    &register_content(block, id),
+                ))
+            }
+            _ => command,
+        };
+        self.history.trace.u64(id);
+        self.history.ops.insert(
+            id,
+            Op {
+                id,
+                client,
+                kind: kind.clone(),
+                command,
+                invoked_step: self.step,
+                deadline_step: self.step + CLIENT_DEADLINE_STEPS,
+                attempt: 0,
+                attempt_node: None,
+                retry_at_step: None,
+                reader: None,
+                completed: None,
+            },
+        );
+        self.clients[client as usize] = Some(id);
+        self.event(|| format!("client {client} issues op {id}: {kind:?}"));
+        self.start_attempt(id)?;
+        Ok(id)
+    }
+
+    /// A request for the workload: create the volumes until they exist, then writes and reads
+    /// of the hot blocks, and other commands on the second volume: trims, zeroings, writes,
+    /// and a few out of range (rejected the same way everywhere).
+    fn random_request(&mut self) -> (OpKind, Bytes) {
         for (name, size_bytes, block_size_bytes) in VOLUMES {
             if self.history.model.volume_id(name).is_none() {
-                return encode_command(&Command::CreateVolume {
+                let command = encode_command(&Command::CreateVolume {
                     name,
                     size_bytes,
                     block_size_bytes,
                 });
+                return (OpKind::Other, Bytes::from(command));
             }
         }
-        let (name, size_bytes, _) = VOLUMES[self.rng.below(VOLUMES.len() as u64) as usize];
+        match self.rng.below(10) {
+            0..=3 => {
+                let block = self.rng.below(HOT_BLOCKS);
+                return (OpKind::Write { block }, Bytes::new());
+            }
+            4..=6 => {
+                let block = self.rng.below(HOT_BLOCKS);
+                return (OpKind::Read { block }, Bytes::new());
+            }
+            _ => {}
+        }
+        let (name, size_bytes, _) = VOLUMES[1];
         let volume_id = self.history.model.volume_id(name).expect("created above");
         let length = self.rng.between(1, 2048).min(size_bytes);
         let mut offset = self.rng.below(size_bytes - length + 1);
         if self.rng.chance(1, 50) {
             offset = size_bytes - length + 1;
         }
-        match self.rng.below(10) {
+        let command = match self.rng.below(5) {
             0 => encode_command(&Command::Trim {
                 volume_id,
                 writer_epoch: 0,
@@ -1432,37 +2055,204 @@ impl Simulation {
                 }
                 encode_write_command(volume_id, 0, offset, &data)
             }
+        };
+        (OpKind::Other, Bytes::from(command))
+    }
+
+    /// The node a client sends its next attempt to: the leader as some live node knows it
+    /// (a proxy follows the leader), else, or now and then anyway, any live node.
+    fn pick_node(&mut self) -> Option<usize> {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|index| self.nodes[*index].live.is_some())
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        if !self.rng.chance(1, 5) {
+            let known_leader = live.iter().find_map(|index| {
+                let leader_id = self.nodes[*index]
+                    .live
+                    .as_ref()
+                    .map(|node| node.core().raw_node().raft.leader_id)
+                    .unwrap_or(0);
+                self.index_of(leader_id)
+                    .filter(|leader| self.nodes[*leader].live.is_some())
+            });
+            if let Some(leader) = known_leader {
+                return Some(leader);
+            }
+        }
+        Some(live[self.rng.below(live.len() as u64) as usize])
+    }
+
+    fn start_attempt(&mut self, op_id: u64) -> Checked<()> {
+        let Some(index) = self.pick_node() else {
+            self.schedule_retry(op_id);
+            return Ok(());
+        };
+        let node_id = self.nodes[index].id;
+        let now = self.nodes[index].now(self.step);
+        let skip_barrier = self.options.fault == Some(Fault::ReadsSkipTheBarrier);
+        let op = self.history.ops.get_mut(&op_id).expect("issued");
+        op.attempt += 1;
+        op.attempt_node = Some(node_id);
+        op.retry_at_step = None;
+        let attempt = op.attempt;
+        let command = op.command.clone();
+        let kind = op.kind.clone();
+        self.event(|| format!("op {op_id} attempt {attempt} at node {node_id}"));
+        match kind {
+            OpKind::Read { .. } => {
+                // As an NBD session: the reader first, then the barrier, then the read.
+                let live = self.nodes[index].live.as_ref().expect("picked live");
+                let reader = live.hot_reader(&self.history);
+                self.history.ops.get_mut(&op_id).expect("issued").reader = reader;
+                let responder = Responder { op: op_id, attempt };
+                if skip_barrier {
+                    return self.read_answered(index, responder, Ok(()));
+                }
+                self.with_core(index, |core| core.read_barrier(responder, now))
+            }
+            _ => self.with_core(index, |core| {
+                core.propose(command, Responder { op: op_id, attempt }, now)
+            }),
         }
     }
 
-    /// Proposes through `step(MsgPropose)` with a unique id in the entry context, as the Raft
-    /// actor does; on a follower raft-rs forwards it to the leader.
-    fn propose(&mut self, index: usize, command: Vec<u8>) -> Option<u64> {
-        let node_id = self.nodes[index].id;
-        let proposal_id = self.next_proposal_id;
-        self.next_proposal_id += 1;
-        let data = Bytes::from(command);
-        let context = Bytes::copy_from_slice(&proposal_id.to_be_bytes());
-        let entry = Entry {
-            data: data.clone(),
-            context: context.clone(),
-            ..Default::default()
-        };
-        let digest = entry_digest(&entry);
-        let mut message = Message::default();
-        message.set_msg_type(MessageType::MsgPropose);
-        message.from = node_id;
-        message.set_entries(vec![entry].into());
-        let live = self.nodes[index].live.as_mut()?;
-        let accepted = live.raw_node.step(message).is_ok();
-        self.history.proposals.insert(proposal_id, digest);
-        self.history.trace.u64(proposal_id);
-        self.history.trace.u64(u64::from(accepted));
-        if accepted {
-            live.pending_proposals.insert(proposal_id, digest);
+    fn schedule_retry(&mut self, op_id: u64) {
+        let backoff = self.rng.between(5, 40);
+        let step = self.step;
+        let op = self.history.ops.get_mut(&op_id).expect("issued");
+        op.attempt_node = None;
+        op.reader = None;
+        if step + backoff >= op.deadline_step {
+            self.complete(op_id, OpResult::Failed);
+            return;
         }
-        self.event(|| format!("node {node_id} proposal {proposal_id} accepted: {accepted}"));
-        accepted.then_some(proposal_id)
+        op.retry_at_step = Some(step + backoff);
+    }
+
+    fn retry_due_requests(&mut self) -> Checked<()> {
+        let due: Vec<u64> = self
+            .clients
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|op_id| {
+                self.history.ops[op_id]
+                    .retry_at_step
+                    .is_some_and(|at| at <= self.step)
+            })
+            .collect();
+        for op_id in due {
+            self.start_attempt(op_id)?;
+        }
+        Ok(())
+    }
+
+    fn is_current(&self, op_id: u64, attempt: u64) -> bool {
+        self.history.ops.get(&op_id).is_some_and(|op| {
+            op.completed.is_none() && op.attempt == attempt && op.attempt_node.is_some()
+        })
+    }
+
+    fn attempt_failed(&mut self, op_id: u64, attempt: u64, error: &ProposalError) {
+        if !self.is_current(op_id, attempt) {
+            return;
+        }
+        self.event(|| format!("op {op_id} attempt {attempt} failed: {error}"));
+        self.schedule_retry(op_id);
+    }
+
+    fn attempt_acknowledged(&mut self, responder: Responder, index: u64) {
+        if !self.is_current(responder.op, responder.attempt) {
+            return;
+        }
+        self.complete(responder.op, OpResult::Acknowledged { index });
+    }
+
+    /// Every request whose attempt was at `node_id` lost its answer (the process or its Raft
+    /// actor died): its client times the attempt out and reissues it.
+    fn requests_lost_at(&mut self, node_id: u64) {
+        let lost: Vec<u64> = self
+            .clients
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|op_id| self.history.ops[op_id].attempt_node == Some(node_id))
+            .collect();
+        for op_id in lost {
+            self.schedule_retry(op_id);
+        }
+    }
+
+    /// A read's barrier was answered: read the block through the reader taken before it; a
+    /// reader of a state machine dropped meanwhile fails, and the read is reissued.
+    fn read_answered(
+        &mut self,
+        index: usize,
+        responder: Responder,
+        result: Result<(), ProposalError>,
+    ) -> Checked<()> {
+        let op_id = responder.op;
+        if !self.is_current(op_id, responder.attempt) {
+            return Ok(());
+        }
+        let op = &self.history.ops[&op_id];
+        let OpKind::Read { block } = op.kind else {
+            return Ok(());
+        };
+        if let Err(error) = result {
+            let attempt = op.attempt;
+            self.attempt_failed(op_id, attempt, &error);
+            return Ok(());
+        }
+        let Some(reader) = op.reader.clone() else {
+            // The volume did not exist on that node yet: reissue.
+            self.schedule_retry(op_id);
+            return Ok(());
+        };
+        let mut content = vec![0u8; HOT_BLOCK_BYTES];
+        if reader.read(block * HOT_BLOCK_BYTES as u64, &mut content).is_err() {
+            self.event(|| format!("op {op_id}: the reader was retired; read again"));
+            self.schedule_retry(op_id);
+            return Ok(());
+        }
+        let applied_index = self.nodes[index]
+            .live
+            .as_ref()
+            .map(|live| live.machine.applied_index())
+            .unwrap_or(0);
+        let Some(value) = register_value(block, &content) else {
+            return Err(format!(
+                "register: read {op_id} of block {block} at applied index {applied_index} \
+                 returned content no write produced"
+            ));
+        };
+        self.complete(
+            op_id,
+            OpResult::Read {
+                value,
+                applied_index,
+            },
+        );
+        Ok(())
+    }
+
+    fn complete(&mut self, op_id: u64, result: OpResult) {
+        let step = self.step;
+        let op = self.history.ops.get_mut(&op_id).expect("issued");
+        op.completed = Some((step, result.clone()));
+        op.attempt_node = None;
+        op.retry_at_step = None;
+        op.reader = None;
+        let client = op.client;
+        if self.clients[client as usize] == Some(op_id) {
+            self.clients[client as usize] = None;
+        }
+        self.history.trace.u64(op_id);
+        self.history.trace.u64(step);
+        self.event(|| format!("op {op_id} completed: {result:?}"));
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1470,59 +2260,47 @@ impl Simulation {
     // -----------------------------------------------------------------------------------------
 
     /// Heals everything and requires, within [`LIVENESS_TICKS_MAX`] ticks, a leader, a probe
-    /// proposal acknowledged, and every node applied up to the end of the committed log.
+    /// write acknowledged, every client request completed, and every node applied up to the
+    /// end of the committed log.
     fn heal_and_check_liveness(&mut self) -> Checked<()> {
         self.network.cut_links.clear();
-        self.chaos = Chaos::calm();
-        let voters = self.voters();
-        for node in &mut self.nodes {
-            if node.live.is_none() {
-                node.start(&voters)?;
+        self.chaos = Chaos::calm(self.chaos.log_keep_entries);
+        for index in 0..self.nodes.len() {
+            if self.nodes[index].live.is_none() {
+                self.start_node(index)?;
             }
         }
         self.event(|| "heal: every node up, network calm".to_string());
         let heal_step = self.step;
         let deadline_step = heal_step + LIVENESS_TICKS_MAX * TICK_INTERVAL_STEPS;
-        // (node index, proposal id, step proposed)
-        let mut probe: Option<(usize, u64, u64)> = None;
-        let mut leader_elected_step = None;
+        let mut probe: Option<u64> = None;
         while self.step < deadline_step {
             self.one_step()?;
-            let leader = self.nodes.iter().position(|node| {
-                node.live
-                    .as_ref()
-                    .is_some_and(|live| live.raw_node.raft.state == StateRole::Leader)
-            });
-            if let Some(leader) = leader {
-                leader_elected_step.get_or_insert(self.step);
-                // A probe proposed on the leader; again if it was not acknowledged in time (a
-                // proposal may be lost with a leader).
-                let probe_waiting = probe.is_some_and(|(_, proposal_id, proposed_step)| {
-                    self.history.acknowledged.contains_key(&proposal_id)
-                        || self.step < proposed_step + PROBE_RETRY_TICKS * TICK_INTERVAL_STEPS
-                });
-                if !probe_waiting {
-                    let command = match self.history.model.volume_id(VOLUMES[0].0) {
-                        Some(volume_id) => encode_write_command(volume_id, 0, 0, b"probe"),
-                        None => self.random_command(),
-                    };
-                    let step = self.step;
-                    probe = self
-                        .propose(leader, command)
-                        .map(|proposal_id| (leader, proposal_id, step));
-                }
+            let probe_done = probe.is_some_and(|op_id| self.history.ops[&op_id].completed.is_some());
+            let clients_idle = self.clients.iter().all(Option::is_none);
+            if probe.is_none() && clients_idle {
+                // Creates the volumes if the run never got to it, else writes a hot block.
+                let (kind, command) = match self.history.model.volume_id(VOLUMES[1].0) {
+                    Some(_) => (OpKind::Write { block: 0 }, Bytes::new()),
+                    None => self.random_request(),
+                };
+                probe = Some(self.issue(0, kind, command)?);
             }
-            let probe_acknowledged =
-                probe.is_some_and(|(_, id, _)| self.history.acknowledged.contains_key(&id));
             let committed_end = self.history.committed.len() as u64;
             let everyone_applied = self.nodes.iter().all(|node| {
                 node.live.as_ref().is_some_and(|live| {
                     live.machine.applied_index() == committed_end
-                        && live.raw_node.raft.raft_log.committed == committed_end
+                        && live.core().raw_node().raft.raft_log.committed == committed_end
                         && live.apply_queue.is_empty()
                 })
             });
-            if probe_acknowledged && everyone_applied {
+            if probe_done && clients_idle && everyone_applied {
+                let probe_result = &self.history.ops[&probe.expect("done")].completed;
+                if !matches!(probe_result, Some((_, OpResult::Acknowledged { .. }))) {
+                    return Err(format!(
+                        "liveness: the probe after the heal was not acknowledged: {probe_result:?}"
+                    ));
+                }
                 self.scan_logs()?;
                 return Ok(());
             }
@@ -1531,75 +2309,57 @@ impl Simulation {
             .nodes
             .iter()
             .map(|node| match &node.live {
-                Some(live) => format!(
-                    "node {}: {:?} term {} commit {} applied {} first {} last {} progress {:?}",
-                    node.id,
-                    live.raw_node.raft.state,
-                    live.raw_node.raft.term,
-                    live.raw_node.raft.raft_log.committed,
-                    live.machine.applied_index(),
-                    live.log_store.first_index().unwrap_or(0),
-                    live.log_store.last_index().unwrap_or(0),
-                    live.raw_node
-                        .raft
-                        .prs()
-                        .iter()
-                        .map(|(id, progress)| (
-                            *id,
-                            (progress.matched, progress.next_idx, progress.state)
-                        ))
-                        .collect::<BTreeMap<_, _>>()
-                ),
+                Some(live) => {
+                    let raft = &live.core().raw_node().raft;
+                    format!(
+                        "node {}: {:?} term {} commit {} applied {} first {} last {} progress {:?}",
+                        node.id,
+                        raft.state,
+                        raft.term,
+                        raft.raft_log.committed,
+                        live.machine.applied_index(),
+                        live.log_store.first_index().unwrap_or(0),
+                        live.log_store.last_index().unwrap_or(0),
+                        raft.prs()
+                            .iter()
+                            .map(|(id, progress)| (
+                                *id,
+                                (progress.matched, progress.next_idx, progress.state)
+                            ))
+                            .collect::<BTreeMap<_, _>>()
+                    )
+                }
                 None => format!("node {}: down", node.id),
             })
             .collect();
-        let mut needs_snapshot = Vec::new();
-        for node in &self.nodes {
-            let Some(live) = &node.live else { continue };
-            if live.raw_node.raft.state != StateRole::Leader {
-                continue;
-            }
-            let first_index = live.log_store.first_index().unwrap_or(1);
-            for (id, progress) in live.raw_node.raft.prs().iter() {
-                if progress.next_idx < first_index {
-                    needs_snapshot.push(format!(
-                        "leader {} needs entries from {} for node {id} but its log starts at \
-                         {first_index} (a snapshot would be needed)",
-                        node.id, progress.next_idx
-                    ));
-                }
-            }
-        }
+        let open: Vec<u64> = self.clients.iter().flatten().copied().collect();
         Err(format!(
-            "liveness: {}{LIVENESS_TICKS_MAX} ticks after the heal (leader first seen at step \
-             {leader_elected_step:?}, heal at step {heal_step}), the probe {probe:?} is not \
-             acknowledged on every node; committed log ends at {}; {}",
-            needs_snapshot
-                .iter()
-                .map(|text| format!("{text}; "))
-                .collect::<String>(),
+            "liveness: {LIVENESS_TICKS_MAX} ticks after the heal (at step {heal_step}), the probe \
+             {probe:?} or the requests {open:?} are not done or not applied everywhere; \
+             committed log ends at {}; {}",
             self.history.committed.len(),
             state.join("; ")
         ))
     }
 
     /// Identical replicas: every node's volumes read back exactly as the model says; every
-    /// acknowledged proposal is in the committed log where it was acknowledged.
+    /// acknowledged request is the committed entry at the index it was acknowledged with.
     fn check_final_state(&mut self) -> Checked<()> {
-        for (&proposal_id, &index) in &self.history.acknowledged {
+        for op in self.history.ops.values() {
+            let Some((_, OpResult::Acknowledged { index })) = &op.completed else {
+                continue;
+            };
             let committed = self
                 .history
                 .committed
                 .get((index - 1) as usize)
                 .ok_or_else(|| {
-                    format!(
-                        "proposal {proposal_id} acknowledged at {index}, beyond the committed log"
-                    )
+                    format!("op {} acknowledged at {index}, beyond the committed log", op.id)
                 })?;
-            let proposed_digest = self.history.proposals[&proposal_id];
-            if committed.digest != proposed_digest {
+            if committed.data_digest != data_digest(&op.command) {
                 return Err(format!(
-                    "acknowledged proposal {proposal_id} is not the committed entry {index}"
+                    "acknowledged request {} is not the committed entry {index}",
+                    op.id
                 ));
             }
         }
@@ -1643,12 +2403,42 @@ impl Simulation {
     }
 }
 
-fn simulation_election_ticks(simulation: &Simulation) -> Vec<usize> {
-    simulation
-        .nodes
-        .iter()
-        .map(|node| node.election_ticks)
-        .collect()
+/// The storage side's install of a snapshot a Ready carries (the storage actor's
+/// `InstallSnapshot`): the staged data the transport left, switched in durably.
+fn install_snapshot(
+    machine: &mut StateMachine,
+    log_store: &RaftLogStore,
+    inbox: &mut Option<(u64, u64, StagedSnapshot)>,
+    applied_index: &AtomicU64,
+    snapshot: &Snapshot,
+) -> Result<Vec<raftblk::config::MemberConfig>, String> {
+    let metadata = snapshot.get_metadata();
+    let staged = match inbox.take() {
+        Some((index, term, staged)) if index == metadata.index && term == metadata.term => staged,
+        other => {
+            *inbox = other;
+            return Err(format!(
+                "the snapshot at index {} term {} arrived without staged data",
+                metadata.index, metadata.term
+            ));
+        }
+    };
+    let members = SnapshotDescriptor::decode(snapshot.get_data())
+        .map_err(|error| format!("its descriptor is corrupt: {error}"))?
+        .members;
+    machine
+        .install_snapshot(staged, log_store, metadata, &members)
+        .map_err(|error| error.to_string())?;
+    applied_index.store(machine.applied_index(), Ordering::SeqCst);
+    Ok(members)
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// The broken node of [`Fault::AppendsNotDurable`]: its log loses every entry above its
@@ -1662,12 +2452,7 @@ fn lose_entries_above_durable_applied_index(node_id: u64, live: &LiveNode) -> Ch
         return Ok(());
     }
     let kept = store
-        .entries(
-            keep_index,
-            keep_index + 1,
-            None,
-            GetEntriesContext::empty(false),
-        )
+        .entries(keep_index, keep_index + 1, None, GetEntriesContext::empty(false))
         .map_err(|error| storage_failure(node_id, "read the entry to keep", error))?;
     let mut hard_state = store.hard_state();
     hard_state.commit = hard_state.commit.min(keep_index);
@@ -1710,21 +2495,14 @@ fn run_simulation(options: SimulationOptions) -> Result<RunSummary, String> {
     }));
     match result {
         Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
-                .unwrap_or_else(|| "a panic without a message".to_string());
-            Err(format!("seed {seed} panicked: {message}"))
-        }
+        Err(panic) => Err(format!("seed {seed} panicked: {}", panic_message(&*panic))),
     }
 }
 
 fn replay_hint(seed: u64) -> String {
     format!(
-        "replay: RAFTBLK_SIM_SEED={seed} RAFTBLK_SIM_TRACE=1 cargo test --release --test \
-         raft_simulation many_seeds -- --nocapture"
+        "replay: RAFTBLK_SIM_SEED={seed} RAFTBLK_SIM_TRACE=1 cargo test --release --features \
+         failpoints --test raft_simulation many_seeds -- --nocapture"
     )
 }
 
@@ -1733,8 +2511,9 @@ fn replay_hint(seed: u64) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Raft paper, Figure 3 (Election Safety, Log Matching, Leader Completeness, State Machine
-/// Safety) and section 5.4.1 ("Election restriction") under drops, delays, duplicates,
-/// partitions, crashes and compaction; then liveness after the heal and identical replicas.
+/// Safety) and per-block linearizability of the clients' history, under drops, delays,
+/// duplicates, partitions, process crashes, Raft and storage actor restarts, leader
+/// transfers, snapshots and compaction; then liveness after the heal and identical replicas.
 #[test]
 fn many_seeds_keep_every_invariant() {
     let seeds: Vec<u64> = match env_u64("RAFTBLK_SIM_SEED") {
@@ -1743,22 +2522,42 @@ fn many_seeds_keep_every_invariant() {
     };
     let started = Instant::now();
     let mut failures = Vec::new();
-    let mut totals = (0u64, 0u64, 0u64, 0u64);
+    let mut operations_checked = 0u64;
+    let mut totals = RunSummary {
+        trace_hash: 0,
+        committed_entries: 0,
+        operations: 0,
+        acknowledged: 0,
+        reads: 0,
+        failed: 0,
+        terms_with_leader: 0,
+        crashes: 0,
+        raft_restarts: 0,
+        storage_restarts: 0,
+        snapshots_installed: 0,
+        messages_sent: 0,
+        messages_dropped: 0,
+    };
     for &seed in &seeds {
         let options = SimulationOptions::new(seed);
         let seed_started = Instant::now();
         match run_simulation(options.clone()) {
             Ok(summary) => {
                 // The workload must have done something, or the checks prove nothing.
-                assert!(
-                    summary.committed_entries > 10 && summary.acknowledged > 0,
-                    "seed {seed}: too little happened: {summary:?}; {}",
-                    replay_hint(seed)
-                );
-                totals.0 += summary.committed_entries;
-                totals.1 += summary.acknowledged;
-                totals.2 += summary.crashes;
-                totals.3 += summary.compactions;
+                if summary.committed_entries <= 10 || summary.acknowledged == 0 {
+                    failures.push((seed, format!("too little happened: {summary:?}")));
+                    continue;
+                }
+                operations_checked += summary.acknowledged + summary.reads + summary.failed;
+                totals.committed_entries += summary.committed_entries;
+                totals.operations += summary.operations;
+                totals.acknowledged += summary.acknowledged;
+                totals.reads += summary.reads;
+                totals.failed += summary.failed;
+                totals.crashes += summary.crashes;
+                totals.raft_restarts += summary.raft_restarts;
+                totals.storage_restarts += summary.storage_restarts;
+                totals.snapshots_installed += summary.snapshots_installed;
                 if seeds.len() == 1 {
                     eprintln!(
                         "seed {seed} ({} nodes): {summary:?} in {:?}",
@@ -1774,14 +2573,24 @@ fn many_seeds_keep_every_invariant() {
         }
     }
     eprintln!(
-        "{} seeds in {:?}: {} committed entries, {} acknowledged proposals, {} crashes, {} \
-         compactions",
+        "{} seeds in {:?}: {} committed entries, {} writes and other requests acknowledged, {} \
+         reads, {} requests failed at their deadline, {} crashes, {} Raft actor restarts, {} \
+         storage actor restarts, {} snapshots installed",
         seeds.len(),
         started.elapsed(),
-        totals.0,
-        totals.1,
-        totals.2,
-        totals.3
+        totals.committed_entries,
+        totals.acknowledged,
+        totals.reads,
+        totals.failed,
+        totals.crashes,
+        totals.raft_restarts,
+        totals.storage_restarts,
+        totals.snapshots_installed
+    );
+    eprintln!(
+        "simulation: {} seeds, {operations_checked} client operations checked, {} violations",
+        seeds.len(),
+        failures.len()
     );
     assert!(
         failures.is_empty(),
@@ -1796,21 +2605,21 @@ fn many_seeds_keep_every_invariant() {
 }
 
 /// The simulation is deterministic: one seed, run twice, gives the same trace (every message
-/// delivered, every entry committed, every apply, every proposal, the final images).
+/// delivered, every entry committed, every apply, every request, the final images).
 #[test]
 fn the_same_seed_replays_the_same_trace() {
     for seed in [7, 11] {
         let mut options = SimulationOptions::new(seed);
-        options.steps = 1_500;
+        options.steps = 1_000;
         let first = run_simulation(options.clone()).unwrap_or_else(|failure| panic!("{failure}"));
         let second = run_simulation(options).unwrap_or_else(|failure| panic!("{failure}"));
         assert_eq!(first, second, "seed {seed} is not deterministic");
     }
     let mut options = SimulationOptions::new(8);
-    options.steps = 1_500;
+    options.steps = 1_000;
     let other = run_simulation(options).unwrap_or_else(|failure| panic!("{failure}"));
     let mut options = SimulationOptions::new(7);
-    options.steps = 1_500;
+    options.steps = 1_000;
     let seven = run_simulation(options).unwrap_or_else(|failure| panic!("{failure}"));
     assert_ne!(
         other.trace_hash, seven.trace_hash,
@@ -1831,6 +2640,31 @@ fn a_corrupted_log_entry_is_detected() {
         failure.contains("log matching") || failure.contains("committed entry changed"),
         "unexpected failure: {failure}"
     );
+}
+
+/// The register checker catches reads that skip the read barrier: some seed among a few
+/// must end in a stale read.
+#[test]
+fn reads_that_skip_the_barrier_are_caught_as_stale() {
+    let mut failures = Vec::new();
+    for seed in 1..=20 {
+        let mut options = SimulationOptions::new(seed);
+        options.fault = Some(Fault::ReadsSkipTheBarrier);
+        if let Err(failure) = run_simulation(options) {
+            failures.push((seed, failure));
+            break;
+        }
+    }
+    let Some((seed, failure)) = failures.pop() else {
+        panic!("20 seeds of reads without a barrier went unnoticed");
+    };
+    assert!(
+        failure.starts_with("register: stale read")
+            || failure.starts_with("register: read")
+                && failure.contains("the log's last write to it"),
+        "seed {seed} failed, but not as a stale read: {failure}"
+    );
+    eprintln!("reads without a barrier caught with seed {seed}: {failure}");
 }
 
 /// A node that acknowledges appends it has not made durable (Raft paper, section 5.3:
@@ -1863,12 +2697,13 @@ fn appends_lost_in_a_crash_are_detected() {
     // simulation's safety checks, or by raft-rs's own assertion that a follower was told to
     // commit past its last entry (the leader counted entries the follower had acknowledged
     // and then lost).
-    const SAFETY_CHECKS: [&str; 5] = [
+    const SAFETY_CHECKS: [&str; 6] = [
         "log matching",
         "committed entry changed",
         "election safety",
         "state machine safety",
-        "acknowledged proposal",
+        "acknowledged request",
+        "register",
     ];
     let by_a_safety_check = SAFETY_CHECKS.iter().any(|check| failure.starts_with(check));
     let by_raft_rs = failure.starts_with(&format!("seed {seed} panicked: to_commit "))
