@@ -389,19 +389,19 @@ impl Network {
     fn send(&mut self, now_step: u64, chaos: &Chaos, packet: Packet) -> bool {
         self.messages_sent += 1;
         let (from, to) = (packet.message.from, packet.message.to);
-        if self.cut_links.contains(&(from, to)) || self.rng.chance(chaos.drop_per_million, 1_000_000)
+        if self.cut_links.contains(&(from, to))
+            || self.rng.chance(chaos.drop_per_million, 1_000_000)
         {
             self.messages_dropped += 1;
             return false;
         }
         // A staged snapshot exists once; its message is never duplicated.
-        let copies = if packet.staged.is_none()
-            && self.rng.chance(chaos.duplicate_per_million, 1_000_000)
-        {
-            2
-        } else {
-            1
-        };
+        let copies =
+            if packet.staged.is_none() && self.rng.chance(chaos.duplicate_per_million, 1_000_000) {
+                2
+            } else {
+                1
+            };
         let mut packet = Some(packet);
         for copy in 0..copies {
             let delay = if self.rng.chance(chaos.long_delay_per_million, 1_000_000) {
@@ -817,9 +817,10 @@ impl History {
             checked += 1;
             match (&op.kind, result) {
                 (OpKind::Write { block }, OpResult::Acknowledged { index }) => {
-                    let landed = self.versions.get(block).is_some_and(|versions| {
-                        versions.contains(&(*index, op.id))
-                    });
+                    let landed = self
+                        .versions
+                        .get(block)
+                        .is_some_and(|versions| versions.contains(&(*index, op.id)));
                     if !landed {
                         return Err(format!(
                             "register: write {} to block {block} was acknowledged at index \
@@ -828,10 +829,13 @@ impl History {
                         ));
                     }
                 }
-                (OpKind::Read { block }, OpResult::Read {
-                    value,
-                    applied_index,
-                }) => {
+                (
+                    OpKind::Read { block },
+                    OpResult::Read {
+                        value,
+                        applied_index,
+                    },
+                ) => {
                     let (version_index, expected) = self.register_at(*block, *applied_index);
                     if *value != expected {
                         return Err(format!(
@@ -843,13 +847,14 @@ impl History {
                     }
                     // Every write acknowledged before the read was issued is visible.
                     for earlier in self.ops.values() {
-                        let (OpKind::Write { block: written }, Some((done, OpResult::Acknowledged { index }))) =
-                            (&earlier.kind, &earlier.completed)
+                        let (
+                            OpKind::Write { block: written },
+                            Some((done, OpResult::Acknowledged { index })),
+                        ) = (&earlier.kind, &earlier.completed)
                         else {
                             continue;
                         };
-                        if written == block && *done < op.invoked_step && index > applied_index
-                        {
+                        if written == block && *done < op.invoked_step && index > applied_index {
                             return Err(format!(
                                 "register: stale read: read {} of block {block} issued at step \
                                  {} read at applied index {applied_index}, but write {} was \
@@ -873,8 +878,10 @@ impl History {
                     continue;
                 };
                 for later in self.ops.values() {
-                    let (OpKind::Write { block: written }, Some((_, OpResult::Acknowledged { index }))) =
-                        (&later.kind, &later.completed)
+                    let (
+                        OpKind::Write { block: written },
+                        Some((_, OpResult::Acknowledged { index })),
+                    ) = (&later.kind, &later.completed)
                     else {
                         continue;
                     };
@@ -995,9 +1002,12 @@ impl SimNode {
                 )
                 .map_err(|error| storage_failure(id, "bootstrap", error))?;
         }
-        let machine =
-            StateMachine::open(db.clone(), &self.data_dir.join(IMAGES_DIRECTORY_NAME), GROUP_ID)
-                .map_err(|error| storage_failure(id, "open the state machine", error))?;
+        let machine = StateMachine::open(
+            db.clone(),
+            &self.data_dir.join(IMAGES_DIRECTORY_NAME),
+            GROUP_ID,
+        )
+        .map_err(|error| storage_failure(id, "open the state machine", error))?;
         let applied_index = Arc::new(AtomicU64::new(machine.applied_index()));
         log_store.set_applied_index_source(applied_index.clone());
         let mut live = LiveNode {
@@ -1039,7 +1049,6 @@ impl SimNode {
             applied_wanted: live.applied_wanted.clone(),
             read_gate: live.read_gate.clone(),
             // Apart for every core any node builds in a run.
-            proposal_ids_from: (self.id << 56) | (self.cores_built << 40),
             logger: discard_logger(),
         };
         live.wal_sync = None;
@@ -1049,11 +1058,15 @@ impl SimNode {
 
 impl LiveNode {
     fn core(&self) -> &Core {
-        self.core.as_ref().expect("the core is rebuilt within the step")
+        self.core
+            .as_ref()
+            .expect("the core is rebuilt within the step")
     }
 
     fn core_mut(&mut self) -> &mut Core {
-        self.core.as_mut().expect("the core is rebuilt within the step")
+        self.core
+            .as_mut()
+            .expect("the core is rebuilt within the step")
     }
 
     fn role(&self) -> StateRole {
@@ -1061,8 +1074,7 @@ impl LiveNode {
     }
 
     fn hot_reader(&self, history: &History) -> Option<VolumeReader> {
-        self.machine
-            .reader(history.model.volume_id(VOLUMES[0].0)?)
+        self.machine.reader(history.model.volume_id(VOLUMES[0].0)?)
     }
 }
 
@@ -1238,7 +1250,11 @@ impl Simulation {
             self.history
                 .ops
                 .values()
-                .filter(|op| op.completed.as_ref().is_some_and(|(_, result)| wanted(result)))
+                .filter(|op| {
+                    op.completed
+                        .as_ref()
+                        .is_some_and(|(_, result)| wanted(result))
+                })
                 .count() as u64
         };
         RunSummary {
@@ -1441,7 +1457,11 @@ impl Simulation {
 
     /// Streams the sender's state machine into a staging area on the receiver, chunk by
     /// chunk, through the shipping source and staging.
-    fn stage_snapshot(&mut self, index: usize, message: &Message) -> Result<StagedSnapshot, String> {
+    fn stage_snapshot(
+        &mut self,
+        index: usize,
+        message: &Message,
+    ) -> Result<StagedSnapshot, String> {
         let to_index = self
             .index_of(message.to)
             .ok_or_else(|| format!("no node {}", message.to))?;
@@ -1453,7 +1473,10 @@ impl Simulation {
             .chance(self.chaos.snapshot_failure_per_million, 1_000_000)
             .then(|| self.rng.below(4));
         let images_dir = self.nodes[to_index].data_dir.join(IMAGES_DIRECTORY_NAME);
-        let live = self.nodes[index].live.as_ref().ok_or("the sender is down")?;
+        let live = self.nodes[index]
+            .live
+            .as_ref()
+            .ok_or("the sender is down")?;
         let mut source = live
             .machine
             .snapshot_source()
@@ -1543,9 +1566,8 @@ impl Simulation {
                     install_snapshot(machine, log_store, inbox, applied_index, snapshot)
                         .inspect(|_| installed = Some(snapshot.get_metadata().index))
                 };
-                let result = catch_unwind(AssertUnwindSafe(|| {
-                    core.process_ready(now, &mut install)
-                }));
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| core.process_ready(now, &mut install)));
                 match result {
                     Ok(progress) => held = progress == ReadyProgress::WriteHeld,
                     Err(panic) => {
@@ -1586,12 +1608,20 @@ impl Simulation {
         };
         let store = &live.log_store;
         let last_index = store.last_index().unwrap_or(0);
-        let first_index = store.first_index().unwrap_or(1).max(last_index.saturating_sub(7));
+        let first_index = store
+            .first_index()
+            .unwrap_or(1)
+            .max(last_index.saturating_sub(7));
         if last_index < first_index {
             return Ok(());
         }
         let entries = store
-            .entries(first_index, last_index + 1, None, GetEntriesContext::empty(false))
+            .entries(
+                first_index,
+                last_index + 1,
+                None,
+                GetEntriesContext::empty(false),
+            )
             .map_err(|error| storage_failure(node_id, "read the newest entries", error))?;
         let mut previous_term = store.term(first_index - 1).ok();
         for entry in &entries {
@@ -1711,7 +1741,12 @@ impl Simulation {
             let first_index = store.first_index().unwrap_or(1);
             let last_index = store.last_index().unwrap_or(0);
             let entries = store
-                .entries(first_index, last_index + 1, None, GetEntriesContext::empty(false))
+                .entries(
+                    first_index,
+                    last_index + 1,
+                    None,
+                    GetEntriesContext::empty(false),
+                )
                 .map_err(|error| storage_failure(node_id, "read the log back", error))?;
             if entries.len() as u64 != (last_index + 1).saturating_sub(first_index) {
                 return Err(format!(
@@ -1750,7 +1785,10 @@ impl Simulation {
             let index = self.rng.below(node_count) as usize;
             self.crash(index)?;
         }
-        if self.rng.chance(self.chaos.raft_restart_per_million, 1_000_000) {
+        if self
+            .rng
+            .chance(self.chaos.raft_restart_per_million, 1_000_000)
+        {
             let index = self.rng.below(node_count) as usize;
             self.restart_raft(index)?;
         }
@@ -1919,7 +1957,12 @@ impl Simulation {
                 continue;
             }
             let mut entries = store
-                .entries(last_index, last_index + 1, None, GetEntriesContext::empty(false))
+                .entries(
+                    last_index,
+                    last_index + 1,
+                    None,
+                    GetEntriesContext::empty(false),
+                )
                 .map_err(|error| storage_failure(node.id, "read the newest entry", error))?;
             let Some(mut entry) = entries.pop() else {
                 continue;
@@ -2213,7 +2256,10 @@ impl Simulation {
             return Ok(());
         };
         let mut content = vec![0u8; HOT_BLOCK_BYTES];
-        if reader.read(block * HOT_BLOCK_BYTES as u64, &mut content).is_err() {
+        if reader
+            .read(block * HOT_BLOCK_BYTES as u64, &mut content)
+            .is_err()
+        {
             self.event(|| format!("op {op_id}: the reader was retired; read again"));
             self.schedule_retry(op_id);
             return Ok(());
@@ -2276,7 +2322,8 @@ impl Simulation {
         let mut probe: Option<u64> = None;
         while self.step < deadline_step {
             self.one_step()?;
-            let probe_done = probe.is_some_and(|op_id| self.history.ops[&op_id].completed.is_some());
+            let probe_done =
+                probe.is_some_and(|op_id| self.history.ops[&op_id].completed.is_some());
             let clients_idle = self.clients.iter().all(Option::is_none);
             if probe.is_none() && clients_idle {
                 // Creates the volumes if the run never got to it, else writes a hot block.
@@ -2354,7 +2401,10 @@ impl Simulation {
                 .committed
                 .get((index - 1) as usize)
                 .ok_or_else(|| {
-                    format!("op {} acknowledged at {index}, beyond the committed log", op.id)
+                    format!(
+                        "op {} acknowledged at {index}, beyond the committed log",
+                        op.id
+                    )
                 })?;
             if committed.data_digest != data_digest(&op.command) {
                 return Err(format!(
@@ -2452,7 +2502,12 @@ fn lose_entries_above_durable_applied_index(node_id: u64, live: &LiveNode) -> Ch
         return Ok(());
     }
     let kept = store
-        .entries(keep_index, keep_index + 1, None, GetEntriesContext::empty(false))
+        .entries(
+            keep_index,
+            keep_index + 1,
+            None,
+            GetEntriesContext::empty(false),
+        )
         .map_err(|error| storage_failure(node_id, "read the entry to keep", error))?;
     let mut hard_state = store.hard_state();
     hard_state.commit = hard_state.commit.min(keep_index);
@@ -2499,6 +2554,24 @@ fn run_simulation(options: SimulationOptions) -> Result<RunSummary, String> {
     }
 }
 
+/// A core asks for its own restart by panicking (a failed snapshot install), which the
+/// simulation catches like a supervisor; only other panics are worth printing.
+fn quiet_expected_panics() {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let expected = info
+                .payload()
+                .downcast_ref::<String>()
+                .is_some_and(|message| message.starts_with("installing the snapshot at"));
+            if !expected {
+                default(info);
+            }
+        }));
+    });
+}
+
 fn replay_hint(seed: u64) -> String {
     format!(
         "replay: RAFTBLK_SIM_SEED={seed} RAFTBLK_SIM_TRACE=1 cargo test --release --features \
@@ -2520,7 +2593,40 @@ fn many_seeds_keep_every_invariant() {
         Some(seed) => vec![seed],
         None => (1..=env_u64("RAFTBLK_SIM_SEEDS").unwrap_or(SEEDS_DEFAULT)).collect(),
     };
+    quiet_expected_panics();
     let started = Instant::now();
+    // Seeds are independent: run them on every core, and report them in seed order.
+    let threads = std::thread::available_parallelism()
+        .map(|count| count.get())
+        .unwrap_or(1)
+        .min(8);
+    let outcomes: Vec<(u64, SimulationOptions, Duration, Result<RunSummary, String>)> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|worker| {
+                    let seeds = &seeds;
+                    scope.spawn(move || {
+                        seeds
+                            .iter()
+                            .skip(worker)
+                            .step_by(threads)
+                            .map(|&seed| {
+                                let options = SimulationOptions::new(seed);
+                                let seed_started = Instant::now();
+                                let outcome = run_simulation(options.clone());
+                                (seed, options, seed_started.elapsed(), outcome)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut outcomes: Vec<_> = workers
+                .into_iter()
+                .flat_map(|worker| worker.join().expect("a simulation worker panicked"))
+                .collect();
+            outcomes.sort_by_key(|(seed, ..)| *seed);
+            outcomes
+        });
     let mut failures = Vec::new();
     let mut operations_checked = 0u64;
     let mut totals = RunSummary {
@@ -2538,10 +2644,8 @@ fn many_seeds_keep_every_invariant() {
         messages_sent: 0,
         messages_dropped: 0,
     };
-    for &seed in &seeds {
-        let options = SimulationOptions::new(seed);
-        let seed_started = Instant::now();
-        match run_simulation(options.clone()) {
+    for (seed, options, elapsed, outcome) in outcomes {
+        match outcome {
             Ok(summary) => {
                 // The workload must have done something, or the checks prove nothing.
                 if summary.committed_entries <= 10 || summary.acknowledged == 0 {
@@ -2560,9 +2664,8 @@ fn many_seeds_keep_every_invariant() {
                 totals.snapshots_installed += summary.snapshots_installed;
                 if seeds.len() == 1 {
                     eprintln!(
-                        "seed {seed} ({} nodes): {summary:?} in {:?}",
-                        options.node_count,
-                        seed_started.elapsed()
+                        "seed {seed} ({} nodes): {summary:?} in {elapsed:?}",
+                        options.node_count
                     );
                 }
             }

@@ -111,7 +111,6 @@ impl RaftActor {
             applied_index: self.params.applied_index.clone(),
             applied_wanted: self.params.applied_wanted.clone(),
             read_gate: self.params.read_gate.clone(),
-            proposal_ids_from: rand::random(),
             logger: self.params.supervision.logger.clone(),
         };
         self.core = Some(RaftCore::new(params, self.counters, LeaseInstant::now()));

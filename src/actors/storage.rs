@@ -27,9 +27,7 @@ use crate::config::StorageConfig;
 use crate::storage::apply::apply_committed;
 use crate::storage::raft_log::RaftLogStore;
 use crate::storage::snapshot::SnapshotSource;
-use crate::storage::state_machine::{
-    CheckpointTicket, StateMachine, VolumeInfo, VolumeReader,
-};
+use crate::storage::state_machine::{CheckpointTicket, StateMachine, VolumeInfo, VolumeReader};
 
 /// The volume table as seen by readers (NBD sessions, the handshake's export list, the control
 /// API): name → reader. Only the storage actor changes it.
@@ -541,8 +539,8 @@ mod tests {
     use super::*;
     use crate::actors::supervisor::{ActorKind, RestartCounters};
     use crate::storage::command::{encode_command, encode_write_command, Command};
-    use crate::storage::{open_db, StorageOptions};
     use crate::storage::state_machine::ApplyOutcome;
+    use crate::storage::{open_db, StorageOptions};
     use raft::prelude::{ConfState, Entry};
     use raft::Storage as _;
 

@@ -30,6 +30,23 @@
 //! barrier is a ReadIndex round through the leader, or the leader's lease (see
 //! [`super::lease`]). Each proposal's entry carries a [`ProposalContext`]; the stale-twin
 //! rule in [`super::entry`] decides what of it the state machine applies.
+//!
+//! Forwarded proposals. A caller told "retry" reissues its write, maybe through another node,
+//! and then goes on to later writes; so "retry" may only be said of a proposal that can no
+//! longer take effect after that. A leader's own proposal is in its log at once: a retry is
+//! appended after it, and a later term makes it a stale twin. A forwarded proposal is
+//! different: the message can arrive at the leader at any later time (a stalled connection)
+//! and be appended then, after the retry and after later writes. So:
+//! - a node's proposal ids only grow, across restarts too (reserved in the log store);
+//! - the leader drops a forwarded entry whose id is not above the highest id of its proposer
+//!   it has appended in its term ([`RaftCore::admit_forwarded`]): once a later proposal of a
+//!   node is in the leader's log, an earlier one that was not can never be appended in that
+//!   term, and in a later term it is a stale twin;
+//! - so when this node sees its own proposal delivered, every earlier own proposal of the
+//!   same term still pending can never take effect, and its caller is told to retry;
+//! - a forwarded proposal that has waited a retry interval is not failed but fenced: this
+//!   node proposes an empty entry (a fence), and its delivery, or a change of term, answers
+//!   the overdue proposal. A lost fence is followed by another one a retry interval later.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -135,11 +152,6 @@ pub struct CoreParams {
     /// the read gate), `u64::MAX` when nothing does, so the storage side wakes it only then.
     pub applied_wanted: Arc<AtomicU64>,
     pub read_gate: ReadGate,
-    /// The first proposal id less one. Ids must not repeat between the cores a node builds
-    /// while entries of the earlier ones may still commit (a pending proposal would be
-    /// answered with another's entry): the server draws it at random, a simulation from its
-    /// seed. A wall clock is no source: it can step back.
-    pub proposal_ids_from: u64,
     pub logger: slog::Logger,
 }
 
@@ -198,11 +210,17 @@ struct ReadRound<R> {
 }
 
 struct PendingProposal<P> {
-    responder: P,
+    /// `None` for a fence (see "Forwarded proposals" in the module doc).
+    responder: Option<P>,
     proposed_at: LeaseInstant,
     /// The term this node was in when it proposed; the entry must carry the same term.
     term: u64,
+    /// Proposed while this node did not lead: raft-rs forwarded it to the leader.
+    forwarded: bool,
 }
+
+/// Proposal ids reserved in the log store at a time (see `RaftLogStore::reserve_proposal_ids`).
+const PROPOSAL_IDS_RESERVED: u64 = 1 << 32;
 
 /// A follower further behind the leader's last index than this is reported as lagging.
 const REPLICA_LAG_WARNING_ENTRIES: u64 = 1024;
@@ -218,9 +236,17 @@ pub struct RaftCore<P, R> {
     pending_proposals: BTreeMap<u64, PendingProposal<P>>,
     /// Proposals received since the last Ready, stepped into raft-rs together (see
     /// [`RaftCore::step_proposal_batch`]).
-    proposal_batch: Vec<(Bytes, P)>,
+    proposal_batch: Vec<(Bytes, Option<P>)>,
     proposal_batch_bytes: usize,
     next_request_id: u64,
+    /// The end of the proposal ids reserved for this core.
+    request_ids_end: u64,
+    /// On the leader: the highest proposal id appended per proposing node in `term`, to drop
+    /// a forwarded proposal that arrives after a later one of its proposer (see "Forwarded
+    /// proposals" in the module doc).
+    forwarded_high: (u64, BTreeMap<u64, u64>),
+    /// When this node last proposed a fence.
+    fence_proposed_at: Option<LeaseInstant>,
     /// Read barriers not yet sent as a ReadIndex request.
     read_batch: Vec<R>,
     /// ReadIndex requests sent, keyed by their request context.
@@ -330,8 +356,15 @@ impl<P, R> RaftCore<P, R> {
         let mut lease = ReadLease::new(params.config.read_lease_ms);
         lease.carry_reads_served(counters.lease_reads);
         let role = node.raft.state;
+        let request_ids_from = match params.log_store.reserve_proposal_ids(PROPOSAL_IDS_RESERVED) {
+            Ok(first) => first,
+            Err(error) => panic!("cannot reserve proposal ids: {error}"),
+        };
         let mut core = RaftCore {
-            next_request_id: params.proposal_ids_from,
+            next_request_id: request_ids_from,
+            request_ids_end: request_ids_from + PROPOSAL_IDS_RESERVED,
+            forwarded_high: (0, BTreeMap::new()),
+            fence_proposed_at: None,
             params,
             node,
             effects: Vec::new(),
@@ -413,9 +446,25 @@ impl<P, R> RaftCore<P, R> {
         )
     }
 
+    /// A proposal (or read request) id: never handed out before on this node, and greater
+    /// than every earlier one.
     fn take_request_id(&mut self) -> u64 {
-        self.next_request_id = self.next_request_id.wrapping_add(1);
-        self.next_request_id
+        if self.next_request_id >= self.request_ids_end {
+            match self
+                .params
+                .log_store
+                .reserve_proposal_ids(PROPOSAL_IDS_RESERVED)
+            {
+                Ok(first) => {
+                    self.next_request_id = first;
+                    self.request_ids_end = first + PROPOSAL_IDS_RESERVED;
+                }
+                Err(error) => panic!("cannot reserve proposal ids: {error}"),
+            }
+        }
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        id
     }
 
     // -----------------------------------------------------------------------------------------
@@ -434,7 +483,7 @@ impl<P, R> RaftCore<P, R> {
             return;
         }
         self.proposal_batch_bytes += command.len();
-        self.proposal_batch.push((command, responder));
+        self.proposal_batch.push((command, Some(responder)));
         if self.proposal_batch_bytes as u64 >= self.params.limits.max_size_per_msg {
             self.step_proposal_batch(now);
         }
@@ -489,9 +538,10 @@ impl<P, R> RaftCore<P, R> {
                 self.pending_proposals.insert(
                     proposal_id,
                     PendingProposal {
-                        responder,
+                        responder: Some(responder),
                         proposed_at: now,
                         term,
+                        forwarded: false,
                     },
                 );
             }
@@ -577,12 +627,54 @@ impl<P, R> RaftCore<P, R> {
         if kind == MessageType::MsgTransferLeader {
             self.lease.transfer_started(term);
         }
+        let mut message = message;
+        if kind == MessageType::MsgPropose && !self.admit_forwarded(&mut message) {
+            return;
+        }
         if let Err(error) = self.node.step(message) {
             // Responses from removed members and the like: nothing to do.
             slog::debug!(self.params.logger, "peer message not stepped";
                 "from" => from, "type" => ?kind, "error" => %error);
         }
         self.after_input(role);
+    }
+
+    /// Drops the entries of a forwarded proposal that arrive after a later proposal of the
+    /// same node was appended in this term; false when none is left.
+    fn admit_forwarded(&mut self, message: &mut RaftMessage) -> bool {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            // raft-rs forwards it to the leader, which judges it.
+            return true;
+        }
+        let (term, high) = &mut self.forwarded_high;
+        if *term != raft.term {
+            *term = raft.term;
+            high.clear();
+        }
+        let entries: Vec<Entry> = message.take_entries().into();
+        let proposed = entries.len();
+        let admitted: Vec<Entry> = entries
+            .into_iter()
+            .filter(|entry| match ProposalContext::decode(&entry.context) {
+                Some(context) => {
+                    let newest = high.entry(context.node_id).or_insert(0);
+                    if context.proposal_id <= *newest {
+                        return false;
+                    }
+                    *newest = context.proposal_id;
+                    true
+                }
+                None => true,
+            })
+            .collect();
+        if admitted.len() < proposed {
+            slog::debug!(self.params.logger, "late forwarded proposals dropped";
+                "from" => message.from, "dropped" => proposed - admitted.len());
+        }
+        let any = !admitted.is_empty();
+        message.set_entries(admitted.into());
+        any
     }
 
     /// A tick of the Raft clock. Where leases are on, a tick delayed in a mailbox, or the
@@ -783,9 +875,10 @@ impl<P, R> RaftCore<P, R> {
         }
         let batch = std::mem::take(&mut self.proposal_batch);
         let term = self.node.raft.term;
-        if self.node.raft.state != StateRole::Leader && self.node.raft.leader_id == 0 {
+        let forwarded = self.node.raft.state != StateRole::Leader;
+        if forwarded && self.node.raft.leader_id == 0 {
             // No leader to forward to (an election is running): the callers retry.
-            for (_, responder) in batch {
+            for responder in batch.into_iter().filter_map(|(_, responder)| responder) {
                 self.effects
                     .push(Effect::ProposalFailed(responder, ProposalError::Dropped));
             }
@@ -822,6 +915,7 @@ impl<P, R> RaftCore<P, R> {
                             responder,
                             proposed_at: now,
                             term,
+                            forwarded,
                         },
                     );
                 }
@@ -830,7 +924,10 @@ impl<P, R> RaftCore<P, R> {
                 if !matches!(error, raft::Error::ProposalDropped) {
                     slog::warn!(self.params.logger, "proposal rejected"; "error" => %error);
                 }
-                for (_, responder) in responders {
+                for responder in responders
+                    .into_iter()
+                    .filter_map(|(_, responder)| responder)
+                {
                     self.effects
                         .push(Effect::ProposalFailed(responder, ProposalError::Dropped));
                 }
@@ -845,6 +942,8 @@ impl<P, R> RaftCore<P, R> {
         };
         let last_index = last.index;
         let mut responders = Vec::new();
+        // The newest own proposal delivered, by the term it was proposed in.
+        let mut newest_own: Option<ProposalContext> = None;
         for entry in &entries {
             let is_conf_change = matches!(
                 entry.get_entry_type(),
@@ -852,15 +951,15 @@ impl<P, R> RaftCore<P, R> {
             );
             if let Some(context) = ProposalContext::decode(&entry.context) {
                 if context.node_id == self.params.node_id {
-                    if let Some(pending) = self.pending_proposals.remove(&context.proposal_id) {
+                    newest_own = Some(context);
+                    let pending = self.pending_proposals.remove(&context.proposal_id);
+                    if let Some(responder) = pending.and_then(|pending| pending.responder) {
                         // A stale twin changes nothing (`entry`): its proposer retries.
                         if !is_conf_change && context.is_stale_in(entry) {
-                            self.effects.push(Effect::ProposalFailed(
-                                pending.responder,
-                                ProposalError::Dropped,
-                            ));
+                            self.effects
+                                .push(Effect::ProposalFailed(responder, ProposalError::Dropped));
                         } else {
-                            responders.push((entry.index, pending.responder));
+                            responders.push((entry.index, responder));
                         }
                     }
                 }
@@ -875,6 +974,28 @@ impl<P, R> RaftCore<P, R> {
             entries,
             responders,
         });
+        if let Some(newest) = newest_own {
+            self.overtaken_by(newest);
+        }
+    }
+
+    /// This node's proposal `newest` was delivered: every proposal of its own from the same
+    /// term with a lower id that is still pending can never take effect any more, so its
+    /// caller may retry (see "Forwarded proposals" in the module doc).
+    fn overtaken_by(&mut self, newest: ProposalContext) {
+        let overtaken: Vec<u64> = self
+            .pending_proposals
+            .range(..newest.proposal_id)
+            .filter(|(_, pending)| pending.term == newest.term)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overtaken {
+            let pending = self.pending_proposals.remove(&id);
+            if let Some(responder) = pending.and_then(|pending| pending.responder) {
+                self.effects
+                    .push(Effect::ProposalFailed(responder, ProposalError::Dropped));
+            }
+        }
     }
 
     fn apply_conf_change(&mut self, entry: &Entry, now: LeaseInstant) {
@@ -1168,29 +1289,38 @@ impl<P, R> RaftCore<P, R> {
     // Housekeeping
     // -----------------------------------------------------------------------------------------
 
-    /// Fails proposals and reads that waited too long so that their callers retry.
+    /// Fails proposals and reads that waited too long so that their callers retry. A
+    /// forwarded proposal that waited a retry interval is not failed but fenced: see
+    /// "Forwarded proposals" in the module doc.
     fn expire_waiters(&mut self, now: LeaseInstant) {
-        let is_leader = self.node.raft.state == StateRole::Leader;
-        // A leader's own proposal sits in its log and cannot get lost; a forwarded one can.
-        let proposal_timeout = if is_leader {
-            self.params.request_timeout
-        } else {
-            self.retry_interval()
-        };
         let timeout = self.retry_interval();
+        let request_timeout = self.params.request_timeout;
+        let term = self.node.raft.term;
         let expired: Vec<u64> = self
             .pending_proposals
             .iter()
-            .filter(|(_, pending)| pending.proposed_at.until(now) > proposal_timeout)
+            .filter(|(_, pending)| {
+                !pending.forwarded && pending.proposed_at.until(now) > request_timeout
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            if let Some(pending) = self.pending_proposals.remove(&id) {
-                self.effects.push(Effect::ProposalFailed(
-                    pending.responder,
-                    ProposalError::Dropped,
-                ));
+            let pending = self.pending_proposals.remove(&id);
+            if let Some(responder) = pending.and_then(|pending| pending.responder) {
+                self.effects
+                    .push(Effect::ProposalFailed(responder, ProposalError::Dropped));
             }
+        }
+        let forward_overdue = self.pending_proposals.values().any(|pending| {
+            pending.forwarded && pending.term == term && pending.proposed_at.until(now) > timeout
+        });
+        let fence_due = self
+            .fence_proposed_at
+            .is_none_or(|at| at.until(now) > timeout);
+        if forward_overdue && fence_due && self.node.raft.leader_id != 0 {
+            self.fence_proposed_at = Some(now);
+            self.proposal_batch.push((Bytes::new(), None));
+            slog::debug!(self.params.logger, "fencing overdue forwarded proposals"; "term" => term);
         }
         let effects = &mut self.effects;
         self.reads_in_progress.retain(|_, round| {
@@ -1255,11 +1385,10 @@ impl<P, R> RaftCore<P, R> {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            if let Some(pending) = self.pending_proposals.remove(&id) {
-                self.effects.push(Effect::ProposalFailed(
-                    pending.responder,
-                    ProposalError::Dropped,
-                ));
+            let pending = self.pending_proposals.remove(&id);
+            if let Some(responder) = pending.and_then(|pending| pending.responder) {
+                self.effects
+                    .push(Effect::ProposalFailed(responder, ProposalError::Dropped));
             }
         }
         for (_, round) in std::mem::take(&mut self.reads_in_progress) {
@@ -1507,7 +1636,6 @@ mod tests {
             applied_index: applied_index.clone(),
             applied_wanted: Arc::new(AtomicU64::new(u64::MAX)),
             read_gate: ReadGate::default(),
-            proposal_ids_from: 1000,
             logger: slog::Logger::root(slog::Discard, slog::o!()),
         };
         let core = RaftCore::new(params, CoreCounters::default(), at(0));
@@ -1577,9 +1705,7 @@ mod tests {
         let effects = harness.settle(at(0));
         harness.apply(&effects);
         assert_eq!(harness.core.raw_node().raft.state, StateRole::Leader);
-        harness
-            .core
-            .propose(Bytes::from_static(b"write"), 7, at(0));
+        harness.core.propose(Bytes::from_static(b"write"), 7, at(0));
         assert_eq!(
             harness.core.process_ready(at(0), &mut no_snapshot),
             ReadyProgress::Done
@@ -1601,6 +1727,66 @@ mod tests {
         let delivered = harness.apply(&effects);
         assert_eq!(delivered.len(), 1);
         assert_eq!(delivered[0].0, 7);
+    }
+
+    /// A forwarded proposal that reaches the leader after a later proposal of the same node
+    /// was appended is dropped, so that its proposer may tell its caller to retry.
+    #[test]
+    fn the_leader_drops_a_forwarded_proposal_that_arrives_after_a_later_one() {
+        let mut harness = harness(&[1], config());
+        let effects = harness.settle(at(0));
+        harness.apply(&effects);
+        let term = harness.core.raw_node().raft.term;
+        let forward = |proposal_id: u64| {
+            let context = ProposalContext {
+                node_id: 2,
+                proposal_id,
+                term,
+            };
+            let mut message = RaftMessage::default();
+            message.set_msg_type(MessageType::MsgPropose);
+            message.from = 2;
+            message.to = 1;
+            message.set_entries(
+                vec![Entry {
+                    data: Bytes::from_static(b"write"),
+                    context: context.encode(),
+                    ..Default::default()
+                }]
+                .into(),
+            );
+            message
+        };
+        let last_index = |harness: &Harness| harness.core.raw_node().raft.raft_log.last_index();
+        let before = last_index(&harness);
+        harness.core.step(forward(20), at(0));
+        assert_eq!(last_index(&harness), before + 1);
+        // Earlier (delayed) and repeated (duplicated) ones are dropped; later ones appended.
+        harness.core.step(forward(10), at(0));
+        harness.core.step(forward(20), at(0));
+        assert_eq!(last_index(&harness), before + 1);
+        harness.core.step(forward(21), at(0));
+        assert_eq!(last_index(&harness), before + 2);
+    }
+
+    #[test]
+    fn proposal_ids_grow_across_rebuilt_cores() {
+        let mut harness = harness(&[1], config());
+        let first = harness.core.take_request_id();
+        let params = CoreParams {
+            group_id: 1,
+            node_id: 1,
+            config: config(),
+            limits: RaftLimits::default(),
+            request_timeout: SECOND,
+            log_store: harness.core.params.log_store.clone(),
+            applied_index: harness.applied_index.clone(),
+            applied_wanted: Arc::new(AtomicU64::new(u64::MAX)),
+            read_gate: ReadGate::default(),
+            logger: slog::Logger::root(slog::Discard, slog::o!()),
+        };
+        let mut rebuilt: RaftCore<u64, u64> = RaftCore::new(params, CoreCounters::default(), at(1));
+        assert!(rebuilt.take_request_id() > first + 1);
     }
 
     #[test]
@@ -1630,9 +1816,7 @@ mod tests {
         // Three voters, the others silent: node 1 knows no leader.
         let mut harness = harness(&[1, 2, 3], config());
         harness.core.read_barrier(5, at(0));
-        harness
-            .core
-            .propose(Bytes::from_static(b"write"), 6, at(0));
+        harness.core.propose(Bytes::from_static(b"write"), 6, at(0));
         let effects = harness.settle(at(0));
         let reads: Vec<_> = effects
             .iter()
@@ -1657,9 +1841,7 @@ mod tests {
         let mut harness = harness(&[1], config());
         let effects = harness.settle(at(0));
         harness.apply(&effects);
-        harness
-            .core
-            .propose(Bytes::from_static(b"write"), 1, at(0));
+        harness.core.propose(Bytes::from_static(b"write"), 1, at(0));
         let effects = harness.settle(at(0));
         harness.core.read_barrier(9, at(0));
         let mut read_effects = harness.settle(at(0));
@@ -1712,10 +1894,11 @@ mod tests {
         single.set_change_type(raft::prelude::ConfChangeType::AddLearnerNode);
         single.node_id = 4;
         change.set_changes(vec![single].into());
-        let check: ConfChangeCheck = Box::new(|status: &RaftStatus| {
-            Err(format!("not now (term {})", status.term))
-        });
-        harness.core.propose_conf_change(change, Some(check), 3, at(0));
+        let check: ConfChangeCheck =
+            Box::new(|status: &RaftStatus| Err(format!("not now (term {})", status.term)));
+        harness
+            .core
+            .propose_conf_change(change, Some(check), 3, at(0));
         let refused: Vec<_> = harness
             .core
             .take_effects()
@@ -1727,7 +1910,10 @@ mod tests {
             .collect();
         assert_eq!(
             refused,
-            vec![(3, ProposalError::ConfChangeNotReady("not now (term 1)".into()))]
+            vec![(
+                3,
+                ProposalError::ConfChangeNotReady("not now (term 1)".into())
+            )]
         );
     }
 

@@ -32,6 +32,7 @@ const META_CONF_STATE: u8 = 0x02;
 const META_TRUNCATED_STATE: u8 = 0x03;
 const META_CONF_STATE_INDEX: u8 = 0x04;
 const META_MEMBERS: u8 = 0x05;
+const META_PROPOSAL_IDS: u8 = 0x06;
 const META_APPLIED_INDEX: u8 = 0x10;
 const META_VOLUME: u8 = 0x11;
 const META_SNAPSHOT_COVERED_INDEX: u8 = 0x12;
@@ -80,6 +81,12 @@ pub(crate) fn conf_state_index_key(group_id: u64) -> [u8; 9] {
 /// The member directory (addresses of every member), JSON, written with the conf state.
 pub(crate) fn members_key(group_id: u64) -> [u8; 9] {
     meta_key(group_id, META_MEMBERS)
+}
+
+/// The first proposal id no core of this node has been handed yet (see
+/// `RaftLogStore::reserve_proposal_ids`).
+pub(crate) fn proposal_ids_key(group_id: u64) -> [u8; 9] {
+    meta_key(group_id, META_PROPOSAL_IDS)
 }
 
 pub(crate) fn applied_index_key(group_id: u64) -> [u8; 9] {

@@ -640,6 +640,35 @@ impl RaftLogStore {
         Ok(snapshot)
     }
 
+    /// Reserves `count` proposal ids and returns the first: ids this node has never handed
+    /// out before, in any earlier run, so that a node's proposal ids only grow (the Raft
+    /// core's forwarding rules rely on it). The reservation is written with fsync before it is
+    /// used; a crash only skips ids.
+    pub fn reserve_proposal_ids(&self, count: u64) -> Result<u64, StorageError> {
+        let group_id = self.shared.group_id;
+        let db = &self.shared.db;
+        let _state = self.shared.state.write();
+        let meta = column_family(db, keys::CF_META)?;
+        let key = keys::proposal_ids_key(group_id);
+        let first = match db.get_pinned_cf(meta, key)? {
+            Some(bytes) => keys::decode_u64(&bytes).ok_or_else(|| StorageError::Corruption {
+                what: "proposal id reservation",
+                detail: format!("{} bytes", bytes.len()),
+            })?,
+            None => 1,
+        };
+        let next = first
+            .checked_add(count)
+            .ok_or_else(|| StorageError::Corruption {
+                what: "proposal id reservation",
+                detail: format!("{first} + {count} overflows"),
+            })?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, key, next.to_be_bytes());
+        db.write_opt(batch, &write_options(true))?;
+        Ok(first)
+    }
+
     /// The last persisted hard state.
     pub fn hard_state(&self) -> HardState {
         self.shared.state.read().hard_state.clone()
