@@ -752,6 +752,11 @@ impl<P, R> RaftCore<P, R> {
     /// The storage side made everything up to `index` durable: compact the log below it, as
     /// far as [`super::compaction`] allows.
     pub fn durable_applied(&mut self, index: u64) {
+        // raft-rs reads the entries after its applied index back (a campaign looks for
+        // unapplied conf changes in them, and panics if they are gone): take up the published
+        // applied index first, and never compact above what raft-rs was told.
+        self.applied_published();
+        let index = index.min(self.node.raft.raft_log.applied);
         let node_id = self.params.node_id;
         let raft = &self.node.raft;
         let followers = (raft.state == StateRole::Leader).then(|| {
