@@ -126,8 +126,10 @@ const READY_ROUNDS_MAX: usize = 32;
 /// Events kept for the failure report when tracing.
 const TRACE_EVENTS_MAX: usize = 40_000;
 /// How long a client keeps reissuing a request before it reports the failure (the proxy's
-/// request deadline, scaled to the simulated cluster).
-const CLIENT_DEADLINE_STEPS: u64 = 2_400;
+/// request deadline, scaled to the simulated cluster): drawn per run between these, 7 to 30
+/// election timeouts, so that long partitions make some requests fail.
+const CLIENT_DEADLINE_STEPS_MIN: u64 = 300;
+const CLIENT_DEADLINE_STEPS_MAX: u64 = 1_200;
 /// Clients (connections), each with one request at a time.
 const CLIENTS: u64 = 4;
 /// The hot set: registers are the first blocks of the first volume.
@@ -307,6 +309,7 @@ struct Chaos {
     snapshot_failure_per_million: u64,
     /// Entries kept below the durable applied index at compaction (the core's policy).
     log_keep_entries: u64,
+    client_deadline_steps: u64,
 }
 
 impl Chaos {
@@ -334,11 +337,13 @@ impl Chaos {
             wal_sync_done_per_million: rng.between(100_000, 900_000),
             snapshot_failure_per_million: [0, 100_000, 400_000][rng.below(3) as usize],
             log_keep_entries: [0, 2, 8, 64][rng.below(4) as usize],
+            client_deadline_steps: rng
+                .between(CLIENT_DEADLINE_STEPS_MIN, CLIENT_DEADLINE_STEPS_MAX),
         }
     }
 
     /// The world after the heal: nothing fails any more, and clients stop issuing requests.
-    fn calm(log_keep_entries: u64) -> Self {
+    fn calm(log_keep_entries: u64, client_deadline_steps: u64) -> Self {
         Chaos {
             drop_per_million: 0,
             duplicate_per_million: 0,
@@ -358,6 +363,7 @@ impl Chaos {
             wal_sync_done_per_million: 1_000_000,
             snapshot_failure_per_million: 0,
             log_keep_entries,
+            client_deadline_steps,
         }
     }
 }
@@ -2029,7 +2035,7 @@ impl Simulation {
                 kind: kind.clone(),
                 command,
                 invoked_step: self.step,
-                deadline_step: self.step + CLIENT_DEADLINE_STEPS,
+                deadline_step: self.step + self.chaos.client_deadline_steps,
                 attempt: 0,
                 attempt_node: None,
                 retry_at_step: None,
@@ -2310,7 +2316,10 @@ impl Simulation {
     /// end of the committed log.
     fn heal_and_check_liveness(&mut self) -> Checked<()> {
         self.network.cut_links.clear();
-        self.chaos = Chaos::calm(self.chaos.log_keep_entries);
+        self.chaos = Chaos::calm(
+            self.chaos.log_keep_entries,
+            self.chaos.client_deadline_steps,
+        );
         for index in 0..self.nodes.len() {
             if self.nodes[index].live.is_none() {
                 self.start_node(index)?;
