@@ -38,6 +38,12 @@
 //!   its readers retired, and it is reopened from durable state; the core re-delivers what it
 //!   lost);
 //! - the leader is asked to hand leadership to another voter;
+//! - membership changes as an operator makes them: a spare node is started empty to join and
+//!   added as a learner, a learner promoted (now and then replacing a voter in one joint
+//!   change), a voter of a group of more than three removed, each planned on the leader's live
+//!   status with the control API's own planning functions and proposed with their checks,
+//!   asked again while not ready; a removed node is stopped and wiped once the configuration
+//!   no longer names it;
 //! - where the seed turns lease reads on, every node's clock runs at its own rate within the
 //!   lease's stated assumptions (5 % either way);
 //! - clients, like a proxy's NBD connections, each issue one request at a time to the node
@@ -67,14 +73,12 @@
 //! - after the chaos ends (network healed, crashed nodes restarted): a leader is elected and a
 //!   probe write commits within a bounded number of ticks (liveness), every client request
 //!   completes, every node applies everything, every node's volumes read back exactly as the
-//!   model says (identical replicas), and every acknowledged write is the committed entry at
-//!   the index it was acknowledged with (no acknowledged write lost).
+//!   model says (identical replicas, on every node the configuration names), and every
+//!   acknowledged write is the committed entry at the index it was acknowledged with (no
+//!   acknowledged write lost).
 //!
-//! Membership changes are not simulated yet (the cluster tests drive them against real
-//! processes).
-//!
-//! Running it: `cargo test --release --test raft_simulation` runs the CI seeds and prints, as
-//! its last line, `simulation: N seeds, M client operations checked, 0 violations`. A failure
+//! Running it: `cargo test --release --features failpoints --test raft_simulation` runs the CI
+//! seeds (on every core) and prints, as its last line, `simulation: N seeds, M client operations checked, 0 violations`. A failure
 //! names its seed and the command that replays it: `RAFTBLK_SIM_SEED=<n>` replays only that
 //! seed (with `RAFTBLK_SIM_TRACE=1` and `-- --nocapture` it prints the last events),
 //! `RAFTBLK_SIM_SEEDS=<count>` runs more seeds, `RAFTBLK_SIM_STEPS=<n>` makes each run longer.
@@ -87,9 +91,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, Snapshot};
+use raft::prelude::{ConfState, Entry, Message, MessageType, Snapshot};
 use raft::{GetEntriesContext, StateRole, Storage as _};
-use raftblk::config::RaftConfig;
+use raftblk::config::{MemberConfig, RaftConfig};
+use raftblk::control::members::{plan_add_learner, plan_promote, plan_remove, Plan, PlanRefusal};
 use raftblk::raft::core::{
     CoreCounters, CoreParams, Effect, RaftCore, RaftLimits, ReadGate, ReadyProgress,
 };
@@ -135,9 +140,19 @@ const CLIENTS: u64 = 4;
 /// The hot set: registers are the first blocks of the first volume.
 const HOT_BLOCKS: u64 = 12;
 const HOT_BLOCK_BYTES: usize = 512;
+/// Nodes that are not members at the start: added as learners, promoted, removed again.
+const SPARE_NODES: u64 = 2;
+/// How long a membership change is tried before it is given up (its check may wait for a
+/// learner to catch up).
+const MEMBERSHIP_DEADLINE_STEPS: u64 = 1_500;
 /// How long a leader's own proposal may wait for its commit (the server's request timeout,
 /// scaled).
 const REQUEST_TIMEOUT_STEPS: u64 = 2_000;
+/// How long the proxy waits for an answer before it leaves the connection (and reattaches
+/// with a new epoch) and reissues the request elsewhere.
+const REPLY_TIMEOUT_STEPS: u64 = 400;
+/// The proxy's client id when it attaches the hot volume.
+const PROXY_CLIENT: &str = "sim-proxy";
 
 // ---------------------------------------------------------------------------------------------
 // Randomness and hashing
@@ -298,6 +313,7 @@ struct Chaos {
     raft_restart_per_million: u64,
     storage_restart_per_million: u64,
     transfer_per_million: u64,
+    membership_per_million: u64,
     partition_per_million: u64,
     heal_per_million: u64,
     request_per_million: u64,
@@ -329,6 +345,7 @@ impl Chaos {
             raft_restart_per_million: rng.between(0, 1_500),
             storage_restart_per_million: rng.between(0, 3_000),
             transfer_per_million: rng.between(0, 1_500),
+            membership_per_million: [0, 1_000, 4_000][rng.below(3) as usize],
             partition_per_million: rng.between(0, 3_000),
             heal_per_million: rng.between(2_000, 10_000),
             request_per_million: rng.between(100_000, 400_000),
@@ -355,6 +372,7 @@ impl Chaos {
             raft_restart_per_million: 0,
             storage_restart_per_million: 0,
             transfer_per_million: 0,
+            membership_per_million: 0,
             partition_per_million: 0,
             heal_per_million: 0,
             request_per_million: 0,
@@ -463,6 +481,8 @@ impl Network {
 enum ExpectedOutcome {
     Applied,
     VolumeCreated,
+    /// Attached, with this epoch.
+    Attached(u64),
     Rejected,
 }
 
@@ -470,6 +490,10 @@ fn outcome_kind(outcome: &ApplyOutcome) -> Option<ExpectedOutcome> {
     match outcome {
         ApplyOutcome::Applied => Some(ExpectedOutcome::Applied),
         ApplyOutcome::VolumeCreated(_) => Some(ExpectedOutcome::VolumeCreated),
+        ApplyOutcome::Attached(info) => info
+            .attachment
+            .as_ref()
+            .map(|attachment| ExpectedOutcome::Attached(attachment.epoch)),
         ApplyOutcome::Rejected(_) => Some(ExpectedOutcome::Rejected),
         // The simulation never deletes volumes; an unexpected outcome has no kind.
         _ => None,
@@ -479,6 +503,15 @@ fn outcome_kind(outcome: &ApplyOutcome) -> Option<ExpectedOutcome> {
 struct ModelVolume {
     name: String,
     data: Vec<u8>,
+    /// (client, epoch, attach id) of the read-write attachment: data commands must carry its
+    /// epoch (0 while unattached).
+    attachment: Option<(String, u64, Option<u64>)>,
+}
+
+impl ModelVolume {
+    fn admits(&self, writer_epoch: u64) -> bool {
+        writer_epoch == self.attachment.as_ref().map_or(0, |(_, epoch, _)| *epoch)
+    }
 }
 
 /// The volumes as the committed log says they must be: a plain byte vector per volume,
@@ -503,10 +536,17 @@ impl Model {
         let Ok(command) = decode_command(data) else {
             return ExpectedOutcome::Rejected;
         };
-        let zero = |volumes: &mut BTreeMap<u64, ModelVolume>, volume_id, offset: u64, length| {
+        let zero = |volumes: &mut BTreeMap<u64, ModelVolume>,
+                    volume_id,
+                    writer_epoch,
+                    offset: u64,
+                    length| {
             let Some(volume) = volumes.get_mut(&volume_id) else {
                 return ExpectedOutcome::Rejected;
             };
+            if !volume.admits(writer_epoch) {
+                return ExpectedOutcome::Rejected;
+            }
             match offset.checked_add(length) {
                 Some(end) if end <= volume.data.len() as u64 => {
                     volume.data[offset as usize..end as usize].fill(0);
@@ -527,19 +567,23 @@ impl Model {
                     ModelVolume {
                         name: name.to_string(),
                         data: vec![0; size_bytes as usize],
+                        attachment: None,
                     },
                 );
                 ExpectedOutcome::VolumeCreated
             }
             Command::Write {
                 volume_id,
+                writer_epoch,
                 offset,
                 data,
-                ..
             } => {
                 let Some(volume) = self.volumes.get_mut(&volume_id) else {
                     return ExpectedOutcome::Rejected;
                 };
+                if !volume.admits(writer_epoch) {
+                    return ExpectedOutcome::Rejected;
+                }
                 match offset.checked_add(data.len() as u64) {
                     Some(end) if end <= volume.data.len() as u64 => {
                         volume.data[offset as usize..end as usize].copy_from_slice(data);
@@ -548,22 +592,47 @@ impl Model {
                     _ => ExpectedOutcome::Rejected,
                 }
             }
-            // The simulation never attaches or resizes a volume.
-            Command::Attach { .. } | Command::Detach { .. } | Command::ResizeVolume { .. } => {
-                ExpectedOutcome::Rejected
+            Command::Attach {
+                name,
+                client,
+                force,
+                attach_id,
+            } => {
+                let Some(volume) = self.volumes.values_mut().find(|volume| volume.name == name)
+                else {
+                    return ExpectedOutcome::Rejected;
+                };
+                match &volume.attachment {
+                    // A retry of the request that made the current attachment.
+                    Some((holder, epoch, id))
+                        if attach_id.is_some() && holder == client && *id == attach_id =>
+                    {
+                        return ExpectedOutcome::Attached(*epoch);
+                    }
+                    Some((holder, _, _)) if holder != client && !force => {
+                        return ExpectedOutcome::Rejected;
+                    }
+                    _ if client.is_empty() => return ExpectedOutcome::Rejected,
+                    _ => {}
+                }
+                volume.attachment = Some((client.to_string(), index, attach_id));
+                ExpectedOutcome::Attached(index)
             }
+            // The simulation never detaches or resizes a volume.
+            Command::Detach { .. } | Command::ResizeVolume { .. } => ExpectedOutcome::Rejected,
             Command::Trim {
                 volume_id,
+                writer_epoch,
                 offset,
                 length,
-                ..
             }
             | Command::WriteZeroes {
                 volume_id,
+                writer_epoch,
                 offset,
                 length,
                 ..
-            } => zero(&mut self.volumes, volume_id, offset, length),
+            } => zero(&mut self.volumes, volume_id, writer_epoch, offset, length),
             // Not generated by the workload.
             Command::DeleteVolume { .. } => ExpectedOutcome::Rejected,
         }
@@ -630,6 +699,8 @@ enum OpKind {
     Read { block: u64 },
     /// Any other command (volume creation, trims, zeroings, other writes).
     Other,
+    /// The proxy attaching the hot volume (a new epoch).
+    Attach,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -652,6 +723,7 @@ struct Op {
     /// The attempt in flight: its number and node, or when the next one starts.
     attempt: u64,
     attempt_node: Option<u64>,
+    attempt_started_step: u64,
     retry_at_step: Option<u64>,
     /// A read's reader, taken before its barrier (as an NBD session does).
     reader: Option<VolumeReader>,
@@ -755,12 +827,6 @@ impl History {
                 ));
             }
             return Ok(());
-        }
-        if entry.get_entry_type() != EntryType::EntryNormal {
-            return Err(format!(
-                "node {node_id} {what} a configuration change at {}; none was proposed",
-                entry.index
-            ));
         }
         self.trace.u64(entry.index);
         self.trace.u64(entry.term);
@@ -948,8 +1014,15 @@ struct SimNode {
     /// This node's clock rate, in millionths of real time.
     clock_rate_ppm: u64,
     live: Option<LiveNode>,
-    /// Core instances built so far (proposal ids must not repeat between them).
-    cores_built: u64,
+    /// Whether the node should run: an initial voter, or a node added to the group (set
+    /// when it is started to join, cleared when it is removed).
+    member: bool,
+    /// Whether the node bootstraps the group (an initial voter) or joins it empty.
+    bootstraps: bool,
+    /// Removed from the group and wiped. Its id is never added again: a member that still
+    /// has the old node's progress (its removal committed but not yet applied there) would
+    /// send a new, empty node a commit index beyond its log.
+    retired: bool,
 }
 
 fn small_storage_options() -> StorageOptions {
@@ -992,12 +1065,14 @@ impl SimNode {
     /// Opens the node from its directory the way a server starts: RocksDB, bootstrap of a new
     /// group, the state machine at its durable applied index, then the core.
     fn start(&mut self, voters: &[u64], config: RaftConfig, step: u64) -> Checked<()> {
+        // A node that joins starts with no voters, as a server started to join does: the
+        // leader's snapshot brings the configuration.
         let id = self.id;
         let db = open_db(&self.data_dir, &small_storage_options())
             .map_err(|error| storage_failure(id, "open RocksDB", error))?;
         let log_store = RaftLogStore::open(db.clone(), GROUP_ID)
             .map_err(|error| storage_failure(id, "open the log", error))?;
-        if !log_store.is_bootstrapped() {
+        if !log_store.is_bootstrapped() && self.bootstraps {
             log_store
                 .bootstrap(
                     ConfState {
@@ -1037,7 +1112,6 @@ impl SimNode {
 
     /// Builds the core from the log, as the Raft actor does at start and on every restart.
     fn build_core(&mut self, live: &mut LiveNode, config: RaftConfig, step: u64) {
-        self.cores_built += 1;
         let params = CoreParams {
             group_id: GROUP_ID,
             node_id: self.id,
@@ -1079,6 +1153,15 @@ impl LiveNode {
         self.core().raw_node().raft.state
     }
 
+    /// Whether this node's configuration names `id` (voter, learner or outgoing voter).
+    fn configuration_names(&self, id: u64) -> bool {
+        let conf = self.core().raw_node().raft.prs().conf().to_conf_state();
+        conf.voters.contains(&id)
+            || conf.learners.contains(&id)
+            || conf.voters_outgoing.contains(&id)
+            || conf.learners_next.contains(&id)
+    }
+
     fn hot_reader(&self, history: &History) -> Option<VolumeReader> {
         self.machine.reader(history.model.volume_id(VOLUMES[0].0)?)
     }
@@ -1102,8 +1185,40 @@ struct RunSummary {
     raft_restarts: u64,
     storage_restarts: u64,
     snapshots_installed: u64,
+    membership_changes: u64,
     messages_sent: u64,
     messages_dropped: u64,
+}
+
+/// The proxy's attachment of the hot volume, as `raftblk proxy` keeps it: writes carry its
+/// epoch; when it loses a connection (the server died, or an answer took longer than its reply
+/// timeout) it attaches again, so that requests still in flight on the old connection can never
+/// be applied after the ones it reissues, and reissues them with the new epoch.
+#[derive(Default)]
+struct SimProxy {
+    epoch: u64,
+    attached: bool,
+    /// The attach request in flight.
+    attach_op: Option<u64>,
+    attach_ids: u64,
+}
+
+/// A membership change an operator asks for, planned with the control API's own functions and
+/// reissued until its deadline.
+#[derive(Clone, Debug)]
+enum MembershipKind {
+    AddLearner(u64),
+    Promote { id: u64, replace: Option<u64> },
+    Remove(u64),
+}
+
+struct MembershipOp {
+    op: u64,
+    kind: MembershipKind,
+    attempt: u64,
+    attempt_node: Option<u64>,
+    retry_at_step: Option<u64>,
+    deadline_step: u64,
 }
 
 struct Simulation {
@@ -1118,6 +1233,14 @@ struct Simulation {
     next_op_id: u64,
     /// Per client: the operation in flight.
     clients: Vec<Option<u64>>,
+    /// The proxy all clients go through: its attachment of the hot volume.
+    proxy: SimProxy,
+    /// The membership change in progress.
+    membership: Option<MembershipOp>,
+    membership_changes: u64,
+    /// Nodes whose removal was acknowledged (with the index), stopped and wiped once the
+    /// leader's configuration no longer names them.
+    retiring: BTreeMap<u64, u64>,
     crashes: u64,
     raft_restarts: u64,
     storage_restarts: u64,
@@ -1167,7 +1290,7 @@ impl Simulation {
         // Distinct election timeouts per node, from the seed: 10..=19 ticks.
         let mut election_ticks: Vec<usize> = (ELECTION_TICKS..ELECTION_TICKS + 10).collect();
         let mut nodes = Vec::new();
-        for id in 1..=options.node_count {
+        for id in 1..=options.node_count + SPARE_NODES {
             let pick = rng.below(election_ticks.len() as u64) as usize;
             let clock_rate_ppm = if read_lease_ms > 0 {
                 rng.between(950_000, 1_050_000)
@@ -1181,7 +1304,9 @@ impl Simulation {
                 tick_phase: rng.below(TICK_INTERVAL_STEPS),
                 clock_rate_ppm,
                 live: None,
-                cores_built: 0,
+                member: id <= options.node_count,
+                bootstraps: id <= options.node_count,
+                retired: false,
             });
         }
         let mut simulation = Simulation {
@@ -1195,6 +1320,10 @@ impl Simulation {
             step: 0,
             next_op_id: 1,
             clients: vec![None; CLIENTS as usize],
+            proxy: SimProxy::default(),
+            membership: None,
+            membership_changes: 0,
+            retiring: BTreeMap::new(),
             crashes: 0,
             raft_restarts: 0,
             storage_restarts: 0,
@@ -1204,7 +1333,9 @@ impl Simulation {
             _root: root,
         };
         for index in 0..simulation.nodes.len() {
-            simulation.start_node(index)?;
+            if simulation.nodes[index].member {
+                simulation.start_node(index)?;
+            }
         }
         let election_ticks: Vec<usize> = simulation
             .nodes
@@ -1216,7 +1347,16 @@ impl Simulation {
         Ok(simulation)
     }
 
+    /// The voters the group is bootstrapped with.
     fn voters(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|node| node.bootstraps)
+            .map(|node| node.id)
+            .collect()
+    }
+
+    fn node_ids(&self) -> Vec<u64> {
         self.nodes.iter().map(|node| node.id).collect()
     }
 
@@ -1275,6 +1415,7 @@ impl Simulation {
             raft_restarts: self.raft_restarts,
             storage_restarts: self.storage_restarts,
             snapshots_installed: self.snapshots_installed,
+            membership_changes: self.membership_changes,
             messages_sent: self.network.messages_sent,
             messages_dropped: self.network.messages_dropped,
         }
@@ -1692,6 +1833,23 @@ impl Simulation {
                              with outcome {outcome:?}, the model expects {expected:?}"
                         ));
                     }
+                    if self.proxy.attach_op == Some(responder.op)
+                        && self.is_current(responder.op, responder.attempt)
+                    {
+                        match &outcome {
+                            ApplyOutcome::Attached(info) => {
+                                self.proxy.epoch = info
+                                    .attachment
+                                    .as_ref()
+                                    .map_or(0, |attachment| attachment.epoch);
+                            }
+                            refused => {
+                                return Err(format!(
+                                    "the proxy's attach at {entry_index} was refused: {refused:?}"
+                                ))
+                            }
+                        }
+                    }
                     self.attempt_acknowledged(responder, entry_index);
                 }
                 Err(error) => self.attempt_failed(responder.op, responder.attempt, &error),
@@ -1808,8 +1966,15 @@ impl Simulation {
         if self.rng.chance(self.chaos.transfer_per_million, 1_000_000) {
             self.transfer_leadership()?;
         }
+        if self
+            .rng
+            .chance(self.chaos.membership_per_million, 1_000_000)
+        {
+            self.begin_membership_change()?;
+        }
         for index in 0..self.nodes.len() {
             if self.nodes[index].live.is_none()
+                && self.nodes[index].member
                 && self.rng.chance(self.chaos.restart_per_million, 1_000_000)
             {
                 let node_id = self.nodes[index].id;
@@ -1865,12 +2030,12 @@ impl Simulation {
         if let Some(core) = live.core.take() {
             live.counters = core.counters();
         }
-        self.requests_lost_at(node_id);
         self.nodes[index].build_core(&mut live, config, step);
         self.nodes[index].live = Some(live);
         self.raft_restarts += 1;
         self.event(|| format!("node {node_id} Raft actor restarted"));
-        self.run_effects(index)
+        self.run_effects(index)?;
+        self.requests_reissued_at(index)
     }
 
     /// The storage actor restarts alone: its state machine is dropped (its readers retired)
@@ -1893,15 +2058,25 @@ impl Simulation {
         self.with_core(index, |core| core.storage_started(applied_index))
     }
 
-    fn transfer_leadership(&mut self) -> Checked<()> {
-        let Some(leader) = self.nodes.iter().position(|node| {
+    fn leader_index(&self) -> Option<usize> {
+        self.nodes.iter().position(|node| {
             node.live
                 .as_ref()
                 .is_some_and(|live| live.role() == StateRole::Leader)
-        }) else {
+        })
+    }
+
+    fn transfer_leadership(&mut self) -> Checked<()> {
+        let Some(leader) = self.leader_index() else {
             return Ok(());
         };
-        let voters = self.voters();
+        let voters = self.nodes[leader]
+            .live
+            .as_ref()
+            .expect("the leader is live")
+            .core()
+            .status()
+            .voters;
         let to = voters[self.rng.below(voters.len() as u64) as usize];
         let leader_id = self.nodes[leader].id;
         self.event(|| format!("leader {leader_id} asked to transfer to {to}"));
@@ -1911,7 +2086,7 @@ impl Simulation {
     }
 
     fn partition(&mut self) {
-        let ids = self.voters();
+        let ids = self.node_ids();
         let mut cut = BTreeSet::new();
         match self.rng.below(3) {
             0 => {
@@ -1990,6 +2165,236 @@ impl Simulation {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Membership, as an operator changes it through the control API
+    // -----------------------------------------------------------------------------------------
+
+    /// Starts the next membership change, if none is in progress: promote a learner (now and
+    /// then replacing a voter), remove a voter from a group of more than three, or add a
+    /// spare node as a learner.
+    fn begin_membership_change(&mut self) -> Checked<()> {
+        if self.membership.is_some() {
+            return Ok(());
+        }
+        let Some(leader) = self.leader_index() else {
+            return Ok(());
+        };
+        let status = self.nodes[leader]
+            .live
+            .as_ref()
+            .expect("the leader is live")
+            .core()
+            .status();
+        if !status.voters_outgoing.is_empty() {
+            return Ok(());
+        }
+        let kind = if let Some(&learner) = status.learners.first() {
+            let replace = self
+                .rng
+                .chance(1, 2)
+                .then(|| status.voters[self.rng.below(status.voters.len() as u64) as usize]);
+            MembershipKind::Promote {
+                id: learner,
+                replace,
+            }
+        } else if status.voters.len() > 3 {
+            MembershipKind::Remove(
+                status.voters[self.rng.below(status.voters.len() as u64) as usize],
+            )
+        } else {
+            let spares: Vec<usize> = (0..self.nodes.len())
+                .filter(|index| {
+                    let node = &self.nodes[*index];
+                    !node.member && !node.retired && node.live.is_none()
+                })
+                .collect();
+            let Some(&spare) = spares.get(self.rng.below(spares.len().max(1) as u64) as usize)
+            else {
+                return Ok(());
+            };
+            // A fresh, empty server started to join the group.
+            let node = &mut self.nodes[spare];
+            let _ = std::fs::remove_dir_all(&node.data_dir);
+            node.member = true;
+            node.bootstraps = false;
+            let id = node.id;
+            self.start_node(spare)?;
+            MembershipKind::AddLearner(id)
+        };
+        let op = self.next_op_id;
+        self.next_op_id += 1;
+        self.event(|| format!("membership change {op}: {kind:?}"));
+        self.membership = Some(MembershipOp {
+            op,
+            kind,
+            attempt: 0,
+            attempt_node: None,
+            retry_at_step: None,
+            deadline_step: self.step + MEMBERSHIP_DEADLINE_STEPS,
+        });
+        self.membership_attempt()
+    }
+
+    /// Plans the change on the leader's live status with the control API's functions and
+    /// proposes it there with the plan's check.
+    fn membership_attempt(&mut self) -> Checked<()> {
+        let step = self.step;
+        let Some(membership) = self.membership.as_mut() else {
+            return Ok(());
+        };
+        membership.retry_at_step = None;
+        if step >= membership.deadline_step {
+            let (op, kind) = (membership.op, membership.kind.clone());
+            self.membership = None;
+            self.event(|| format!("membership change {op} ({kind:?}) given up"));
+            return Ok(());
+        }
+        let kind = membership.kind.clone();
+        let Some(leader) = self.leader_index() else {
+            if let Some(membership) = self.membership.as_mut() {
+                membership.retry_at_step = Some(step + 20);
+            }
+            return Ok(());
+        };
+        let live = self.nodes[leader]
+            .live
+            .as_ref()
+            .expect("the leader is live");
+        let status = live.core().status();
+        let plan: Result<Plan, PlanRefusal> = match kind {
+            MembershipKind::AddLearner(id) => {
+                plan_add_learner(&status, live.log_store.members().len(), &member_config(id))
+            }
+            MembershipKind::Promote { id, replace } => plan_promote(&status, id, replace),
+            MembershipKind::Remove(id) => plan_remove(&status, id, false),
+        };
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(PlanRefusal::LeaderMustMove) => {
+                // As the endpoint does: leadership moves first, the change is asked again.
+                let others: Vec<u64> = status
+                    .voters
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != status.node_id)
+                    .collect();
+                if let Some(&to) = others.get(self.rng.below(others.len().max(1) as u64) as usize) {
+                    self.with_core(leader, |core| {
+                        let _ = core.transfer_leader(to);
+                    })?;
+                }
+                if let Some(membership) = self.membership.as_mut() {
+                    membership.retry_at_step = Some(step + 40);
+                }
+                return Ok(());
+            }
+            Err(PlanRefusal::Conflict(reason)) => {
+                // The group is not (or no longer) as the change needs it: an earlier attempt
+                // may have committed, or the roles changed meanwhile.
+                self.event(|| format!("membership change {kind:?} refused: {reason}"));
+                self.membership = None;
+                return Ok(());
+            }
+        };
+        let membership = self.membership.as_mut().expect("checked above");
+        membership.attempt += 1;
+        membership.attempt_node = Some(self.nodes[leader].id);
+        let responder = Responder {
+            op: membership.op,
+            attempt: membership.attempt,
+        };
+        let now = self.nodes[leader].now(step);
+        self.with_core(leader, |core| {
+            core.propose_conf_change(
+                plan.change.clone(),
+                Some(plan.boxed_check()),
+                responder,
+                now,
+            )
+        })
+    }
+
+    /// Takes the answer to a membership attempt; false when `op_id` is not the change in
+    /// progress.
+    fn membership_attempt_ended(
+        &mut self,
+        op_id: u64,
+        attempt: u64,
+        result: Result<u64, &ProposalError>,
+    ) -> bool {
+        let step = self.step;
+        let Some(membership) = self.membership.as_mut() else {
+            return false;
+        };
+        if membership.op != op_id {
+            return false;
+        }
+        if membership.attempt != attempt || membership.attempt_node.is_none() {
+            return true;
+        }
+        membership.attempt_node = None;
+        match result {
+            Ok(index) => {
+                let kind = membership.kind.clone();
+                self.membership = None;
+                self.membership_changes += 1;
+                match kind {
+                    MembershipKind::Remove(id)
+                    | MembershipKind::Promote {
+                        replace: Some(id), ..
+                    } => {
+                        self.retiring.insert(id, index);
+                    }
+                    _ => {}
+                }
+                self.event(|| format!("membership change {kind:?} committed at {index}"));
+            }
+            Err(error) => {
+                // Not ready yet (a learner catching up, the previous change applying), or
+                // dropped: ask again a little later, as the endpoint does.
+                membership.retry_at_step = Some(step + 30);
+                let error = error.to_string();
+                self.event(|| format!("membership attempt failed: {error}"));
+            }
+        }
+        true
+    }
+
+    /// Stops and wipes the nodes whose removal committed, once the leader has left any joint
+    /// configuration that still named them.
+    fn retire_removed_nodes(&mut self) -> Checked<()> {
+        if self.retiring.is_empty() {
+            return Ok(());
+        }
+        let Some(leader) = self.leader_index() else {
+            return Ok(());
+        };
+        let live = self.nodes[leader]
+            .live
+            .as_ref()
+            .expect("the leader is live");
+        let applied = live.core().raw_node().raft.raft_log.applied;
+        let gone: Vec<u64> = self
+            .retiring
+            .iter()
+            .filter(|(id, index)| applied >= **index && !live.configuration_names(**id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.retiring.remove(&id);
+            let Some(index) = self.index_of(id) else {
+                continue;
+            };
+            self.crash(index)?;
+            let node = &mut self.nodes[index];
+            node.member = false;
+            node.retired = true;
+            let _ = std::fs::remove_dir_all(&node.data_dir);
+            self.event(|| format!("node {id} removed from the group, stopped and wiped"));
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Clients
     // -----------------------------------------------------------------------------------------
 
@@ -2010,19 +2415,16 @@ impl Simulation {
     fn issue(&mut self, client: u64, kind: OpKind, command: Bytes) -> Checked<u64> {
         let id = self.next_op_id;
         self.next_op_id += 1;
+        // A hot write's command is made at each attempt, with the proxy's epoch of then.
         let command = match kind {
-            OpKind::Write { block } => {
-                let volume_id = self
-                    .history
-                    .model
-                    .volume_id(VOLUMES[0].0)
-                    .expect("hot writes are issued once the volume exists");
-                Bytes::from(encode_write_command(
-                    volume_id,
-                    0,
-                    block * HOT_BLOCK_BYTES as u64,
-                    &register_content(block, id),
-                ))
+            OpKind::Attach => {
+                self.proxy.attach_ids += 1;
+                Bytes::from(encode_command(&Command::Attach {
+                    name: VOLUMES[0].0,
+                    client: PROXY_CLIENT,
+                    force: false,
+                    attach_id: Some(self.proxy.attach_ids),
+                }))
             }
             _ => command,
         };
@@ -2038,12 +2440,17 @@ impl Simulation {
                 deadline_step: self.step + self.chaos.client_deadline_steps,
                 attempt: 0,
                 attempt_node: None,
+                attempt_started_step: 0,
                 retry_at_step: None,
                 reader: None,
                 completed: None,
             },
         );
-        self.clients[client as usize] = Some(id);
+        if matches!(kind, OpKind::Attach) {
+            self.proxy.attach_op = Some(id);
+        } else {
+            self.clients[client as usize] = Some(id);
+        }
         self.event(|| format!("client {client} issues op {id}: {kind:?}"));
         self.start_attempt(id)?;
         Ok(id)
@@ -2139,12 +2546,70 @@ impl Simulation {
             self.schedule_retry(op_id);
             return Ok(());
         };
+        if let OpKind::Write { block } = self.history.ops[&op_id].kind {
+            if !self.proxy.attached {
+                // Writes wait for the proxy's attachment.
+                self.ensure_attached()?;
+                self.schedule_retry(op_id);
+                return Ok(());
+            }
+            let volume_id = self
+                .history
+                .model
+                .volume_id(VOLUMES[0].0)
+                .expect("hot writes are issued once the volume exists");
+            self.history.ops.get_mut(&op_id).expect("issued").command =
+                Bytes::from(encode_write_command(
+                    volume_id,
+                    self.proxy.epoch,
+                    block * HOT_BLOCK_BYTES as u64,
+                    &register_content(block, op_id),
+                ));
+        }
+        self.attempt_at(op_id, index)
+    }
+
+    /// The proxy attaches the hot volume, unless it is attached or an attach is on its way.
+    fn ensure_attached(&mut self) -> Checked<()> {
+        if self.proxy.attached || self.proxy.attach_op.is_some() {
+            return Ok(());
+        }
+        self.issue(u64::MAX, OpKind::Attach, Bytes::new())
+            .map(|_| ())
+    }
+
+    /// The proxy lost a connection: it attaches again, and every hot write in flight is
+    /// reissued once it has (answers on the old connection are ignored).
+    fn connection_lost(&mut self) {
+        if !self.proxy.attached {
+            return;
+        }
+        self.proxy.attached = false;
+        self.event(|| "proxy: connection lost, attaching again".to_string());
+        let writes: Vec<u64> = self
+            .clients
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|op_id| {
+                let op = &self.history.ops[op_id];
+                matches!(op.kind, OpKind::Write { .. }) && op.attempt_node.is_some()
+            })
+            .collect();
+        for op_id in writes {
+            self.schedule_retry(op_id);
+        }
+    }
+
+    fn attempt_at(&mut self, op_id: u64, index: usize) -> Checked<()> {
         let node_id = self.nodes[index].id;
         let now = self.nodes[index].now(self.step);
         let skip_barrier = self.options.fault == Some(Fault::ReadsSkipTheBarrier);
+        let step = self.step;
         let op = self.history.ops.get_mut(&op_id).expect("issued");
         op.attempt += 1;
         op.attempt_node = Some(node_id);
+        op.attempt_started_step = step;
         op.retry_at_step = None;
         let attempt = op.attempt;
         let command = op.command.clone();
@@ -2182,11 +2647,27 @@ impl Simulation {
     }
 
     fn retry_due_requests(&mut self) -> Checked<()> {
+        // Answers that take longer than the reply timeout: the proxy leaves the connection.
+        let step = self.step;
+        let overdue: Vec<u64> = self
+            .in_flight()
+            .into_iter()
+            .filter(|op_id| {
+                let op = &self.history.ops[op_id];
+                op.attempt_node.is_some() && op.attempt_started_step + REPLY_TIMEOUT_STEPS <= step
+            })
+            .collect();
+        for op_id in overdue {
+            if matches!(self.history.ops[&op_id].kind, OpKind::Write { .. }) {
+                self.connection_lost();
+            }
+            if self.history.ops[&op_id].attempt_node.is_some() {
+                self.schedule_retry(op_id);
+            }
+        }
         let due: Vec<u64> = self
-            .clients
-            .iter()
-            .flatten()
-            .copied()
+            .in_flight()
+            .into_iter()
             .filter(|op_id| {
                 self.history.ops[op_id]
                     .retry_at_step
@@ -2196,7 +2677,14 @@ impl Simulation {
         for op_id in due {
             self.start_attempt(op_id)?;
         }
-        Ok(())
+        let membership_due = self
+            .membership
+            .as_ref()
+            .is_some_and(|membership| membership.retry_at_step.is_some_and(|at| at <= self.step));
+        if membership_due {
+            self.membership_attempt()?;
+        }
+        self.retire_removed_nodes()
     }
 
     fn is_current(&self, op_id: u64, attempt: u64) -> bool {
@@ -2206,6 +2694,9 @@ impl Simulation {
     }
 
     fn attempt_failed(&mut self, op_id: u64, attempt: u64, error: &ProposalError) {
+        if self.membership_attempt_ended(op_id, attempt, Err(error)) {
+            return;
+        }
         if !self.is_current(op_id, attempt) {
             return;
         }
@@ -2214,24 +2705,69 @@ impl Simulation {
     }
 
     fn attempt_acknowledged(&mut self, responder: Responder, index: u64) {
+        if self.membership_attempt_ended(responder.op, responder.attempt, Ok(index)) {
+            return;
+        }
         if !self.is_current(responder.op, responder.attempt) {
             return;
         }
         self.complete(responder.op, OpResult::Acknowledged { index });
     }
 
-    /// Every request whose attempt was at `node_id` lost its answer (the process or its Raft
-    /// actor died): its client times the attempt out and reissues it.
-    fn requests_lost_at(&mut self, node_id: u64) {
-        let lost: Vec<u64> = self
-            .clients
+    /// Every request in flight: the clients' and the proxy's attach.
+    fn in_flight(&self) -> Vec<u64> {
+        self.clients
             .iter()
             .flatten()
             .copied()
+            .chain(self.proxy.attach_op)
+            .collect()
+    }
+
+    /// The process at `node_id` died: the proxy's connection to it broke. Requests there are
+    /// reissued elsewhere; hot writes only after the proxy has attached again.
+    fn requests_lost_at(&mut self, node_id: u64) {
+        let lost: Vec<u64> = self
+            .in_flight()
+            .into_iter()
+            .filter(|op_id| self.history.ops[op_id].attempt_node == Some(node_id))
+            .collect();
+        if lost
+            .iter()
+            .any(|op_id| matches!(self.history.ops[op_id].kind, OpKind::Write { .. }))
+        {
+            self.connection_lost();
+        }
+        for op_id in lost {
+            if self.history.ops[&op_id].attempt_node.is_some() {
+                self.schedule_retry(op_id);
+            }
+        }
+        self.membership_lost_at(node_id);
+    }
+
+    /// The Raft actor at `node_id` restarted: the sessions there lost their answers and ask
+    /// again at the same node (the proxy sees nothing of it).
+    fn requests_reissued_at(&mut self, index: usize) -> Checked<()> {
+        let node_id = self.nodes[index].id;
+        let lost: Vec<u64> = self
+            .in_flight()
+            .into_iter()
             .filter(|op_id| self.history.ops[op_id].attempt_node == Some(node_id))
             .collect();
         for op_id in lost {
-            self.schedule_retry(op_id);
+            self.attempt_at(op_id, index)?;
+        }
+        self.membership_lost_at(node_id);
+        Ok(())
+    }
+
+    fn membership_lost_at(&mut self, node_id: u64) {
+        if let Some(membership) = &mut self.membership {
+            if membership.attempt_node == Some(node_id) {
+                membership.attempt_node = None;
+                membership.retry_at_step = Some(self.step + 20);
+            }
         }
     }
 
@@ -2299,7 +2835,12 @@ impl Simulation {
         op.retry_at_step = None;
         op.reader = None;
         let client = op.client;
-        if self.clients[client as usize] == Some(op_id) {
+        if matches!(op.kind, OpKind::Attach) {
+            self.proxy.attach_op = None;
+            if let OpResult::Acknowledged { .. } = result {
+                self.proxy.attached = true;
+            }
+        } else if self.clients[client as usize] == Some(op_id) {
             self.clients[client as usize] = None;
         }
         self.history.trace.u64(op_id);
@@ -2321,7 +2862,7 @@ impl Simulation {
             self.chaos.client_deadline_steps,
         );
         for index in 0..self.nodes.len() {
-            if self.nodes[index].live.is_none() {
+            if self.nodes[index].live.is_none() && self.nodes[index].member {
                 self.start_node(index)?;
             }
         }
@@ -2343,14 +2884,19 @@ impl Simulation {
                 probe = Some(self.issue(0, kind, command)?);
             }
             let committed_end = self.history.committed.len() as u64;
-            let everyone_applied = self.nodes.iter().all(|node| {
-                node.live.as_ref().is_some_and(|live| {
-                    live.machine.applied_index() == committed_end
-                        && live.core().raw_node().raft.raft_log.committed == committed_end
-                        && live.apply_queue.is_empty()
-                })
-            });
+            let members = self.configured_members();
+            let everyone_applied = !members.is_empty()
+                && self.membership.is_none()
+                && members.iter().all(|index| {
+                    let node = &self.nodes[*index];
+                    node.live.as_ref().is_some_and(|live| {
+                        live.machine.applied_index() == committed_end
+                            && live.core().raw_node().raft.raft_log.committed == committed_end
+                            && live.apply_queue.is_empty()
+                    })
+                });
             if probe_done && clients_idle && everyone_applied {
+                self.retire_removed_nodes()?;
                 let probe_result = &self.history.ops[&probe.expect("done")].completed;
                 if !matches!(probe_result, Some((_, OpResult::Acknowledged { .. }))) {
                     return Err(format!(
@@ -2398,6 +2944,20 @@ impl Simulation {
         ))
     }
 
+    /// The nodes the leader's configuration names (voters, learners, outgoing voters).
+    fn configured_members(&self) -> Vec<usize> {
+        let Some(leader) = self.leader_index() else {
+            return Vec::new();
+        };
+        let live = self.nodes[leader]
+            .live
+            .as_ref()
+            .expect("the leader is live");
+        (0..self.nodes.len())
+            .filter(|index| live.configuration_names(self.nodes[*index].id))
+            .collect()
+    }
+
     /// Identical replicas: every node's volumes read back exactly as the model says; every
     /// acknowledged request is the committed entry at the index it was acknowledged with.
     fn check_final_state(&mut self) -> Checked<()> {
@@ -2423,7 +2983,11 @@ impl Simulation {
             }
         }
         let model_ids: Vec<u64> = self.history.model.volumes.keys().copied().collect();
-        for node in &self.nodes {
+        let members = self.configured_members();
+        if members.is_empty() {
+            return Err("no leader at the end to name the members".into());
+        }
+        for node in members.iter().map(|index| &self.nodes[*index]) {
             let live = node
                 .live
                 .as_ref()
@@ -2459,6 +3023,17 @@ impl Simulation {
             }
         }
         Ok(())
+    }
+}
+
+/// The member record an operator would add for node `id` (addresses are not used: the
+/// simulated network routes by id).
+fn member_config(id: u64) -> MemberConfig {
+    MemberConfig {
+        id,
+        peer: format!("127.0.0.1:{}", 17_000 + id),
+        nbd: format!("127.0.0.1:{}", 18_000 + id),
+        control: format!("127.0.0.1:{}", 19_000 + id),
     }
 }
 
@@ -2650,6 +3225,7 @@ fn many_seeds_keep_every_invariant() {
         raft_restarts: 0,
         storage_restarts: 0,
         snapshots_installed: 0,
+        membership_changes: 0,
         messages_sent: 0,
         messages_dropped: 0,
     };
@@ -2671,6 +3247,7 @@ fn many_seeds_keep_every_invariant() {
                 totals.raft_restarts += summary.raft_restarts;
                 totals.storage_restarts += summary.storage_restarts;
                 totals.snapshots_installed += summary.snapshots_installed;
+                totals.membership_changes += summary.membership_changes;
                 if seeds.len() == 1 {
                     eprintln!(
                         "seed {seed} ({} nodes): {summary:?} in {elapsed:?}",
@@ -2687,7 +3264,7 @@ fn many_seeds_keep_every_invariant() {
     eprintln!(
         "{} seeds in {:?}: {} committed entries, {} writes and other requests acknowledged, {} \
          reads, {} requests failed at their deadline, {} crashes, {} Raft actor restarts, {} \
-         storage actor restarts, {} snapshots installed",
+         storage actor restarts, {} snapshots installed, {} membership changes",
         seeds.len(),
         started.elapsed(),
         totals.committed_entries,
@@ -2697,7 +3274,8 @@ fn many_seeds_keep_every_invariant() {
         totals.crashes,
         totals.raft_restarts,
         totals.storage_restarts,
-        totals.snapshots_installed
+        totals.snapshots_installed,
+        totals.membership_changes
     );
     eprintln!(
         "simulation: {} seeds, {operations_checked} client operations checked, {} violations",

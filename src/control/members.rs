@@ -18,6 +18,7 @@
 //! learner a few hundred entries behind at times; the previous change may still be applying),
 //! so the endpoint asks again until its wait runs out, and only then refuses, saying why.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
@@ -28,7 +29,7 @@ use tokio::sync::oneshot;
 
 use super::{error_response, raft_status, ControlState};
 use crate::actors::messages::{
-    PeerProgress, ProposalError, ProposeConfChange, RaftStatus, TransferLeader,
+    ConfChangeCheck, PeerProgress, ProposalError, ProposeConfChange, RaftStatus, TransferLeader,
 };
 use crate::config::MemberConfig;
 
@@ -169,6 +170,148 @@ fn not_leader(state: &ControlState, leader_id: u64) -> HttpResponse {
     })
 }
 
+/// What must hold for a planned change (see [`Plan`]).
+pub type PlanCheck = Arc<dyn Fn(&RaftStatus) -> Result<(), String> + Send + Sync>;
+
+/// A membership change ready to propose on the leader: the change, and what must hold for it,
+/// judged on the leader's live state in the step that proposes it. Planning is pure: the
+/// endpoints below and the Raft simulation plan with the same functions.
+#[derive(Clone)]
+pub struct Plan {
+    pub change: ConfChangeV2,
+    pub check: PlanCheck,
+}
+
+impl Plan {
+    /// The check, as the Raft core takes it.
+    pub fn boxed_check(&self) -> ConfChangeCheck {
+        let check = self.check.clone();
+        Box::new(move |status: &RaftStatus| check(status))
+    }
+}
+
+/// Why a change cannot be planned on this status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanRefusal {
+    /// The change makes no sense for the group as it is (409, with the reason).
+    Conflict(String),
+    /// The change would remove the leader itself: leadership has to move first.
+    LeaderMustMove,
+}
+
+/// Adds `member` as a learner. `members_known`: members in this node's directory.
+pub fn plan_add_learner(
+    status: &RaftStatus,
+    members_known: usize,
+    member: &MemberConfig,
+) -> Result<Plan, PlanRefusal> {
+    if members_known >= MEMBERS_MAX {
+        return Err(PlanRefusal::Conflict(format!(
+            "the group already has {MEMBERS_MAX} members"
+        )));
+    }
+    let id = member.id;
+    if role_of(status, id) != "unknown" {
+        return Err(PlanRefusal::Conflict(format!(
+            "node {id} is already a {} of the group",
+            role_of(status, id)
+        )));
+    }
+    let context = serde_json::to_vec(member).expect("member records serialize");
+    Ok(Plan {
+        change: change_of(vec![single(ConfChangeType::AddLearnerNode, id)], context),
+        check: Arc::new(move |status: &RaftStatus| match role_of(status, id) {
+            "unknown" => Ok(()),
+            role => Err(format!("node {id} became a {role} of the group meanwhile")),
+        }),
+    })
+}
+
+/// Promotes learner `id`, removing voter `replace` in the same joint change.
+pub fn plan_promote(
+    status: &RaftStatus,
+    id: u64,
+    replace: Option<u64>,
+) -> Result<Plan, PlanRefusal> {
+    if role_of(status, id) != "learner" {
+        return Err(PlanRefusal::Conflict(format!(
+            "node {id} is not a learner (it is {}); add it first",
+            role_of(status, id)
+        )));
+    }
+    let mut changes = vec![single(ConfChangeType::AddNode, id)];
+    if let Some(old) = replace {
+        if role_of(status, old) != "voter" {
+            return Err(PlanRefusal::Conflict(format!(
+                "node {old} is not a voter; nothing to replace"
+            )));
+        }
+        if old == status.node_id {
+            return Err(PlanRefusal::LeaderMustMove);
+        }
+        changes.push(single(ConfChangeType::RemoveNode, old));
+    }
+    Ok(Plan {
+        change: change_of(changes, Vec::new()),
+        check: Arc::new(move |status: &RaftStatus| {
+            learner_caught_up(status, id)?;
+            match replace {
+                Some(old) if role_of(status, old) != "voter" => {
+                    Err(format!("node {old} is no longer a voter"))
+                }
+                _ => Ok(()),
+            }
+        }),
+    })
+}
+
+/// Removes voter or learner `id`; `force` skips the check that the remaining voters still
+/// form a working quorum.
+pub fn plan_remove(status: &RaftStatus, id: u64, force: bool) -> Result<Plan, PlanRefusal> {
+    match role_of(status, id) {
+        "voter" => {
+            if let Err(problem) = quorum_survives(status, id, None) {
+                if !force {
+                    return Err(PlanRefusal::Conflict(problem));
+                }
+            }
+            if id == status.node_id {
+                return Err(PlanRefusal::LeaderMustMove);
+            }
+        }
+        "learner" => {}
+        role => {
+            return Err(PlanRefusal::Conflict(format!(
+                "node {id} is not a voter or learner of the group ({role})"
+            )))
+        }
+    }
+    Ok(Plan {
+        change: change_of(vec![single(ConfChangeType::RemoveNode, id)], Vec::new()),
+        // The quorum is judged again in the step that proposes: a voter may have gone quiet
+        // since.
+        check: Arc::new(move |status: &RaftStatus| {
+            if role_of(status, id) == "voter" && !force {
+                quorum_survives(status, id, None)?;
+            }
+            Ok(())
+        }),
+    })
+}
+
+/// The answer to a change that could not be planned.
+async fn refused(
+    state: &ControlState,
+    status: &RaftStatus,
+    id: u64,
+    refusal: PlanRefusal,
+) -> HttpResponse {
+    match refusal {
+        PlanRefusal::Conflict(reason) => error_response(StatusCode::CONFLICT, reason),
+        PlanRefusal::LeaderMustMove => move_leadership_away(state, status, id).await,
+    }
+}
+
 async fn leader_status(state: &ControlState) -> Result<RaftStatus, HttpResponse> {
     let Some(status) = raft_status(state).await else {
         return Err(error_response(
@@ -188,19 +331,17 @@ async fn leader_status(state: &ControlState) -> Result<RaftStatus, HttpResponse>
 /// again until `wait` has passed; then the last reason is the answer.
 async fn propose_change(
     state: &ControlState,
-    change: ConfChangeV2,
-    check: impl Fn(&RaftStatus) -> Result<(), String> + Clone + Send + 'static,
+    plan: Plan,
     wait: Duration,
 ) -> Result<u64, ChangeRefusal> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let (responder, answer) = oneshot::channel();
-        let check = check.clone();
         state
             .raft
             .send(ProposeConfChange {
-                change: change.clone(),
-                check: Some(Box::new(move |status: &RaftStatus| check(status))),
+                change: plan.change.clone(),
+                check: Some(plan.boxed_check()),
                 responder,
             })
             .await
@@ -368,30 +509,11 @@ async fn add_member(state: web::Data<ControlState>, body: web::Json<MemberConfig
         Ok(status) => status,
         Err(response) => return response,
     };
-    if state.log_store.members().len() >= MEMBERS_MAX {
-        return error_response(
-            StatusCode::CONFLICT,
-            format!("the group already has {MEMBERS_MAX} members"),
-        );
-    }
-    if role_of(&status, member.id) != "unknown" {
-        return error_response(
-            StatusCode::CONFLICT,
-            format!(
-                "node {} is already a {} of the group",
-                member.id,
-                role_of(&status, member.id)
-            ),
-        );
-    }
-    let id = member.id;
-    let context = serde_json::to_vec(&member).expect("member records serialize");
-    let change = change_of(vec![single(ConfChangeType::AddLearnerNode, id)], context);
-    let check = move |status: &RaftStatus| match role_of(status, id) {
-        "unknown" => Ok(()),
-        role => Err(format!("node {id} became a {role} of the group meanwhile")),
+    let plan = match plan_add_learner(&status, state.log_store.members().len(), &member) {
+        Ok(plan) => plan,
+        Err(refusal) => return refused(&state, &status, member.id, refusal).await,
     };
-    match propose_change(&state, change, check, PREVIOUS_CHANGE_WAIT).await {
+    match propose_change(&state, plan, PREVIOUS_CHANGE_WAIT).await {
         Ok(_) => changed(&state).await,
         Err(refusal) => refusal.into_response(),
     }
@@ -418,40 +540,15 @@ async fn promote_member(
         Ok(status) => status,
         Err(response) => return response,
     };
-    if role_of(&status, id) != "learner" {
-        return error_response(
-            StatusCode::CONFLICT,
-            format!(
-                "node {id} is not a learner (it is {}); add it first",
-                role_of(&status, id)
-            ),
-        );
-    }
-    let mut changes = vec![single(ConfChangeType::AddNode, id)];
-    if let Some(old) = request.replace {
-        if role_of(&status, old) != "voter" {
-            return error_response(
-                StatusCode::CONFLICT,
-                format!("node {old} is not a voter; nothing to replace"),
-            );
-        }
-        if old == status.node_id {
-            return move_leadership_away(&state, &status, old).await;
-        }
-        changes.push(single(ConfChangeType::RemoveNode, old));
-    }
-    let replace = request.replace;
-    let check = move |status: &RaftStatus| {
-        learner_caught_up(status, id)?;
-        match replace {
-            Some(old) if role_of(status, old) != "voter" => {
-                Err(format!("node {old} is no longer a voter"))
-            }
-            _ => Ok(()),
+    let plan = match plan_promote(&status, id, request.replace) {
+        Ok(plan) => plan,
+        Err(refusal) => {
+            let old = request.replace.unwrap_or(id);
+            return refused(&state, &status, old, refusal).await;
         }
     };
     let before = LearnerSample::take(&state, id).await;
-    match propose_change(&state, change_of(changes, Vec::new()), check, wait).await {
+    match propose_change(&state, plan, wait).await {
         Ok(_) => changed(&state).await,
         Err(ChangeRefusal::NotReady(reason)) => {
             let after = LearnerSample::take(&state, id).await;
@@ -558,35 +655,11 @@ async fn remove_member(
         Ok(status) => status,
         Err(response) => return response,
     };
-    match role_of(&status, id) {
-        "voter" => {
-            if let Err(problem) = quorum_survives(&status, id, None) {
-                if !query.force {
-                    return error_response(StatusCode::CONFLICT, problem);
-                }
-            }
-            if id == status.node_id {
-                return move_leadership_away(&state, &status, id).await;
-            }
-        }
-        "learner" => {}
-        role => {
-            return error_response(
-                StatusCode::CONFLICT,
-                format!("node {id} is not a voter or learner of the group ({role})"),
-            )
-        }
-    }
-    let change = change_of(vec![single(ConfChangeType::RemoveNode, id)], Vec::new());
-    let force = query.force;
-    // The quorum is judged again in the step that proposes: a voter may have gone quiet since.
-    let check = move |status: &RaftStatus| {
-        if role_of(status, id) == "voter" && !force {
-            quorum_survives(status, id, None)?;
-        }
-        Ok(())
+    let plan = match plan_remove(&status, id, query.force) {
+        Ok(plan) => plan,
+        Err(refusal) => return refused(&state, &status, id, refusal).await,
     };
-    match propose_change(&state, change, check, PREVIOUS_CHANGE_WAIT).await {
+    match propose_change(&state, plan, PREVIOUS_CHANGE_WAIT).await {
         Ok(_) => changed(&state).await,
         Err(refusal) => refusal.into_response(),
     }

@@ -1321,7 +1321,7 @@ impl<P, R> RaftCore<P, R> {
         });
         let fence_due = self
             .fence_proposed_at
-            .is_none_or(|at| at.until(now) > timeout);
+            .map_or(true, |at| at.until(now) > timeout);
         if forward_overdue && fence_due && self.node.raft.leader_id != 0 {
             self.fence_proposed_at = Some(now);
             self.proposal_batch.push((Bytes::new(), None));
