@@ -288,6 +288,10 @@ pub struct RaftCore<P, R> {
     persist_queue: PersistQueue,
     /// A Ready whose write waits for [`RaftCore::write_held_ready`].
     held_ready: Option<raft::Ready>,
+    /// This leader applied a configuration without itself: it steps down once the Ready
+    /// being handled is advanced (raft-rs keeps no progress for a removed leader, and its
+    /// next persist or heartbeat round would look for it).
+    removed_while_leading: bool,
 }
 
 impl<P, R> RaftCore<P, R> {
@@ -393,6 +397,7 @@ impl<P, R> RaftCore<P, R> {
             log_quiet: true,
             persist_queue: PersistQueue::default(),
             held_ready: None,
+            removed_while_leading: false,
         };
         core.params.read_gate.set_sole_voter_leader(false);
         core.after_input(role);
@@ -1060,6 +1065,11 @@ impl<P, R> RaftCore<P, R> {
             slog::warn!(logger, "this node was removed from the group; it can be stopped";
                 "node" => node_id);
         }
+        let still_voter =
+            conf_state.voters.contains(&node_id) || conf_state.voters_outgoing.contains(&node_id);
+        if !still_voter && self.node.raft.state == StateRole::Leader {
+            self.removed_while_leading = true;
+        }
     }
 
     fn handle_read_states(&mut self, read_states: Vec<ReadState>) {
@@ -1344,6 +1354,15 @@ impl<P, R> RaftCore<P, R> {
     /// when this node stops being leader or the term moves on: the new leader may overwrite
     /// uncommitted entries, and callers retry against the right node.
     fn after_input(&mut self, previous: StateRole) {
+        if self.removed_while_leading && self.held_ready.is_none() {
+            self.removed_while_leading = false;
+            if self.node.raft.state == StateRole::Leader {
+                let term = self.node.raft.term;
+                self.node.raft.become_follower(term, raft::INVALID_ID);
+                slog::warn!(self.params.logger,
+                    "this leader was removed from the group: stepping down"; "term" => term);
+            }
+        }
         let node_id = self.params.node_id;
         let raft = &self.node.raft;
         let role = raft.state;
