@@ -216,7 +216,7 @@ pub async fn run_server(
         config: config.raft.clone(),
         request_timeout: Duration::from_millis(config.nbd.request_timeout_ms),
         log_store: log_store.clone(),
-        storage: storage.clone(),
+        storage: StorageActor::link(&storage),
         applied_index: applied_index.clone(),
         applied_wanted,
         read_gate: read_gate.clone(),
@@ -229,7 +229,7 @@ pub async fn run_server(
         supervision(ActorKind::Raft),
         move |_| RaftActor::new(raft_params),
     );
-    storage.do_send(ConnectRaft(raft.clone()));
+    storage.do_send(ConnectRaft(RaftActor::link(&raft)));
 
     let mut peer_address = None;
     if clustered {
@@ -243,8 +243,8 @@ pub async fn run_server(
             config: config.peer.clone(),
             network,
             images_dir: data_dir.join(crate::storage::IMAGES_DIRECTORY_NAME),
-            raft: raft.clone(),
-            storage: storage.clone(),
+            raft: RaftActor::link(&raft),
+            storage: StorageActor::link(&storage),
             snapshots,
             supervision: peer_supervision,
         };

@@ -130,6 +130,27 @@ pub struct ReportSnapshot {
     pub finished: bool,
 }
 
+/// The storage actor as the Raft actor and the peer transport address it: one typed
+/// recipient per message, so neither names the other's type (and a router of many groups can
+/// stand in for either).
+#[derive(Clone)]
+pub struct StorageLink {
+    pub apply: Recipient<ApplyCommitted>,
+    pub install: Recipient<InstallSnapshot>,
+    pub open_snapshot: Recipient<OpenSnapshotSource>,
+}
+
+/// The Raft actor as the storage actor and the peer transport address it.
+#[derive(Clone)]
+pub struct RaftLink {
+    pub storage_started: Recipient<StorageStarted>,
+    pub applied_up_to: Recipient<AppliedUpTo>,
+    pub durable_applied: Recipient<DurableApplied>,
+    pub step: Recipient<StepPeerMessage>,
+    pub unreachable: Recipient<ReportUnreachable>,
+    pub snapshot_ended: Recipient<ReportSnapshot>,
+}
+
 /// Peer transport → storage actor: capture the volumes for a snapshot transfer.
 #[derive(Message)]
 #[rtype(result = "Result<crate::storage::snapshot::SnapshotSource, String>")]

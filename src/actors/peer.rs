@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
 use bytes::BytesMut;
 use futures::FutureExt as _;
 use raft::prelude::{Message as RaftMessage, MessageType};
@@ -34,9 +33,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::messages::{OpenSnapshotSource, ReportSnapshot, ReportUnreachable, StepPeerMessage};
-use super::raft::RaftActor;
-use super::storage::StorageActor;
+use super::messages::{
+    OpenSnapshotSource, RaftLink, ReportSnapshot, ReportUnreachable, StepPeerMessage, StorageLink,
+};
 use super::supervisor::{CrashVerdict, Supervision};
 use crate::config::{MemberConfig, PeerConfig};
 use crate::peer::{
@@ -258,8 +257,8 @@ pub struct PeerContext {
     /// The link set: also decides which peers the accept side admits.
     pub network: PeerNetwork,
     pub images_dir: PathBuf,
-    pub raft: Addr<RaftActor>,
-    pub storage: Addr<StorageActor>,
+    pub raft: RaftLink,
+    pub storage: StorageLink,
     pub snapshots: SnapshotInbox,
     pub supervision: Supervision,
 }
@@ -360,7 +359,7 @@ async fn run_link(
                     slog::warn!(logger, "peer unreachable"; "address" => &address, "error" => %error);
                     connected_before = false;
                 }
-                context.raft.do_send(ReportUnreachable { peer_id: to });
+                context.raft.unreachable.do_send(ReportUnreachable { peer_id: to });
                 // What was queued meanwhile is stale; Raft resends after probing.
                 while let Ok(message) = receiver.try_recv() {
                     queued_bytes.fetch_sub(message_bytes(&message), Ordering::Relaxed);
@@ -389,7 +388,7 @@ async fn run_link(
         if let Err(error) = result {
             slog::warn!(logger, "peer connection lost"; "address" => &address, "error" => %error);
             connected_before = false;
-            context.raft.do_send(ReportUnreachable { peer_id: to });
+            context.raft.unreachable.do_send(ReportUnreachable { peer_id: to });
         }
     }
 }
@@ -426,7 +425,7 @@ async fn write_messages<S: AsyncWrite + Unpin>(
                     .unwrap_or(false);
                 if busy {
                     // One transfer per peer at a time; Raft asks again after this one ends.
-                    context.raft.do_send(ReportSnapshot {
+                    context.raft.snapshot_ended.do_send(ReportSnapshot {
                         peer_id: to,
                         finished: false,
                     });
@@ -494,7 +493,7 @@ async fn send_snapshot_task(to: u64, address: String, message: RaftMessage, cont
         Err(error) => slog::warn!(logger, "snapshot transfer failed"; "index" => index,
             "error" => %error),
     }
-    context.raft.do_send(ReportSnapshot {
+    context.raft.snapshot_ended.do_send(ReportSnapshot {
         peer_id: to,
         finished: result.is_ok(),
     });
@@ -508,6 +507,7 @@ async fn send_snapshot(
     let to = message.to;
     let mut source = context
         .storage
+        .open_snapshot
         .send(OpenSnapshotSource)
         .await
         .map_err(|error| SnapshotTransferError::Storage(error.to_string()))?
@@ -678,7 +678,7 @@ async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::i
                 return Err(invalid("a snapshot on a message stream"));
             }
             // A full mailbox drops the message; Raft repairs that like a lost packet.
-            let _ = context.raft.try_send(StepPeerMessage(message));
+            let _ = context.raft.step.try_send(StepPeerMessage(message));
         },
         StreamKind::Snapshot => receive_snapshot(stream, input, hello.from, context).await,
     }
@@ -743,7 +743,7 @@ async fn receive_snapshot(
     match outcome {
         Ok(staged) => {
             context.snapshots.put(metadata.index, metadata.term, staged);
-            context.raft.do_send(StepPeerMessage(message));
+            context.raft.step.do_send(StepPeerMessage(message));
             encode_frame(FrameKind::SnapshotAck, context.group_id, &[1], &mut reply);
             slog::info!(logger, "snapshot staged"; "index" => metadata.index);
             stream.write_all(&reply).await?;

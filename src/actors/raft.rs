@@ -38,7 +38,6 @@ use raft::prelude::Snapshot;
 
 use super::messages::*;
 use super::peer::{PeerNetwork, SnapshotInbox};
-use super::storage::StorageActor;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::{MemberConfig, RaftConfig};
 use crate::raft::core::{CoreCounters, CoreParams, Effect, RaftCore, RaftLimits, ReadyProgress};
@@ -55,7 +54,7 @@ pub struct RaftActorParams {
     pub config: RaftConfig,
     pub request_timeout: Duration,
     pub log_store: RaftLogStore,
-    pub storage: Addr<StorageActor>,
+    pub storage: StorageLink,
     /// Index the storage actor has applied (in memory), published by it. The core takes it
     /// up at every Ready and tick; the storage actor sends `AppliedUpTo` only once it reaches
     /// `applied_wanted`.
@@ -165,7 +164,7 @@ impl RaftActor {
                     Effect::Apply {
                         entries,
                         responders,
-                    } => self.params.storage.do_send(ApplyCommitted {
+                    } => self.params.storage.apply.do_send(ApplyCommitted {
                         entries,
                         responders,
                     }),
@@ -283,13 +282,27 @@ fn install_snapshot(
         .members;
     // Blocking this thread is intended: nothing else of this Ready may happen before the
     // switch is durable, and the storage actor runs on its own thread.
-    futures::executor::block_on(params.storage.send(InstallSnapshot {
+    futures::executor::block_on(params.storage.install.send(InstallSnapshot {
         staged,
         metadata,
         members: members.clone(),
     }))
     .map_err(|error| error.to_string())??;
     Ok(members)
+}
+
+impl RaftActor {
+    /// How the storage actor and the peer transport address this actor.
+    pub fn link(address: &Addr<RaftActor>) -> RaftLink {
+        RaftLink {
+            storage_started: address.clone().recipient(),
+            applied_up_to: address.clone().recipient(),
+            durable_applied: address.clone().recipient(),
+            step: address.clone().recipient(),
+            unreachable: address.clone().recipient(),
+            snapshot_ended: address.clone().recipient(),
+        }
+    }
 }
 
 impl Actor for RaftActor {

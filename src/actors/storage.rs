@@ -21,7 +21,7 @@ use actix::prelude::*;
 use parking_lot::RwLock;
 
 use super::messages::*;
-use super::raft::{RaftActor, ReadGate};
+use super::raft::ReadGate;
 use super::supervisor::{run_guarded, Supervision};
 use crate::config::StorageConfig;
 use crate::storage::apply::apply_committed;
@@ -93,7 +93,7 @@ pub struct StorageActorParams {
 pub struct StorageActor {
     params: StorageActorParams,
     machine: Option<StateMachine>,
-    raft: Option<Addr<RaftActor>>,
+    raft: Option<RaftLink>,
     bytes_since_checkpoint: u64,
     /// The id of the background checkpoint whose fdatasync is running (at most one at a time).
     checkpoint_in_flight: Option<u64>,
@@ -108,10 +108,10 @@ pub struct StorageActor {
     replay_until: Option<u64>,
 }
 
-/// Wires the Raft actor's address in once both actors exist (each needs the other's).
+/// Wires the Raft actor in once both actors exist (each needs the other).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct ConnectRaft(pub Addr<RaftActor>);
+pub struct ConnectRaft(pub RaftLink);
 
 impl StorageActor {
     pub fn new(params: StorageActorParams) -> Self {
@@ -201,7 +201,7 @@ impl StorageActor {
     fn announce_started(&mut self) {
         let applied_index = self.machine().applied_index();
         if let Some(raft) = &self.raft {
-            raft.do_send(StorageStarted { applied_index });
+            raft.storage_started.do_send(StorageStarted { applied_index });
         }
     }
 
@@ -238,7 +238,7 @@ impl StorageActor {
             .store(applied_index, Ordering::SeqCst);
         if applied_index >= self.params.applied_wanted.load(Ordering::SeqCst) {
             if let Some(raft) = &self.raft {
-                raft.do_send(AppliedUpTo);
+                raft.applied_up_to.do_send(AppliedUpTo);
             }
         }
         self.note_replay_progress();
@@ -295,7 +295,7 @@ impl StorageActor {
         };
         self.durable_applied_index_max = self.durable_applied_index_max.max(durable_index);
         if let Some(raft) = &self.raft {
-            raft.do_send(DurableApplied {
+            raft.durable_applied.do_send(DurableApplied {
                 index: durable_index,
             });
         }
@@ -313,7 +313,7 @@ impl StorageActor {
         self.bytes_since_checkpoint = 0;
         self.durable_applied_index_max = self.durable_applied_index_max.max(durable_index);
         if let Some(raft) = &self.raft {
-            raft.do_send(DurableApplied {
+            raft.durable_applied.do_send(DurableApplied {
                 index: durable_index,
             });
         }
@@ -327,6 +327,17 @@ impl StorageActor {
     ) -> Option<R> {
         let supervision = self.params.supervision.clone();
         run_guarded(&supervision, ctx, |ctx| body(self, ctx))
+    }
+}
+
+impl StorageActor {
+    /// How the Raft actor and the peer transport address this actor.
+    pub fn link(address: &Addr<StorageActor>) -> StorageLink {
+        StorageLink {
+            apply: address.clone().recipient(),
+            install: address.clone().recipient(),
+            open_snapshot: address.clone().recipient(),
+        }
     }
 }
 
