@@ -784,6 +784,114 @@ fn second_attach_is_refused_and_a_forced_takeover_fences_the_first_writer() {
     cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
 }
 
+/// A write the proxy answered with an error (here EIO at its request deadline) may still land:
+/// the server goes on retrying it. Once it has, the proxy must not serve the block from its
+/// cache as it was before the write.
+#[test]
+fn a_block_whose_write_failed_is_not_served_from_the_proxy_cache_as_before() {
+    let _turn = one_cluster_at_a_time();
+    // An election timeout (2 s) longer than the write's stall: the leader keeps the write in
+    // its log while the proxy gives up on it (its reply timeout, then its deadline).
+    let mut cluster = Cluster::start(ClusterOptions {
+        settings: vec![("raft".into(), "election_ticks".into(), "40".into())],
+        ..ClusterOptions::default()
+    });
+    let config = cluster.workspace().join("proxy-short-deadline.toml");
+    std::fs::write(
+        &config,
+        "[proxy]\nrequest_deadline_ms = 600\nupstream_reply_timeout_ms = 300\n",
+    )
+    .expect("proxy config");
+    let config = config.display().to_string();
+    let proxy = ProxyProcess::start(&cluster, "short-deadline", &["--config", &config]);
+    let mut client = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
+    let before = vec![0xa1u8; 4096];
+    let after = vec![0xb2u8; 4096];
+    assert!(client.write(0, &before).expect("write").is_ok());
+    // Read once, so that the proxy caches the block.
+    assert_eq!(client.read(0, 4096).expect("read").data, before);
+
+    // Without its followers the leader cannot commit: the write fails at the proxy's deadline.
+    let leader = cluster.leader();
+    let followers: Vec<u64> = cluster
+        .node_ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let paused: Vec<PausedNode> = followers
+        .iter()
+        .map(|id| cluster.node(*id).pause())
+        .collect();
+    let failed = client.write(0, &after).expect("write");
+    assert!(
+        !failed.is_ok(),
+        "the write must fail while the leader has no quorum\n{}",
+        proxy.log_text()
+    );
+    drop(paused);
+
+    // The servers still hold the write and commit it once the followers are back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leader = cluster.wait_for_leader(&cluster.node_ids(), Duration::from_secs(30));
+        let mut direct = cluster.nbd_client(leader, DEFAULT_EXPORT_NAME);
+        if direct.read(0, 4096).expect("direct read").data == after {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed write never landed on the servers: this test needs it to"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let through_proxy = client.read(0, 4096).expect("read");
+    assert!(
+        through_proxy.is_ok() && through_proxy.data == after,
+        "the servers hold the write that failed, but the proxy answered {} with the block as it \
+         was before it (error {})\n{}",
+        if through_proxy.data == before {
+            "from its cache"
+        } else {
+            "otherwise"
+        },
+        through_proxy.error,
+        proxy.log_text()
+    );
+}
+
+/// A proxy that learns its volume was taken over by another writer (its next write is fenced)
+/// serves no more reads from its cache: what it cached may have been overwritten since.
+#[test]
+fn a_proxy_that_lost_its_volume_serves_no_reads_from_its_cache() {
+    let _turn = one_cluster_at_a_time();
+    let cluster = Cluster::start(ClusterOptions::default());
+    let first = ProxyProcess::start(&cluster, "alpha", &[]);
+    let mut alpha = NbdClient::connect(first.listen_address, DEFAULT_EXPORT_NAME);
+    let cached = vec![0xa1u8; 4096];
+    assert!(alpha.write(0, &cached).expect("write").is_ok());
+    assert_eq!(alpha.read(0, 4096).expect("read").data, cached);
+
+    let second = ProxyProcess::start(&cluster, "beta-forced", &["--force-attach"]);
+    let mut beta = NbdClient::connect(second.listen_address, DEFAULT_EXPORT_NAME);
+    let overwritten = vec![0xb2u8; 4096];
+    assert!(beta.write(0, &overwritten).expect("write").is_ok());
+
+    let fenced = alpha.write(8192, &cached).expect("write");
+    assert_eq!(
+        fenced.error,
+        nbd::EPERM,
+        "the first proxy's write must be refused as fenced\n{}",
+        first.log_text()
+    );
+    let read = alpha.read(0, 4096).expect("read");
+    assert!(
+        !(read.is_ok() && read.data == cached),
+        "after losing the volume the first proxy served a block from its cache that the new \
+         writer has overwritten\n{}",
+        first.log_text()
+    );
+}
+
 /// The same requirement through `raftblk proxy`: a second proxy with another client id is
 /// refused with a clear NBD handshake error (shown by nbdinfo); with force it takes over and
 /// the first proxy's writes are fenced.
