@@ -359,7 +359,10 @@ async fn run_link(
                     slog::warn!(logger, "peer unreachable"; "address" => &address, "error" => %error);
                     connected_before = false;
                 }
-                context.raft.unreachable.do_send(ReportUnreachable { peer_id: to });
+                context
+                    .raft
+                    .unreachable
+                    .do_send(ReportUnreachable { peer_id: to });
                 // What was queued meanwhile is stale; Raft resends after probing.
                 while let Ok(message) = receiver.try_recv() {
                     queued_bytes.fetch_sub(message_bytes(&message), Ordering::Relaxed);
@@ -388,7 +391,10 @@ async fn run_link(
         if let Err(error) = result {
             slog::warn!(logger, "peer connection lost"; "address" => &address, "error" => %error);
             connected_before = false;
-            context.raft.unreachable.do_send(ReportUnreachable { peer_id: to });
+            context
+                .raft
+                .unreachable
+                .do_send(ReportUnreachable { peer_id: to });
         }
     }
 }

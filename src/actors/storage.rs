@@ -201,7 +201,8 @@ impl StorageActor {
     fn announce_started(&mut self) {
         let applied_index = self.machine().applied_index();
         if let Some(raft) = &self.raft {
-            raft.storage_started.do_send(StorageStarted { applied_index });
+            raft.storage_started
+                .do_send(StorageStarted { applied_index });
         }
     }
 

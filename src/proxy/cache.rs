@@ -362,6 +362,24 @@ impl BlockCache {
         }
     }
 
+    /// Forgets every block of `volume`; reads of it in flight fill nothing.
+    pub fn forget_volume(&mut self, volume: u64) {
+        for ticket in self.tickets.values_mut() {
+            if ticket.volume == volume {
+                ticket.poisoned = true;
+            }
+        }
+        let keys: Vec<BlockKey> = self
+            .entries
+            .keys()
+            .filter(|(of, _)| *of == volume)
+            .copied()
+            .collect();
+        for key in keys {
+            self.remove(key);
+        }
+    }
+
     /// Forgets everything (a restart).
     pub fn clear(&mut self) {
         *self = BlockCache::new(
@@ -441,7 +459,9 @@ pub struct CacheAbandon {
     pub ticket: u64,
 }
 
-/// Session → cache, awaited before replying to the client: a write was acknowledged.
+/// Session → cache, awaited before replying to the client: a write was acknowledged (`data`
+/// its data), or a trim, a zeroing or a write whose outcome is unknown (it failed, but may
+/// still land) changed the range (`data` none: the blocks are dropped).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CacheWriteAcknowledged {
@@ -449,6 +469,13 @@ pub struct CacheWriteAcknowledged {
     pub offset: u64,
     pub length: u64,
     pub data: Option<Bytes>,
+}
+
+/// Session → cache: the volume was lost to another writer; forget every block of it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheForgetVolume {
+    pub volume: u64,
 }
 
 /// Anyone → cache: panic inside a handler (drills and tests of the restart path).
@@ -500,6 +527,13 @@ impl Handler<CacheWriteAcknowledged> for CacheActor {
     }
 }
 
+impl Handler<CacheForgetVolume> for CacheActor {
+    type Result = ();
+    fn handle(&mut self, msg: CacheForgetVolume, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |cache| cache.forget_volume(msg.volume));
+    }
+}
+
 impl Handler<CacheCrash> for CacheActor {
     type Result = ();
     fn handle(&mut self, _: CacheCrash, ctx: &mut Context<Self>) {
@@ -534,6 +568,34 @@ mod tests {
             .collect();
         assert!(cache.fill(ticket, &Bytes::from(data)));
         read
+    }
+
+    #[test]
+    fn a_forgotten_volume_has_no_block_left_and_its_reads_in_flight_fill_nothing() {
+        let mut cache = BlockCache::new(8 << 20, 4096, false);
+        miss_and_fill(&mut cache, 0, 4096, VOLUME);
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 8192, 4096, VOLUME) else {
+            panic!("expected a miss");
+        };
+        // Another volume's block stays.
+        let Lookup::Miss { ticket: other, .. } = cache.lookup(2, 0, 4096, VOLUME) else {
+            panic!("expected a miss");
+        };
+        assert!(cache.fill(other, &block(7)));
+        cache.forget_volume(1);
+        assert!(
+            !cache.fill(ticket, &block(9)),
+            "a read in flight must fill nothing"
+        );
+        assert!(matches!(
+            cache.lookup(1, 0, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+        assert!(matches!(
+            cache.lookup(1, 8192, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+        assert!(matches!(cache.lookup(2, 0, 4096, VOLUME), Lookup::Hit(_)));
     }
 
     #[test]

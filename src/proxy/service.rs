@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::cache::{
-    CacheAbandon, CacheActor, CacheFill, CacheLookup, CacheWriteAcknowledged, Lookup,
+    CacheAbandon, CacheActor, CacheFill, CacheForgetVolume, CacheLookup, CacheWriteAcknowledged,
+    Lookup,
 };
 use super::discovery::{AttachError, ClusterView, VolumeSummary};
 use super::upstream::{
@@ -36,6 +37,9 @@ pub struct AttachedVolume {
     /// 0 if the cluster has no writer fencing.
     pub epoch: u64,
     pub upstream: UpstreamHandle,
+    /// Set once the upstream answered EPERM (another writer took the volume): from then on
+    /// nothing of it is served from the cache.
+    pub lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct ProxyShared {
@@ -217,6 +221,7 @@ async fn prepare(shared: &Arc<ProxyShared>, name: &str) -> Result<(), String> {
             cache_key,
             epoch,
             upstream,
+            lost: Arc::default(),
         },
     );
     Ok(())
@@ -255,6 +260,23 @@ fn error_reply(errno: Errno) -> BackendReply {
     }
 }
 
+impl ProxyBackend {
+    /// The reply to a request the upstream failed. EPERM means the volume was lost to another
+    /// writer: what the cache holds of it may have been overwritten since.
+    async fn failed(&self, errno: Errno) -> BackendReply {
+        if errno == Errno::Perm && !self.volume.lost.swap(true, Ordering::SeqCst) {
+            if let Some(cache) = &self.cache {
+                let _ = cache
+                    .send(CacheForgetVolume {
+                        volume: self.volume.cache_key,
+                    })
+                    .await;
+            }
+        }
+        error_reply(errno)
+    }
+}
+
 impl SessionBackend for ProxyBackend {
     fn execute(&self, request: BackendRequest) -> impl Future<Output = BackendReply> + 'static {
         let backend = self.clone();
@@ -265,7 +287,8 @@ impl SessionBackend for ProxyBackend {
                 Command::Read => {
                     let mut request = request;
                     let mut ticket = None;
-                    if let Some(cache) = &backend.cache {
+                    let lost = backend.volume.lost.load(Ordering::SeqCst);
+                    if let Some(cache) = backend.cache.as_ref().filter(|_| !lost) {
                         // A cache that is down (restarting) is bypassed.
                         match cache
                             .send(CacheLookup {
@@ -310,7 +333,7 @@ impl SessionBackend for ProxyBackend {
                                 cache.do_send(CacheAbandon { ticket });
                             }
                             match result {
-                                Err(errno) => error_reply(errno),
+                                Err(errno) => backend.failed(errno).await,
                                 _ => error_reply(Errno::Io),
                             }
                         }
@@ -336,7 +359,21 @@ impl SessionBackend for ProxyBackend {
                             }
                             BackendReply::Done
                         }
-                        Err(errno) => error_reply(errno),
+                        Err(errno) => {
+                            if let Some(cache) = &backend.cache {
+                                // It may still land (an EIO at the deadline leaves it to the
+                                // servers): the cached blocks it covers may be stale.
+                                let _ = cache
+                                    .send(CacheWriteAcknowledged {
+                                        volume: cache_key,
+                                        offset: header.offset,
+                                        length: u64::from(header.length),
+                                        data: None,
+                                    })
+                                    .await;
+                            }
+                            backend.failed(errno).await
+                        }
                     }
                 }
                 // The servers' own map: a sparse-aware client (qemu-img convert, nbdcopy) then
@@ -345,7 +382,7 @@ impl SessionBackend for ProxyBackend {
                 Command::BlockStatus => match forward(&backend.volume.upstream, request).await {
                     Ok(ReplyAnswer::Extents(extents)) => BackendReply::Extents(extents),
                     Ok(_) => error_reply(Errno::Io),
-                    Err(errno) => error_reply(errno),
+                    Err(errno) => backend.failed(errno).await,
                 },
                 _ => error_reply(Errno::Inval),
             }
