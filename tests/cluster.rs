@@ -784,6 +784,104 @@ fn second_attach_is_refused_and_a_forced_takeover_fences_the_first_writer() {
     cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, CONVERGENCE_TIMEOUT);
 }
 
+/// A write the proxy failed at its request deadline may still land (the server retries it
+/// until its own timeout), but never after a later write to its block that the proxy
+/// acknowledged: the proxy attaches again (a new epoch) before it sends anything else, so the
+/// old write is fenced if it commits after that.
+#[test]
+fn a_write_failed_at_the_proxy_deadline_never_lands_after_a_later_acknowledged_one() {
+    let _turn = one_cluster_at_a_time();
+    let mut cluster = Cluster::start(ClusterOptions {
+        relays: true,
+        ..ClusterOptions::default()
+    });
+    let config = cluster.workspace().join("proxy-deadline.toml");
+    std::fs::write(
+        &config,
+        "[proxy]\nrequest_deadline_ms = 400\nupstream_reply_timeout_ms = 400\ncache_bytes = 0\n",
+    )
+    .expect("proxy config");
+    let config = config.display().to_string();
+    let proxy = ProxyProcess::start(&cluster, "deadline", &["--config", &config]);
+    let mut client = NbdClient::connect(proxy.listen_address, DEFAULT_EXPORT_NAME);
+    const BLOCKS: u64 = 16;
+    let content = |tag: u8, block: u64| vec![tag.wrapping_add(block as u8); 4096];
+    for block in 0..BLOCKS {
+        assert!(client
+            .write(block * 4096, &content(0x10, block))
+            .expect("write")
+            .is_ok());
+    }
+
+    // The two followers never hear from each other again, so only the leader can win an
+    // election; cut off from both, it steps down with the B writes in its log.
+    let leader = cluster.leader();
+    let followers: Vec<u64> = cluster
+        .node_ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    cluster
+        .relay(followers[0], followers[1])
+        .set_mode(RelayMode::BlackHole);
+    cluster
+        .relay(followers[1], followers[0])
+        .set_mode(RelayMode::BlackHole);
+    for follower in &followers {
+        cluster.relay(leader, *follower).set_mode(RelayMode::Close);
+        cluster.relay(*follower, leader).set_mode(RelayMode::Close);
+    }
+    for block in 0..BLOCKS {
+        client
+            .submit_write(block * 4096, &content(0x40, block), 0)
+            .expect("submit");
+    }
+    for _ in 0..BLOCKS {
+        let reply = client.receive_reply().expect("reply");
+        assert!(!reply.is_ok(), "a write committed without a quorum");
+    }
+    // Long enough for the leader to step down: the server now retries the writes.
+    thread::sleep(Duration::from_millis(1500));
+    for follower in &followers {
+        cluster.relay(leader, *follower).set_mode(RelayMode::Pass);
+        cluster.relay(*follower, leader).set_mode(RelayMode::Pass);
+    }
+    let back = cluster.wait_for_leader(&[leader, followers[0]], Duration::from_secs(30));
+    assert_eq!(
+        back, leader,
+        "only the old leader can win with the followers apart"
+    );
+    // The later writes, spread over the servers' retry interval.
+    for block in 0..BLOCKS {
+        let reply = client
+            .write(block * 4096, &content(0x70, block))
+            .expect("write");
+        assert!(reply.is_ok(), "write after the heal: error {}", reply.error);
+        thread::sleep(Duration::from_millis(15));
+    }
+    // Let the servers' retries of the failed writes run their course, then read each block
+    // on every server.
+    thread::sleep(Duration::from_secs(2));
+    cluster.heal_all_links();
+    for id in cluster.node_ids() {
+        cluster.wait_caught_up(id, Duration::from_secs(30));
+        let mut direct = cluster.nbd_client(id, DEFAULT_EXPORT_NAME);
+        for block in 0..BLOCKS {
+            let data = direct.read(block * 4096, 4096).expect("read").data;
+            assert!(
+                data == content(0x70, block),
+                "node {id} block {block}: {} after an acknowledged later write\n{}",
+                if data == content(0x40, block) {
+                    "the write that failed at the deadline landed"
+                } else {
+                    "unexpected content"
+                },
+                proxy.log_text()
+            );
+        }
+    }
+}
+
 /// A write the proxy answered with an error (here EIO at its request deadline) may still land:
 /// the server goes on retrying it. Once it has, the proxy must not serve the block from its
 /// cache as it was before the write.
