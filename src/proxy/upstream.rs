@@ -430,10 +430,24 @@ async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<Upstr
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                let mut expired_changes_data = false;
                 for pending in inflight.expire(now) {
                     slog::warn!(logger, "request deadline passed; answering EIO";
                         "command" => ?pending.header.command, "offset" => pending.header.offset);
+                    expired_changes_data |= matches!(
+                        pending.header.command,
+                        Command::Write | Command::Trim | Command::WriteZeroes
+                    );
                     let _ = pending.responder.send(Err(Errno::Io));
+                }
+                if expired_changes_data && connection.is_some() {
+                    // The servers may still be retrying the write the client was just told
+                    // failed: with a new epoch, it can never land after anything sent from
+                    // now on.
+                    slog::info!(logger, "leaving upstream connection";
+                        "reason" => "a write passed its deadline", "unanswered" => inflight.len());
+                    fail_connection(&mut connection, &mut inflight, &mut reattach, epoch, &params.view);
+                    continue;
                 }
                 let Some(current) = &connection else { continue };
                 let timed_out = inflight
