@@ -957,6 +957,34 @@ fn a_block_whose_write_failed_is_not_served_from_the_proxy_cache_as_before() {
     );
 }
 
+/// A proxy whose volume another client took over, and that only reads, learns of it from the
+/// servers' status within a few polls and from then on serves nothing of it from its cache.
+#[test]
+fn a_proxy_whose_volume_was_taken_over_stops_serving_its_cache_within_a_few_status_polls() {
+    let _turn = one_cluster_at_a_time();
+    let cluster = Cluster::start(ClusterOptions::default());
+    let first = ProxyProcess::start(&cluster, "alpha", &[]);
+    let mut alpha = NbdClient::connect(first.listen_address, DEFAULT_EXPORT_NAME);
+    let cached = vec![0xa1u8; 4096];
+    assert!(alpha.write(0, &cached).expect("write").is_ok());
+    assert_eq!(alpha.read(0, 4096).expect("read").data, cached);
+
+    let second = ProxyProcess::start(&cluster, "beta-forced", &["--force-attach"]);
+    let mut beta = NbdClient::connect(second.listen_address, DEFAULT_EXPORT_NAME);
+    let overwritten = vec![0xb2u8; 4096];
+    assert!(beta.write(0, &overwritten).expect("write").is_ok());
+
+    // The status is polled every second: three polls.
+    thread::sleep(Duration::from_secs(3));
+    let read = alpha.read(0, 4096).expect("read");
+    assert!(
+        !(read.is_ok() && read.data == cached),
+        "three status polls after the takeover the first proxy still served a block from its \
+         cache that the new writer has overwritten\n{}",
+        first.log_text()
+    );
+}
+
 /// A proxy that learns its volume was taken over by another writer (its next write is fenced)
 /// serves no more reads from its cache: what it cached may have been overwritten since.
 #[test]
