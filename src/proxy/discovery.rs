@@ -46,6 +46,15 @@ pub struct VolumeSummary {
     pub name: String,
     pub size_bytes: u64,
     pub block_size_bytes: u32,
+    /// Who holds the volume read-write, as the answering server knows it.
+    #[serde(default)]
+    pub attachment: Option<AttachmentSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AttachmentSummary {
+    pub client: String,
+    pub epoch: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -247,6 +256,21 @@ impl ClusterView {
     }
 
     /// The last snapshot and whether the leader's NBD address is in it.
+    /// Whether the leader's last status names a client other than `client_id` as the holder
+    /// of `volume` (without copying the snapshot: asked before every cached read).
+    pub fn held_by_other(&self, volume: &str, client_id: &str) -> bool {
+        let guard = self.inner.snapshot.lock();
+        let (snapshot, leader_known) = (&guard.0, guard.1);
+        leader_known
+            && snapshot.volumes.iter().any(|summary| {
+                summary.name == volume
+                    && summary
+                        .attachment
+                        .as_ref()
+                        .is_some_and(|holder| holder.client != client_id)
+            })
+    }
+
     pub fn snapshot(&self) -> (ClusterSnapshot, bool) {
         let guard = self.inner.snapshot.lock();
         (guard.0.clone(), guard.1)

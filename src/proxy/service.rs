@@ -160,6 +160,8 @@ impl NbdService for ProxyService {
         Some(ProxyBackend {
             volume: volume.clone(),
             cache: self.shared.cache.clone(),
+            view: self.shared.view.clone(),
+            client_id: self.shared.client_id.clone(),
         })
     }
 }
@@ -232,6 +234,8 @@ async fn prepare(shared: &Arc<ProxyShared>, name: &str) -> Result<(), String> {
 pub struct ProxyBackend {
     volume: AttachedVolume,
     cache: Option<Addr<CacheActor>>,
+    view: ClusterView,
+    client_id: String,
 }
 
 async fn forward(upstream: &UpstreamHandle, request: BackendRequest) -> UpstreamResult {
@@ -261,9 +265,25 @@ fn error_reply(errno: Errno) -> BackendReply {
 }
 
 impl ProxyBackend {
-    /// The reply to a request the upstream failed. EPERM means the volume was lost to another
-    /// writer: what the cache holds of it may have been overwritten since.
-    async fn failed(&self, errno: Errno) -> BackendReply {
+    /// Whether the volume is lost to another writer: the upstream said so (EPERM), or the
+    /// leader's status, polled every `status_poll_interval_ms`, names another client as its
+    /// holder. Checked before every cache lookup, so that a proxy that only reads stops
+    /// serving its cache within a poll of a takeover.
+    async fn volume_lost(&self) -> bool {
+        if self.volume.lost.load(Ordering::SeqCst) {
+            return true;
+        }
+        let taken_over = self
+            .view
+            .held_by_other(&self.volume.summary.name, &self.client_id);
+        if taken_over {
+            self.forget(Errno::Perm).await;
+        }
+        taken_over
+    }
+
+    /// Marks the volume lost and makes the cache forget it (once).
+    async fn forget(&self, errno: Errno) {
         if errno == Errno::Perm && !self.volume.lost.swap(true, Ordering::SeqCst) {
             if let Some(cache) = &self.cache {
                 let _ = cache
@@ -273,6 +293,12 @@ impl ProxyBackend {
                     .await;
             }
         }
+    }
+
+    /// The reply to a request the upstream failed. EPERM means the volume was lost to another
+    /// writer: what the cache holds of it may have been overwritten since.
+    async fn failed(&self, errno: Errno) -> BackendReply {
+        self.forget(errno).await;
         error_reply(errno)
     }
 }
@@ -287,7 +313,7 @@ impl SessionBackend for ProxyBackend {
                 Command::Read => {
                     let mut request = request;
                     let mut ticket = None;
-                    let lost = backend.volume.lost.load(Ordering::SeqCst);
+                    let lost = backend.volume_lost().await;
                     if let Some(cache) = backend.cache.as_ref().filter(|_| !lost) {
                         // A cache that is down (restarting) is bypassed.
                         match cache
