@@ -957,22 +957,45 @@ fn a_block_whose_write_failed_is_not_served_from_the_proxy_cache_as_before() {
     );
 }
 
+/// Proxy "alpha" (`first`, client `alpha`) writes block 0 and reads it back, so that it
+/// caches it (`cached`); then proxy "beta-forced" takes the volume over and overwrites block 0.
+struct CachedThenTakenOver {
+    first: ProxyProcess,
+    alpha: NbdClient,
+    cached: Vec<u8>,
+    _second: ProxyProcess,
+}
+
+fn cached_then_taken_over(cluster: &Cluster) -> CachedThenTakenOver {
+    let first = ProxyProcess::start(cluster, "alpha", &[]);
+    let mut alpha = NbdClient::connect(first.listen_address, DEFAULT_EXPORT_NAME);
+    let cached = vec![0xa1u8; 4096];
+    assert!(alpha.write(0, &cached).expect("write").is_ok());
+    assert_eq!(alpha.read(0, 4096).expect("read").data, cached);
+
+    let second = ProxyProcess::start(cluster, "beta-forced", &["--force-attach"]);
+    let mut beta = NbdClient::connect(second.listen_address, DEFAULT_EXPORT_NAME);
+    assert!(beta.write(0, &[0xb2u8; 4096]).expect("write").is_ok());
+    CachedThenTakenOver {
+        first,
+        alpha,
+        cached,
+        _second: second,
+    }
+}
+
 /// A proxy whose volume another client took over, and that only reads, learns of it from the
 /// servers' status within a few polls and from then on serves nothing of it from its cache.
 #[test]
 fn a_proxy_whose_volume_was_taken_over_stops_serving_its_cache_within_a_few_status_polls() {
     let _turn = one_cluster_at_a_time();
     let cluster = Cluster::start(ClusterOptions::default());
-    let first = ProxyProcess::start(&cluster, "alpha", &[]);
-    let mut alpha = NbdClient::connect(first.listen_address, DEFAULT_EXPORT_NAME);
-    let cached = vec![0xa1u8; 4096];
-    assert!(alpha.write(0, &cached).expect("write").is_ok());
-    assert_eq!(alpha.read(0, 4096).expect("read").data, cached);
-
-    let second = ProxyProcess::start(&cluster, "beta-forced", &["--force-attach"]);
-    let mut beta = NbdClient::connect(second.listen_address, DEFAULT_EXPORT_NAME);
-    let overwritten = vec![0xb2u8; 4096];
-    assert!(beta.write(0, &overwritten).expect("write").is_ok());
+    let CachedThenTakenOver {
+        first,
+        mut alpha,
+        cached,
+        _second,
+    } = cached_then_taken_over(&cluster);
 
     // The status is polled every second: three polls.
     thread::sleep(Duration::from_secs(3));
@@ -991,16 +1014,12 @@ fn a_proxy_whose_volume_was_taken_over_stops_serving_its_cache_within_a_few_stat
 fn a_proxy_that_lost_its_volume_serves_no_reads_from_its_cache() {
     let _turn = one_cluster_at_a_time();
     let cluster = Cluster::start(ClusterOptions::default());
-    let first = ProxyProcess::start(&cluster, "alpha", &[]);
-    let mut alpha = NbdClient::connect(first.listen_address, DEFAULT_EXPORT_NAME);
-    let cached = vec![0xa1u8; 4096];
-    assert!(alpha.write(0, &cached).expect("write").is_ok());
-    assert_eq!(alpha.read(0, 4096).expect("read").data, cached);
-
-    let second = ProxyProcess::start(&cluster, "beta-forced", &["--force-attach"]);
-    let mut beta = NbdClient::connect(second.listen_address, DEFAULT_EXPORT_NAME);
-    let overwritten = vec![0xb2u8; 4096];
-    assert!(beta.write(0, &overwritten).expect("write").is_ok());
+    let CachedThenTakenOver {
+        first,
+        mut alpha,
+        cached,
+        _second,
+    } = cached_then_taken_over(&cluster);
 
     let fenced = alpha.write(8192, &cached).expect("write");
     assert_eq!(

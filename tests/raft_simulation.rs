@@ -97,6 +97,7 @@ use raftblk::config::{MemberConfig, RaftConfig};
 use raftblk::control::members::{plan_add_learner, plan_promote, plan_remove, Plan, PlanRefusal};
 use raftblk::raft::core::{
     CoreCounters, CoreParams, Effect, RaftCore, RaftLimits, ReadGate, ReadyProgress,
+    SNAPSHOT_INSTALL_FAILED,
 };
 use raftblk::raft::entry::applied_command;
 use raftblk::raft::lease::{read_lease_ms_max, LeaseInstant};
@@ -992,8 +993,6 @@ struct LiveNode {
     log_store: RaftLogStore,
     db: Arc<rocksdb::DB>,
     machine: StateMachine,
-    /// Bumped whenever the storage side reopens its state machine.
-    machine_generation: u64,
     applied_index: Arc<AtomicU64>,
     applied_wanted: Arc<AtomicU64>,
     read_gate: ReadGate,
@@ -1097,7 +1096,6 @@ impl SimNode {
             log_store,
             db,
             machine,
-            machine_generation: 0,
             applied_index,
             applied_wanted: Arc::new(AtomicU64::new(u64::MAX)),
             read_gate: ReadGate::default(),
@@ -1481,25 +1479,13 @@ impl Simulation {
         Ok(())
     }
 
-    /// Runs `body` on the node's core and carries out its effects. A panic whose message says
-    /// the core asked for a restart (a snapshot install failed) restarts the Raft actor, as
-    /// its supervisor would; any other panic is a failure of the run.
+    /// Runs `body` on the node's core and carries out its effects. A panic is a failure of
+    /// the run (only `process_ready` may ask for a restart, see there).
     fn with_core(&mut self, index: usize, body: impl FnOnce(&mut Core)) -> Checked<()> {
         let Some(live) = self.live_mut(index) else {
             return Ok(());
         };
-        let core = live.core_mut();
-        let result = catch_unwind(AssertUnwindSafe(|| body(core)));
-        if let Err(panic) = result {
-            let message = panic_message(&*panic);
-            if !message.starts_with("installing the snapshot at") {
-                resume_unwind(panic);
-            }
-            let node_id = self.nodes[index].id;
-            self.event(|| format!("node {node_id} core panicked: {message}"));
-            self.restart_raft(index)?;
-            return Ok(());
-        }
+        body(live.core_mut());
         self.run_effects(index)
     }
 
@@ -1719,7 +1705,7 @@ impl Simulation {
                     Ok(progress) => held = progress == ReadyProgress::WriteHeld,
                     Err(panic) => {
                         let message = panic_message(&*panic);
-                        if !message.starts_with("installing the snapshot at") {
+                        if !message.starts_with(SNAPSHOT_INSTALL_FAILED) {
                             resume_unwind(panic);
                         }
                         self.event(|| format!("node {node_id} core panicked: {message}"));
@@ -1734,9 +1720,6 @@ impl Simulation {
             if let Some(snapshot_index) = installed {
                 self.snapshots_installed += 1;
                 self.event(|| format!("node {node_id} installed a snapshot at {snapshot_index}"));
-                if let Some(live) = self.live_mut(index) {
-                    live.machine_generation += 1;
-                }
             }
             self.check_persisted_entries(index)?;
             self.run_effects(index)?;
@@ -2050,7 +2033,6 @@ impl Simulation {
         let machine = StateMachine::open(live.db.clone(), &images_dir, GROUP_ID)
             .map_err(|error| storage_failure(node_id, "reopen the state machine", error))?;
         live.machine = machine;
-        live.machine_generation += 1;
         let applied_index = live.machine.applied_index();
         live.applied_index.store(applied_index, Ordering::SeqCst);
         self.storage_restarts += 1;
@@ -3148,7 +3130,7 @@ fn quiet_expected_panics() {
             let expected = info
                 .payload()
                 .downcast_ref::<String>()
-                .is_some_and(|message| message.starts_with("installing the snapshot at"));
+                .is_some_and(|message| message.starts_with(SNAPSHOT_INSTALL_FAILED));
             if !expected {
                 default(info);
             }

@@ -368,38 +368,25 @@ impl SessionBackend for ProxyBackend {
                 Command::Write | Command::Trim | Command::WriteZeroes => {
                     let written =
                         (header.command == Command::Write).then(|| request.payload.clone());
-                    match forward(&backend.volume.upstream, request).await {
-                        Ok(_) => {
-                            if let Some(cache) = &backend.cache {
-                                // Before the client hears of the write, so no later read can
-                                // be served the data it replaced. An error means the cache is
-                                // restarting, and a restarted cache is empty.
-                                let _ = cache
-                                    .send(CacheWriteAcknowledged {
-                                        volume: cache_key,
-                                        offset: header.offset,
-                                        length: u64::from(header.length),
-                                        data: written,
-                                    })
-                                    .await;
-                            }
-                            BackendReply::Done
-                        }
-                        Err(errno) => {
-                            if let Some(cache) = &backend.cache {
-                                // It may still land (an EIO at the deadline leaves it to the
-                                // servers): the cached blocks it covers may be stale.
-                                let _ = cache
-                                    .send(CacheWriteAcknowledged {
-                                        volume: cache_key,
-                                        offset: header.offset,
-                                        length: u64::from(header.length),
-                                        data: None,
-                                    })
-                                    .await;
-                            }
-                            backend.failed(errno).await
-                        }
+                    let result = forward(&backend.volume.upstream, request).await;
+                    if let Some(cache) = &backend.cache {
+                        // Before the client hears of the outcome, so no later read can be
+                        // served the data the write replaced: an acknowledged write refreshes
+                        // the blocks it covers, a failed one (it may still land: an EIO at
+                        // the deadline leaves it to the servers) drops them. An error means
+                        // the cache is restarting, and a restarted cache is empty.
+                        let _ = cache
+                            .send(CacheWriteAcknowledged {
+                                volume: cache_key,
+                                offset: header.offset,
+                                length: u64::from(header.length),
+                                data: written.filter(|_| result.is_ok()),
+                            })
+                            .await;
+                    }
+                    match result {
+                        Ok(_) => BackendReply::Done,
+                        Err(errno) => backend.failed(errno).await,
                     }
                 }
                 // The servers' own map: a sparse-aware client (qemu-img convert, nbdcopy) then

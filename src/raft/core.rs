@@ -196,6 +196,10 @@ pub enum ReadyProgress {
     WriteHeld,
 }
 
+/// How the message of the panic starts with which the core asks to be rebuilt after a snapshot
+/// install failed (the supervisor, or a simulation, restarts it).
+pub const SNAPSHOT_INSTALL_FAILED: &str = "installing the snapshot at";
+
 /// Installs a snapshot carried by a Ready: switch the state machine to its staged data and
 /// answer once that is durable, with the member directory it carries.
 pub type SnapshotInstaller<'a> = dyn FnMut(&Snapshot) -> Result<Vec<MemberConfig>, String> + 'a;
@@ -1190,7 +1194,7 @@ impl<P, R> RaftCore<P, R> {
         let index = snapshot.get_metadata().index;
         match install(snapshot) {
             Ok(members) => self.effects.push(Effect::MembersChanged(members)),
-            Err(error) => panic!("installing the snapshot at {index} failed: {error}"),
+            Err(error) => panic!("{SNAPSHOT_INSTALL_FAILED} {index} failed: {error}"),
         }
         self.counters.snapshots_installed += 1;
         self.applied_index = self.applied_index.max(index);
@@ -1670,6 +1674,26 @@ mod tests {
         }
     }
 
+    fn add_learner(id: u64) -> ConfChangeV2 {
+        let mut single = raft::prelude::ConfChangeSingle::default();
+        single.set_change_type(raft::prelude::ConfChangeType::AddLearnerNode);
+        single.node_id = id;
+        let mut change = ConfChangeV2::default();
+        change.set_changes(vec![single].into());
+        change
+    }
+
+    /// The proposals the effects answer with an error.
+    fn proposal_failures(effects: Vec<Effect<u64, u64>>) -> Vec<(u64, ProposalError)> {
+        effects
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::ProposalFailed(op, error) => Some((op, error)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn no_snapshot(_: &Snapshot) -> Result<Vec<MemberConfig>, String> {
         Err("no snapshot expected".into())
     }
@@ -1823,15 +1847,7 @@ mod tests {
                 .core
                 .propose(Bytes::from_static(b"write"), op, at(0));
         }
-        let refused: Vec<(u64, ProposalError)> = harness
-            .core
-            .take_effects()
-            .into_iter()
-            .filter_map(|effect| match effect {
-                Effect::ProposalFailed(op, error) => Some((op, error)),
-                _ => None,
-            })
-            .collect();
+        let refused = proposal_failures(harness.core.take_effects());
         assert_eq!(refused, vec![(4, ProposalError::Overloaded)]);
     }
 
@@ -1883,21 +1899,9 @@ mod tests {
     #[test]
     fn conf_changes_and_transfers_are_refused_off_the_leader() {
         let mut harness = harness(&[1, 2, 3], config());
-        let mut change = ConfChangeV2::default();
-        let mut single = raft::prelude::ConfChangeSingle::default();
-        single.set_change_type(raft::prelude::ConfChangeType::AddLearnerNode);
-        single.node_id = 4;
-        change.set_changes(vec![single].into());
+        let change = add_learner(4);
         harness.core.propose_conf_change(change, None, 3, at(0));
-        let refused: Vec<_> = harness
-            .core
-            .take_effects()
-            .into_iter()
-            .filter_map(|effect| match effect {
-                Effect::ProposalFailed(op, error) => Some((op, error)),
-                _ => None,
-            })
-            .collect();
+        let refused = proposal_failures(harness.core.take_effects());
         assert_eq!(
             refused,
             vec![(3, ProposalError::NotLeader { leader_id: 0 })]
@@ -1913,25 +1917,13 @@ mod tests {
         let mut harness = harness(&[1], config());
         let effects = harness.settle(at(0));
         harness.apply(&effects);
-        let mut change = ConfChangeV2::default();
-        let mut single = raft::prelude::ConfChangeSingle::default();
-        single.set_change_type(raft::prelude::ConfChangeType::AddLearnerNode);
-        single.node_id = 4;
-        change.set_changes(vec![single].into());
+        let change = add_learner(4);
         let check: ConfChangeCheck =
             Box::new(|status: &RaftStatus| Err(format!("not now (term {})", status.term)));
         harness
             .core
             .propose_conf_change(change, Some(check), 3, at(0));
-        let refused: Vec<_> = harness
-            .core
-            .take_effects()
-            .into_iter()
-            .filter_map(|effect| match effect {
-                Effect::ProposalFailed(op, error) => Some((op, error)),
-                _ => None,
-            })
-            .collect();
+        let refused = proposal_failures(harness.core.take_effects());
         assert_eq!(
             refused,
             vec![(
