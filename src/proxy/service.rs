@@ -402,3 +402,132 @@ impl SessionBackend for ProxyBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::actors::supervisor::{ActorKind, RestartCounters, SupervisedActor, Supervision};
+    use crate::nbd::transmission::RequestHeader;
+
+    const BLOCK: u32 = 4096;
+    const VOLUME_BYTES: u64 = 16 * BLOCK as u64;
+
+    fn backend(sender: mpsc::Sender<UpstreamRequest>) -> ProxyBackend {
+        let supervision = Supervision {
+            kind: ActorKind::Cache,
+            logger: slog::Logger::root(slog::Discard, slog::o!()),
+            counters: RestartCounters::new(),
+        };
+        let cache = SupervisedActor::start(supervision.clone(), move |_| {
+            CacheActor::new(1 << 20, BLOCK, supervision)
+        });
+        ProxyBackend {
+            volume: AttachedVolume {
+                summary: VolumeSummary {
+                    name: "alpha".into(),
+                    size_bytes: VOLUME_BYTES,
+                    block_size_bytes: BLOCK,
+                    attachment: None,
+                },
+                cache_key: 1,
+                epoch: 1,
+                upstream: UpstreamHandle { sender },
+                lost: Arc::default(),
+            },
+            cache: Some(cache),
+            view: ClusterView::new(Vec::new(), Duration::from_secs(1), String::new()),
+            client_id: "proxy-test".into(),
+        }
+    }
+
+    fn request(command: Command, cookie: u64, payload: Bytes) -> BackendRequest {
+        BackendRequest {
+            header: RequestHeader {
+                flags: 0,
+                command,
+                cookie,
+                offset: 0,
+                length: BLOCK,
+            },
+            payload,
+            deadline: Instant::now() + Duration::from_secs(10),
+        }
+    }
+
+    fn filled(byte: u8) -> Bytes {
+        Bytes::from(vec![byte; BLOCK as usize])
+    }
+
+    /// The byte a block read returned, if the reply is a block of one repeated byte.
+    fn block_byte(reply: &BackendReply) -> Option<u8> {
+        match reply {
+            BackendReply::Data(data)
+                if data.len() == BLOCK as usize && data.iter().all(|byte| *byte == data[0]) =>
+            {
+                Some(data[0])
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads block 0 through `backend`; a read that reaches the (fake) servers is answered
+    /// with `server_block`.
+    async fn read_block(
+        backend: &ProxyBackend,
+        upstream: &mut mpsc::Receiver<UpstreamRequest>,
+        server_block: &Bytes,
+    ) -> BackendReply {
+        let mut reply = actix_rt::spawn(backend.execute(request(Command::Read, 9, Bytes::new())));
+        tokio::select! {
+            answered = &mut reply => return answered.expect("read task"),
+            Some(read) = upstream.recv() => {
+                assert_eq!(read.header.command, Command::Read);
+                let mut data = server_block.to_vec();
+                data.resize(read.header.length as usize, 0);
+                let _ = read.responder.send(Ok(ReplyAnswer::Data(Bytes::from(data))));
+            }
+        }
+        reply.await.expect("read task")
+    }
+
+    /// Two local connections write the same block at once. The servers apply the writes in
+    /// the order they arrive and, as NBD allows, answer them in the other order; the cache
+    /// must end up agreeing with the servers whatever order the acknowledgements come in.
+    #[actix_rt::test]
+    async fn overlapping_writes_answered_out_of_order_leave_the_cache_agreeing_with_the_servers() {
+        let (sender, mut upstream) = mpsc::channel(16);
+        let backend = backend(sender);
+        let mut server_block = filled(0);
+        // The block is cached.
+        let first = read_block(&backend, &mut upstream, &server_block).await;
+        assert_eq!(block_byte(&first), Some(0));
+        let mut writes = Vec::new();
+        for (cookie, byte) in [(1, 0xaa), (2, 0xbb)] {
+            let write =
+                actix_rt::spawn(backend.execute(request(Command::Write, cookie, filled(byte))));
+            let arrived = upstream.recv().await.expect("the write goes upstream");
+            // Applied on arrival: the last to arrive is what the servers hold.
+            server_block = arrived.payload.clone();
+            writes.push((write, arrived.responder));
+        }
+        assert_eq!(server_block, filled(0xbb));
+        // Answered in the other order, each reply awaited by its connection.
+        while let Some((write, responder)) = writes.pop() {
+            responder
+                .send(Ok(ReplyAnswer::Done))
+                .expect("the write waits");
+            assert_eq!(write.await.expect("write task"), BackendReply::Done);
+        }
+        let after = read_block(&backend, &mut upstream, &server_block).await;
+        assert_eq!(
+            block_byte(&after),
+            Some(0xbb),
+            "a read after both acknowledgements returns what the servers hold"
+        );
+    }
+}
