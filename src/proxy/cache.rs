@@ -6,6 +6,11 @@
 //!
 //! - a write, trim or zero is applied to the cache (full blocks replaced, partial blocks
 //!   dropped) after the cluster acknowledged it and *before* the client gets the reply;
+//! - a write is registered when it is sent upstream and finished when its reply is in. The
+//!   servers may answer writes in any order (NBD allows it), so the order in which two
+//!   overlapping writes finish says nothing of the order they were applied in: a write that
+//!   overlapped another in flight drops the blocks it covers instead of replacing them, and
+//!   the next read fetches what the servers hold;
 //! - a read miss takes a fill ticket; every acknowledged write overlapping the ticket's blocks
 //!   poisons it, and a poisoned (or unknown) ticket inserts nothing. A read that raced with a
 //!   write to the same block can therefore never put the pre-write data back.
@@ -21,6 +26,7 @@
 //! is down, sessions bypass it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::actors::supervisor::{run_guarded, Supervision};
 use actix::prelude::*;
@@ -55,6 +61,28 @@ struct Ticket {
     poisoned: bool,
 }
 
+/// A write sent upstream and not yet answered: its blocks `[first_block, end_block)`, and
+/// whether another write to any of them was in flight at the same time.
+struct InFlightWrite {
+    volume: u64,
+    first_block: u64,
+    /// Exclusive.
+    end_block: u64,
+    overlapped: bool,
+}
+
+/// Writes followed at once; past it the oldest is forgotten (its data is then dropped from
+/// the cache instead of replacing it, as for an overlapped write).
+const WRITES_IN_FLIGHT_MAX: usize = 4096;
+
+static NEXT_WRITE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh id for [`BlockCache::write_started`], unique in the process (so it can be chosen
+/// before the cache is asked, and a cache that restarted in between knows none of them).
+pub fn next_write_id() -> u64 {
+    NEXT_WRITE_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Sequential streams followed for readahead, per cache.
 pub const STREAMS_MAX: usize = 8;
 
@@ -82,6 +110,7 @@ pub struct BlockCache {
     entries: HashMap<BlockKey, Entry>,
     recency: BTreeMap<u64, BlockKey>,
     tickets: BTreeMap<u64, Ticket>,
+    writes: BTreeMap<u64, InFlightWrite>,
     clock: u64,
     next_ticket: u64,
     used_bytes: u64,
@@ -109,6 +138,7 @@ impl BlockCache {
             entries: HashMap::new(),
             recency: BTreeMap::new(),
             tickets: BTreeMap::new(),
+            writes: BTreeMap::new(),
             clock: 0,
             next_ticket: 1,
             used_bytes: 0,
@@ -288,23 +318,65 @@ impl BlockCache {
         self.tickets.remove(&ticket);
     }
 
-    /// A write, trim or zero of `[offset, offset + length)` was acknowledged by the cluster.
-    /// `data` is the written data for a WRITE (blocks it covers fully are replaced with it),
-    /// `None` for TRIM/WRITE_ZEROES (the blocks are dropped). Must run before the client sees
-    /// the acknowledgement.
-    pub fn write_acknowledged(
+    /// The blocks a change of `[offset, offset + length)` touches, whole or in part.
+    fn touched_blocks(&self, offset: u64, length: u64) -> (u64, u64) {
+        let block = self.block_size_bytes;
+        (
+            offset / block,
+            offset.saturating_add(length).div_ceil(block),
+        )
+    }
+
+    /// Write `write` (an id from [`next_write_id`]) of `[offset, offset + length)` is being
+    /// sent upstream. Must reach the cache before the write can be answered.
+    pub fn write_started(&mut self, write: u64, volume: u64, offset: u64, length: u64) {
+        let (first, end) = self.touched_blocks(offset, length);
+        let mut overlapped = false;
+        for other in self.writes.values_mut() {
+            if other.volume == volume && other.first_block < end && first < other.end_block {
+                other.overlapped = true;
+                overlapped = true;
+            }
+        }
+        self.writes.insert(
+            write,
+            InFlightWrite {
+                volume,
+                first_block: first,
+                end_block: end,
+                overlapped,
+            },
+        );
+        while self.writes.len() > WRITES_IN_FLIGHT_MAX {
+            self.writes.pop_first();
+        }
+    }
+
+    /// Write, trim or zero `write` of `[offset, offset + length)` was answered. `data` is the
+    /// written data of a WRITE the cluster acknowledged: the blocks it covers fully are
+    /// replaced with it, unless another write to them was in flight at the same time (which
+    /// of the two was applied last is unknown) or the write is unknown (started before a
+    /// restart of the cache, or forgotten). Otherwise (`None`: a trim, a zero, or a write
+    /// that failed and may still land) the blocks are dropped. Must run before the client
+    /// sees the reply.
+    pub fn write_finished(
         &mut self,
+        write: u64,
         volume: u64,
         offset: u64,
         length: u64,
         data: Option<&Bytes>,
     ) {
+        let known_alone = self
+            .writes
+            .remove(&write)
+            .is_some_and(|record| !record.overlapped);
         if length == 0 {
             return;
         }
+        let data = data.filter(|_| known_alone);
         let block = self.block_size_bytes;
-        let first = offset / block;
-        let end = offset.saturating_add(length).div_ceil(block);
+        let (first, end) = self.touched_blocks(offset, length);
         for ticket in self.tickets.values_mut() {
             if ticket.volume == volume && ticket.first_block < end && first < ticket.end_block {
                 ticket.poisoned = true;
@@ -459,12 +531,25 @@ pub struct CacheAbandon {
     pub ticket: u64,
 }
 
-/// Session → cache, awaited before replying to the client: a write was acknowledged (`data`
-/// its data), or a trim, a zeroing or a write whose outcome is unknown (it failed, but may
-/// still land) changed the range (`data` none: the blocks are dropped).
+/// Session → cache, before the request goes upstream: write `write` (an id from
+/// [`next_write_id`]) of the range is being sent. Sent without waiting: the mailbox delivers it
+/// before the [`CacheWriteFinished`] the same session sends after the reply.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct CacheWriteAcknowledged {
+pub struct CacheWriteStarted {
+    pub write: u64,
+    pub volume: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// Session → cache, awaited before replying to the client: write `write` was acknowledged
+/// (`data` its data), or a trim, a zeroing or a write whose outcome is unknown (it failed,
+/// but may still land) changed the range (`data` none: the blocks are dropped).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CacheWriteFinished {
+    pub write: u64,
     pub volume: u64,
     pub offset: u64,
     pub length: u64,
@@ -518,11 +603,26 @@ impl Handler<CacheAbandon> for CacheActor {
     }
 }
 
-impl Handler<CacheWriteAcknowledged> for CacheActor {
+impl Handler<CacheWriteStarted> for CacheActor {
     type Result = ();
-    fn handle(&mut self, msg: CacheWriteAcknowledged, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: CacheWriteStarted, ctx: &mut Context<Self>) {
         self.guarded(ctx, (), |cache| {
-            cache.write_acknowledged(msg.volume, msg.offset, msg.length, msg.data.as_ref())
+            cache.write_started(msg.write, msg.volume, msg.offset, msg.length)
+        });
+    }
+}
+
+impl Handler<CacheWriteFinished> for CacheActor {
+    type Result = ();
+    fn handle(&mut self, msg: CacheWriteFinished, ctx: &mut Context<Self>) {
+        self.guarded(ctx, (), |cache| {
+            cache.write_finished(
+                msg.write,
+                msg.volume,
+                msg.offset,
+                msg.length,
+                msg.data.as_ref(),
+            )
         });
     }
 }
@@ -551,6 +651,19 @@ mod tests {
 
     fn block(fill: u8) -> Bytes {
         Bytes::from(vec![fill; 4096])
+    }
+
+    /// A write, trim or zero that was alone in flight, started and answered.
+    fn write_alone(
+        cache: &mut BlockCache,
+        volume: u64,
+        offset: u64,
+        length: u64,
+        data: Option<&Bytes>,
+    ) {
+        let write = next_write_id();
+        cache.write_started(write, volume, offset, length);
+        cache.write_finished(write, volume, offset, length, data);
     }
 
     /// Misses `[offset, offset + length)` and fills what the miss says to read, block `b` of
@@ -679,7 +792,7 @@ mod tests {
         };
         assert_eq!(length, 8192, "window doubled");
         // Acknowledged while the widened read was in flight, past the requested block.
-        cache.write_acknowledged(1, 8192, 4096, Some(&block(9)));
+        write_alone(&mut cache, 1, 8192, 4096, Some(&block(9)));
         assert!(!cache.fill(ticket, &Bytes::from(vec![0u8; 8192])));
         assert!(matches!(
             cache.lookup(1, 8192, 4096, VOLUME),
@@ -736,7 +849,7 @@ mod tests {
         let Lookup::Miss { ticket, .. } = cache.lookup(1, 0, 8192, VOLUME) else {
             panic!("miss");
         };
-        cache.write_acknowledged(1, 4096, 512, None);
+        write_alone(&mut cache, 1, 4096, 512, None);
         assert!(!cache.fill(ticket, &Bytes::from(vec![1u8; 8192])));
         assert!(matches!(
             cache.lookup(1, 0, 4096, VOLUME),
@@ -746,8 +859,8 @@ mod tests {
         let Lookup::Miss { ticket, .. } = cache.lookup(1, 0, 4096, VOLUME) else {
             panic!("miss");
         };
-        cache.write_acknowledged(2, 0, 4096, Some(&block(9)));
-        cache.write_acknowledged(1, 4096, 4096, Some(&block(9)));
+        write_alone(&mut cache, 2, 0, 4096, Some(&block(9)));
+        write_alone(&mut cache, 1, 4096, 4096, Some(&block(9)));
         assert!(cache.fill(ticket, &block(1)));
         assert_eq!(cache.lookup(1, 0, 4096, VOLUME), Lookup::Hit(block(1)));
     }
@@ -767,7 +880,7 @@ mod tests {
         // was never cached; block 2 is covered only in part here.
         let mut data = vec![5u8; 4096 + 100];
         data[0] = 6;
-        cache.write_acknowledged(1, 4096, 4096 + 100, Some(&Bytes::from(data)));
+        write_alone(&mut cache, 1, 4096, 4096 + 100, Some(&Bytes::from(data)));
         let Lookup::Hit(hit) = cache.lookup(1, 4096, 4096, VOLUME) else {
             panic!("block 1 was replaced, not dropped");
         };
@@ -778,7 +891,7 @@ mod tests {
             Lookup::Miss { .. }
         ));
         assert_eq!(cache.lookup(1, 0, 4096, VOLUME), Lookup::Hit(block(1)));
-        cache.write_acknowledged(1, 0, 4096, None);
+        write_alone(&mut cache, 1, 0, 4096, None);
         assert!(matches!(
             cache.lookup(1, 0, 4096, VOLUME),
             Lookup::Miss { .. }
@@ -818,6 +931,50 @@ mod tests {
         cache.clear();
         assert!(!cache.fill(ticket, &block(1)));
         assert_eq!(cache.used_bytes(), 0);
+    }
+
+    #[test]
+    fn writes_that_overlapped_in_flight_drop_their_blocks_whatever_order_they_finish_in() {
+        let mut cache = BlockCache::new(8 << 20, 4096, false);
+        miss_and_fill(&mut cache, 0, 3 * 4096, VOLUME);
+        let (first, second, elsewhere) = (next_write_id(), next_write_id(), next_write_id());
+        cache.write_started(first, 1, 0, 4096);
+        // Overlaps `first` in its second block only.
+        cache.write_started(second, 1, 0, 2 * 4096);
+        cache.write_started(elsewhere, 1, 2 * 4096, 4096);
+        cache.write_finished(second, 1, 0, 2 * 4096, Some(&Bytes::from(vec![0xbb; 8192])));
+        cache.write_finished(first, 1, 0, 4096, Some(&block(0xaa)));
+        cache.write_finished(elsewhere, 1, 2 * 4096, 4096, Some(&block(0xcc)));
+        assert!(matches!(
+            cache.lookup(1, 0, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+        assert!(matches!(
+            cache.lookup(1, 4096, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
+        assert_eq!(
+            cache.lookup(1, 2 * 4096, 4096, VOLUME),
+            Lookup::Hit(block(0xcc))
+        );
+        // Once neither is in flight, a write replaces its block again.
+        write_alone(&mut cache, 1, 2 * 4096, 4096, Some(&block(0xdd)));
+        assert_eq!(
+            cache.lookup(1, 2 * 4096, 4096, VOLUME),
+            Lookup::Hit(block(0xdd))
+        );
+    }
+
+    #[test]
+    fn a_write_the_cache_never_saw_start_drops_its_blocks() {
+        let mut cache = BlockCache::new(8 << 20, 4096, false);
+        miss_and_fill(&mut cache, 0, 4096, VOLUME);
+        // As after a restart of the cache between the start and the reply.
+        cache.write_finished(next_write_id(), 1, 0, 4096, Some(&block(0xaa)));
+        assert!(matches!(
+            cache.lookup(1, 0, 4096, VOLUME),
+            Lookup::Miss { .. }
+        ));
     }
 
     /// The actor shell: a panic restarts it cold at the same address, and it keeps serving.

@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::cache::{
-    CacheAbandon, CacheActor, CacheFill, CacheForgetVolume, CacheLookup, CacheWriteAcknowledged,
-    Lookup,
+    next_write_id, CacheAbandon, CacheActor, CacheFill, CacheForgetVolume, CacheLookup,
+    CacheWriteFinished, CacheWriteStarted, Lookup,
 };
 use super::discovery::{AttachError, ClusterView, VolumeSummary};
 use super::upstream::{
@@ -368,15 +368,26 @@ impl SessionBackend for ProxyBackend {
                 Command::Write | Command::Trim | Command::WriteZeroes => {
                     let written =
                         (header.command == Command::Write).then(|| request.payload.clone());
+                    let write = next_write_id();
+                    if let Some(cache) = &backend.cache {
+                        cache.do_send(CacheWriteStarted {
+                            write,
+                            volume: cache_key,
+                            offset: header.offset,
+                            length: u64::from(header.length),
+                        });
+                    }
                     let result = forward(&backend.volume.upstream, request).await;
                     if let Some(cache) = &backend.cache {
                         // Before the client hears of the outcome, so no later read can be
                         // served the data the write replaced: an acknowledged write refreshes
-                        // the blocks it covers, a failed one (it may still land: an EIO at
-                        // the deadline leaves it to the servers) drops them. An error means
-                        // the cache is restarting, and a restarted cache is empty.
+                        // the blocks it covers (unless another write to them was in flight),
+                        // a failed one (it may still land: an EIO at the deadline leaves it
+                        // to the servers) drops them. An error means the cache is restarting,
+                        // and a restarted cache is empty.
                         let _ = cache
-                            .send(CacheWriteAcknowledged {
+                            .send(CacheWriteFinished {
+                                write,
                                 volume: cache_key,
                                 offset: header.offset,
                                 length: u64::from(header.length),
