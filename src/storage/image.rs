@@ -157,6 +157,7 @@ impl ImageFile {
         // fsync (not fdatasync): the new size is metadata that must survive a crash.
         file.sync_all()
             .map_err(|error| StorageError::io(path, error))?;
+        super::durability::synced(super::durability::Synced::File(path));
         if let Some(directory) = path.parent() {
             sync_directory(directory)?;
         }
@@ -254,7 +255,9 @@ impl ImageFile {
             .set_len(size_bytes)
             .map_err(|error| self.io_error(error))?;
         // fsync (not fdatasync): the size is metadata.
-        self.file.sync_all().map_err(|error| self.io_error(error))
+        self.file.sync_all().map_err(|error| self.io_error(error))?;
+        super::durability::synced(super::durability::Synced::File(&self.path));
+        Ok(())
     }
 
     /// Shrinks the file back to `size_bytes`: only for undoing a grow whose volume row was
@@ -457,7 +460,9 @@ impl ImageFile {
 
     /// fdatasync: the written data (and the size, if it changed) reach the disk.
     pub fn sync_data(&self) -> Result<(), StorageError> {
-        self.file.sync_data().map_err(|error| self.io_error(error))
+        self.file.sync_data().map_err(|error| self.io_error(error))?;
+        super::durability::synced(super::durability::Synced::File(&self.path));
+        Ok(())
     }
 
     /// The allocation state of `[offset, offset + length)`, as extents in order. Covers the

@@ -11,6 +11,8 @@
 //! - [`snapshot`]: snapshot streaming for followers behind the log (fuzzy copy + log replay):
 //!   pure chunk encoding, the sending [`snapshot::SnapshotSource`] and the receiving
 //!   [`snapshot::SnapshotStaging`].
+//! - [`durability`]: the sync points, reported to a watcher of the thread (the simulation's
+//!   power cuts).
 //! - `wal_cache`: drops RocksDB's synced write-ahead log from the page cache.
 //! - `keys`: the RocksDB column families and key encodings, all prefixed by the Raft group id.
 //!
@@ -27,6 +29,7 @@
 
 pub mod apply;
 pub mod command;
+pub mod durability;
 mod error;
 pub mod image;
 mod keys;

@@ -284,7 +284,7 @@ impl RaftLogStore {
             keys::members_key(self.shared.group_id),
             encode_members(members),
         );
-        db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&db, batch)?;
         state.members = sorted_members(members);
         Ok(())
     }
@@ -367,7 +367,7 @@ impl RaftLogStore {
         db.write_opt(batch, &write_options(false))?;
         self.shared.wal_cache.note_written(batch_bytes);
         if sync {
-            self.shared.wal_cache.sync(|| db.flush_wal(true))?;
+            self.shared.wal_cache.sync(|| super::durability::sync_wal(&db))?;
         }
 
         if let Some(hard_state) = hard_state {
@@ -385,7 +385,7 @@ impl RaftLogStore {
     /// writing further Readies (unsynced) while another thread runs this.
     pub fn sync_wal(&self) -> Result<(), StorageError> {
         let db = &self.shared.db;
-        self.shared.wal_cache.sync(|| db.flush_wal(true))?;
+        self.shared.wal_cache.sync(|| super::durability::sync_wal(&db))?;
         Ok(())
     }
 
@@ -466,7 +466,7 @@ impl RaftLogStore {
         );
         batch.put_cf(meta, keys::members_key(group_id), encode_members(members));
         // fsync: a node must not forget a membership it has acted on.
-        db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&db, batch)?;
         state.conf_state = conf_state.clone();
         state.conf_state_index = index;
         state.members = sorted_members(members);
@@ -582,7 +582,7 @@ impl RaftLogStore {
         batch.put_cf(meta, keys::members_key(group_id), encode_members(members));
         // fsync: after this the node is a member at the snapshot index, and the state machine
         // part of the batch names the new image files.
-        db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&db, batch)?;
         state.hard_state = hard_state;
         state.conf_state = conf_state;
         state.conf_state_index = metadata.index;
@@ -665,7 +665,7 @@ impl RaftLogStore {
             })?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, key, next.to_be_bytes());
-        db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&db, batch)?;
         Ok(first)
     }
 

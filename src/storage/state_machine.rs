@@ -1210,7 +1210,7 @@ impl StateMachine {
         );
         // Synced: it also makes every checksum batch written before it durable, and the log
         // may be compacted against this index right after.
-        self.db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&self.db, batch)?;
         self.durable_applied_index = index;
         Ok(())
     }
@@ -1326,7 +1326,7 @@ impl StateMachine {
         );
         // Synced: the row and the applied index together, so the volume table on disk is
         // always the table as of the durable applied index.
-        self.db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&self.db, batch)?;
         self.volumes.insert(
             index,
             Arc::new(Self::volume_shared(
@@ -1370,7 +1370,7 @@ impl StateMachine {
         );
         // Synced before the file goes: a crash in between leaves an orphan file, which `open`
         // removes; never a row without its file.
-        self.db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&self.db, batch)?;
         self.volumes.remove(&volume_id);
         self.applied_index = index;
         self.durable_applied_index = index;
@@ -1476,7 +1476,7 @@ impl StateMachine {
             keys::applied_index_key(self.group_id),
             index.to_be_bytes(),
         );
-        self.db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&self.db, batch)?;
         volume.size_bytes.store(size_bytes, Ordering::Release);
         self.applied_index = index;
         self.durable_applied_index = index;
@@ -1528,7 +1528,7 @@ impl StateMachine {
             keys::applied_index_key(self.group_id),
             index.to_be_bytes(),
         );
-        self.db.write_opt(batch, &write_options(true))?;
+        super::durability::write_synced(&self.db, batch)?;
         *volume.attachment.lock() = info.attachment.clone();
         self.applied_index = index;
         self.durable_applied_index = index;
