@@ -95,8 +95,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,11 +114,11 @@ use raftblk::raft::lease::{read_lease_ms_max, LeaseInstant};
 use raftblk::raft::ProposalError;
 use raftblk::storage::apply::apply_committed;
 use raftblk::storage::command::{decode_command, encode_command, encode_write_command, Command};
+use raftblk::storage::durability::{watch_this_thread, Synced};
+use raftblk::storage::image::ImageFile;
 use raftblk::storage::raft_log::RaftLogStore;
 use raftblk::storage::snapshot::{SnapshotDescriptor, SnapshotStaging, StagedSnapshot};
 use raftblk::storage::state_machine::{ApplyOutcome, StateMachine, VolumeReader};
-use raftblk::storage::durability::{watch_this_thread, Synced};
-use raftblk::storage::image::ImageFile;
 use raftblk::storage::{open_db, StorageOptions, IMAGES_DIRECTORY_NAME, ROCKSDB_DIRECTORY_NAME};
 
 /// The Raft group every simulated node belongs to.
@@ -325,8 +325,9 @@ struct Chaos {
     long_delay_per_million: u64,
     long_delay_steps_max: u64,
     crash_per_million: u64,
-    /// A node loses power (a crash that also loses what was not synced).
-    power_cut_per_million: u64,
+    /// The share of crashes, in percent, that are power cuts (a crash that also loses what
+    /// was not synced).
+    power_cut_percent: u64,
     /// Every node loses power at once.
     blackout_per_million: u64,
     restart_per_million: u64,
@@ -361,10 +362,10 @@ impl Chaos {
             } else {
                 rng.between(0, 2_500)
             },
-            power_cut_per_million: if crash_heavy {
-                6_000
+            power_cut_percent: if crash_heavy {
+                50
             } else {
-                rng.between(0, 2_000)
+                [0, 25, 50, 100][rng.below(4) as usize]
             },
             blackout_per_million: [0, 0, 100, 400][rng.below(4) as usize],
             restart_per_million: rng.between(5_000, 30_000),
@@ -394,7 +395,7 @@ impl Chaos {
             long_delay_per_million: 0,
             long_delay_steps_max: 0,
             crash_per_million: 0,
-            power_cut_per_million: 0,
+            power_cut_percent: 0,
             blackout_per_million: 0,
             restart_per_million: 0,
             raft_restart_per_million: 0,
@@ -1110,7 +1111,9 @@ impl DurableRecords {
                     if let Some((number, _, length)) =
                         newest_wal(directory).expect("list the RocksDB directory")
                     {
-                        records.wal.insert(directory.to_path_buf(), (number, length));
+                        records
+                            .wal
+                            .insert(directory.to_path_buf(), (number, length));
                     }
                 }
                 Synced::File(path) => {
@@ -2106,14 +2109,11 @@ impl Simulation {
         let node_count = self.nodes.len() as u64;
         if self.rng.chance(self.chaos.crash_per_million, 1_000_000) {
             let index = self.rng.below(node_count) as usize;
-            self.crash(index)?;
-        }
-        if self
-            .rng
-            .chance(self.chaos.power_cut_per_million, 1_000_000)
-        {
-            let index = self.rng.below(node_count) as usize;
-            self.power_cut(&[index])?;
+            if self.rng.chance(self.chaos.power_cut_percent, 100) {
+                self.power_cut(&[index])?;
+            } else {
+                self.crash(index)?;
+            }
         }
         if self.rng.chance(self.chaos.blackout_per_million, 1_000_000) {
             let all: Vec<usize> = (0..self.nodes.len()).collect();
@@ -3384,7 +3384,7 @@ fn replay_hint(seed: u64) -> String {
 
 /// Raft paper, Figure 3 (Election Safety, Log Matching, Leader Completeness, State Machine
 /// Safety) and per-block linearizability of the clients' history, under drops, delays,
-/// duplicates, partitions, process crashes, Raft and storage actor restarts, leader
+/// duplicates, partitions, process crashes, power cuts, Raft and storage actor restarts, leader
 /// transfers, snapshots and compaction; then liveness after the heal and identical replicas.
 #[test]
 fn many_seeds_keep_every_invariant() {
@@ -3674,8 +3674,14 @@ fn a_power_cut_loses_only_what_was_not_synced() {
         }
         assert_eq!(cut.sectors_rolled_back, sectors_lost_in(&content));
     }
-    assert!(entries_lost > 0, "eight power cuts lost no unsynced log entry");
-    assert!(sectors_lost > 0, "eight power cuts rolled back no unsynced sector");
+    assert!(
+        entries_lost > 0,
+        "eight power cuts lost no unsynced log entry"
+    );
+    assert!(
+        sectors_lost > 0,
+        "eight power cuts rolled back no unsynced sector"
+    );
     watch_this_thread(None);
 }
 

@@ -460,7 +460,9 @@ impl ImageFile {
 
     /// fdatasync: the written data (and the size, if it changed) reach the disk.
     pub fn sync_data(&self) -> Result<(), StorageError> {
-        self.file.sync_data().map_err(|error| self.io_error(error))?;
+        self.file
+            .sync_data()
+            .map_err(|error| self.io_error(error))?;
         super::durability::synced(super::durability::Synced::File(&self.path));
         Ok(())
     }

@@ -100,10 +100,10 @@ fn encode_protobuf<M: Message>(what: &'static str, message: &M) -> Result<Vec<u8
         .map_err(|error| corruption(what, format!("cannot encode: {error}")))
 }
 
-fn write_options(sync: bool) -> WriteOptions {
-    let mut options = WriteOptions::default();
-    options.set_sync(sync);
-    options
+/// Options of a write that is not synced (a synced one goes through
+/// `durability::write_synced`).
+fn unsynced_write_options() -> WriteOptions {
+    WriteOptions::default()
 }
 
 fn sorted_members(members: &[MemberConfig]) -> Vec<MemberConfig> {
@@ -284,7 +284,7 @@ impl RaftLogStore {
             keys::members_key(self.shared.group_id),
             encode_members(members),
         );
-        super::durability::write_synced(&db, batch)?;
+        super::durability::write_synced(db, batch)?;
         state.members = sorted_members(members);
         Ok(())
     }
@@ -364,10 +364,12 @@ impl RaftLogStore {
         // storage actor (an applied batch's checksums) would wait behind it. The sync covers
         // everything written to the WAL before it, this batch included.
         let batch_bytes = batch.size_in_bytes();
-        db.write_opt(batch, &write_options(false))?;
+        db.write_opt(batch, &unsynced_write_options())?;
         self.shared.wal_cache.note_written(batch_bytes);
         if sync {
-            self.shared.wal_cache.sync(|| super::durability::sync_wal(&db))?;
+            self.shared
+                .wal_cache
+                .sync(|| super::durability::sync_wal(db))?;
         }
 
         if let Some(hard_state) = hard_state {
@@ -385,7 +387,9 @@ impl RaftLogStore {
     /// writing further Readies (unsynced) while another thread runs this.
     pub fn sync_wal(&self) -> Result<(), StorageError> {
         let db = &self.shared.db;
-        self.shared.wal_cache.sync(|| super::durability::sync_wal(&db))?;
+        self.shared
+            .wal_cache
+            .sync(|| super::durability::sync_wal(db))?;
         Ok(())
     }
 
@@ -466,7 +470,7 @@ impl RaftLogStore {
         );
         batch.put_cf(meta, keys::members_key(group_id), encode_members(members));
         // fsync: a node must not forget a membership it has acted on.
-        super::durability::write_synced(&db, batch)?;
+        super::durability::write_synced(db, batch)?;
         state.conf_state = conf_state.clone();
         state.conf_state_index = index;
         state.members = sorted_members(members);
@@ -513,7 +517,7 @@ impl RaftLogStore {
         );
         // Not synced: the deletion and the new truncated state are one atomic batch, so after
         // a crash either both are there or the old log (still valid) is.
-        db.write_opt(batch, &write_options(false))?;
+        db.write_opt(batch, &unsynced_write_options())?;
 
         state.truncated_index = new_truncated_index;
         state.truncated_term = new_truncated_term;
@@ -582,7 +586,7 @@ impl RaftLogStore {
         batch.put_cf(meta, keys::members_key(group_id), encode_members(members));
         // fsync: after this the node is a member at the snapshot index, and the state machine
         // part of the batch names the new image files.
-        super::durability::write_synced(&db, batch)?;
+        super::durability::write_synced(db, batch)?;
         state.hard_state = hard_state;
         state.conf_state = conf_state;
         state.conf_state_index = metadata.index;
@@ -665,7 +669,7 @@ impl RaftLogStore {
             })?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, key, next.to_be_bytes());
-        super::durability::write_synced(&db, batch)?;
+        super::durability::write_synced(db, batch)?;
         Ok(first)
     }
 

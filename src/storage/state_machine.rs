@@ -669,10 +669,10 @@ pub struct StateMachine {
     snapshot_installs: u64,
 }
 
-fn write_options(sync: bool) -> WriteOptions {
-    let mut options = WriteOptions::default();
-    options.set_sync(sync);
-    options
+/// Options of a write that is not synced (a synced one goes through
+/// `durability::write_synced`).
+fn unsynced_write_options() -> WriteOptions {
+    WriteOptions::default()
 }
 
 /// The image file name of a volume: generation 0 (created by `CreateVolume`) keeps the name
@@ -1141,7 +1141,7 @@ impl StateMachine {
             // Not synced: the images are not synced either. Both become durable at the next
             // checkpoint (and this batch already at the next synced Raft write); until then
             // replay from the durable applied index repairs any loss.
-            self.db.write_opt(batch, &write_options(false))?;
+            self.db.write_opt(batch, &unsynced_write_options())?;
             // The write locks are released here, after the checksums are visible in RocksDB.
         }
         self.volumes_written_since_checkpoint
