@@ -2,7 +2,8 @@
 //! follows the quorum, `GET /metrics` is Prometheus text whose counters move with the I/O,
 //! changes need the control token, online resize is seen by new NBD connections through a
 //! server and through the proxy (`nbdinfo --size`), and `raftblk ctl status` reports the
-//! cluster and exits non-zero without a quorum.
+//! cluster and exits non-zero without a quorum; a volume digest tells a missing volume from a
+//! corrupt replica.
 
 mod common;
 
@@ -449,4 +450,59 @@ fn changes_need_the_token_and_resize_reaches_new_connections() {
         .and_then(|list| list.iter().find(|volume| volume["name"] == "grow"))
         .expect("grow is listed");
     assert_eq!(grow["size_bytes"].as_u64(), Some(16 * MIB));
+}
+
+/// `GET /v1/volumes/{name}/digest` tells its failures apart: a volume this node does not have
+/// is 404, and a replica whose image no longer matches its recorded checksums is a 500 that
+/// names the checksum mismatch (an operator comparing replicas must not read "no such volume"
+/// for a corrupt one).
+#[test]
+fn a_digest_tells_a_missing_volume_from_a_corrupt_replica() {
+    require_tools(&["qemu-io"]);
+    let mut server = ServerProcess::start();
+    let uri = server.uri(DEFAULT_EXPORT_NAME);
+    let written = run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 0 64k", uri.as_str()],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !written.stdout_text().contains("failed"),
+        "{}",
+        written.describe()
+    );
+    let control = server.control_address();
+    let missing =
+        http_get(control, "/v1/volumes/no-such-volume/digest").expect("the server answers");
+    assert_eq!(missing.status, 404, "{:?}", missing.body);
+    let healthy = http_get(
+        control,
+        &format!("/v1/volumes/{DEFAULT_EXPORT_NAME}/digest"),
+    )
+    .expect("the server answers");
+    assert_eq!(healthy.status, 200, "{:?}", healthy.body);
+
+    // Behind the server's back: the first block of the image changes.
+    let images = server.data_directory().join("images");
+    let image = std::fs::read_dir(&images)
+        .expect("the images directory")
+        .map(|entry| entry.expect("an image").path())
+        .find(|path| path.extension().is_some_and(|extension| extension == "img"))
+        .expect("an image file");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .expect("open the image");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xa5; 4096], 0).expect("corrupt a block");
+    drop(file);
+
+    let corrupt = http_get(
+        control,
+        &format!("/v1/volumes/{DEFAULT_EXPORT_NAME}/digest"),
+    )
+    .expect("the server answers");
+    assert_eq!(corrupt.status, 500, "{:?}", corrupt.body);
+    let error = corrupt.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("checksum mismatch"), "{:?}", corrupt.body);
+    server.assert_running("after the digests");
 }
