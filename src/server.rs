@@ -199,7 +199,7 @@ pub async fn run_server(
         .send(Checkpoint)
         .await
         .context("the storage actor did not start")?
-        .map_err(|error| anyhow::anyhow!(error))?;
+        .context("the storage actor did not open its state")?;
 
     let peer_supervision = supervision(ActorKind::Peer);
     let (network, peer_links) = PeerNetwork::new(
@@ -359,7 +359,7 @@ pub async fn run_server(
     // Make everything applied durable so the next start replays nothing.
     match storage.send(Checkpoint).await {
         Ok(Ok(index)) => slog::info!(logger, "final checkpoint"; "durable_applied_index" => index),
-        Ok(Err(error)) => slog::warn!(logger, "final checkpoint failed"; "error" => error),
+        Ok(Err(error)) => slog::warn!(logger, "final checkpoint failed"; "error" => %error),
         Err(error) => slog::warn!(logger, "final checkpoint failed"; "error" => %error),
     }
     // Stop the actors (they hold RocksDB handles) before the database is dropped here.

@@ -18,6 +18,24 @@ use raft::prelude::Entry;
 use tokio::sync::oneshot;
 
 use crate::storage::state_machine::ApplyOutcome;
+use crate::storage::StorageError;
+
+/// Why the storage actor did not do what another actor or the control API asked of it. Typed,
+/// so that the asker can tell a volume it does not have from a corrupt replica or a failed
+/// disk, and a crash of the actor from all of these.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageRequestError {
+    /// The actor panicked while handling the request (it restarts; the request may be
+    /// asked again).
+    #[error("the storage actor crashed while {0}")]
+    Crashed(&'static str),
+    /// This node has no volume of that name.
+    #[error("no volume named {0}")]
+    NoSuchVolume(String),
+    /// The storage layer failed (I/O, RocksDB, a checksum mismatch, corruption).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
 
 pub use crate::raft::{ConfChangeCheck, PeerProgress, ProposalError, RaftStatus};
 
@@ -102,7 +120,7 @@ pub struct StorageStarted {
 /// Anyone → storage actor: fdatasync the images and record the applied index now (used on
 /// shutdown). Answers with the durable applied index.
 #[derive(Message)]
-#[rtype(result = "Result<u64, String>")]
+#[rtype(result = "Result<u64, StorageRequestError>")]
 pub struct Checkpoint;
 
 /// Anyone → Raft actor: a snapshot of the Raft state for status output.
@@ -153,13 +171,13 @@ pub struct RaftLink {
 
 /// Peer transport → storage actor: capture the volumes for a snapshot transfer.
 #[derive(Message)]
-#[rtype(result = "Result<crate::storage::snapshot::SnapshotSource, String>")]
+#[rtype(result = "Result<crate::storage::snapshot::SnapshotSource, StorageRequestError>")]
 pub struct OpenSnapshotSource;
 
 /// Raft actor → storage actor: switch to a received snapshot (Ready order: before any
 /// committed entry after it). Answers once the switch is durable.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), StorageRequestError>")]
 pub struct InstallSnapshot {
     pub staged: crate::storage::snapshot::StagedSnapshot,
     pub metadata: raft::prelude::SnapshotMetadata,

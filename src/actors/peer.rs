@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 
 use super::messages::{
     OpenSnapshotSource, RaftLink, ReportSnapshot, ReportUnreachable, StepPeerMessage, StorageLink,
+    StorageRequestError,
 };
 use super::supervisor::{CrashVerdict, Supervision};
 use crate::config::{MemberConfig, PeerConfig};
@@ -475,7 +476,13 @@ enum SnapshotTransferError {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("storage: {0}")]
-    Storage(String),
+    Storage(#[from] StorageRequestError),
+    #[error("the storage actor is unreachable: {0}")]
+    StorageUnreachable(#[from] actix::MailboxError),
+    #[error("reading the snapshot: {0}")]
+    Read(#[from] crate::storage::StorageError),
+    #[error("the snapshot read task failed: {0}")]
+    ReadTask(#[from] tokio::task::JoinError),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("the transfer took longer than {0:?}")]
@@ -515,9 +522,7 @@ async fn send_snapshot(
         .storage
         .open_snapshot
         .send(OpenSnapshotSource)
-        .await
-        .map_err(|error| SnapshotTransferError::Storage(error.to_string()))?
-        .map_err(SnapshotTransferError::Storage)?;
+        .await??;
     let mut stream = connect(
         address,
         Duration::from_millis(context.config.connect_timeout_ms),
@@ -542,10 +547,9 @@ async fn send_snapshot(
             let chunk = source.next_chunk(chunk_bytes);
             (chunk, source)
         })
-        .await
-        .map_err(|error| SnapshotTransferError::Storage(error.to_string()))?;
+        .await?;
         source = returned;
-        let chunk = chunk.map_err(|error| SnapshotTransferError::Storage(error.to_string()))?;
+        let chunk = chunk?;
         buffer.clear();
         match chunk {
             Some(chunk) => {

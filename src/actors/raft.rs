@@ -287,7 +287,9 @@ fn install_snapshot(
         metadata,
         members: members.clone(),
     }))
-    .map_err(|error| error.to_string())??;
+    .map_err(|error| format!("the storage actor is unreachable: {error}"))?
+    // Rendered here: the core turns a failed install into its restart, with this message.
+    .map_err(|error| error.to_string())?;
     Ok(members)
 }
 

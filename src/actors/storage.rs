@@ -28,6 +28,7 @@ use crate::storage::apply::apply_committed;
 use crate::storage::raft_log::RaftLogStore;
 use crate::storage::snapshot::SnapshotSource;
 use crate::storage::state_machine::{CheckpointTicket, StateMachine, VolumeInfo, VolumeReader};
+use crate::storage::StorageError;
 
 /// The volume table as seen by readers (NBD sessions, the handshake's export list, the control
 /// API): name → reader. Only the storage actor changes it.
@@ -276,7 +277,7 @@ impl StorageActor {
                 address.do_send(CheckpointSynced {
                     checkpoint_id,
                     ticket,
-                    result: result.map_err(|error| error.to_string()),
+                    result,
                 });
             }
         });
@@ -381,28 +382,23 @@ impl Handler<ApplyCommitted> for StorageActor {
 }
 
 impl Handler<Checkpoint> for StorageActor {
-    type Result = Result<u64, String>;
+    type Result = Result<u64, StorageRequestError>;
     fn handle(&mut self, _: Checkpoint, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor, _| actor.checkpoint())
-            .ok_or_else(|| "the storage actor crashed during the checkpoint".to_string())
+            .ok_or(StorageRequestError::Crashed("checkpointing"))
     }
 }
 
 impl Handler<OpenSnapshotSource> for StorageActor {
-    type Result = Result<SnapshotSource, String>;
+    type Result = Result<SnapshotSource, StorageRequestError>;
     fn handle(&mut self, _: OpenSnapshotSource, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |actor, _| {
-            actor
-                .machine()
-                .snapshot_source()
-                .map_err(|error| error.to_string())
-        })
-        .unwrap_or_else(|| Err("the storage actor crashed opening a snapshot".to_string()))
+        self.guarded(ctx, |actor, _| Ok(actor.machine().snapshot_source()?))
+            .unwrap_or(Err(StorageRequestError::Crashed("opening a snapshot")))
     }
 }
 
 impl Handler<InstallSnapshot> for StorageActor {
-    type Result = Result<(), String>;
+    type Result = Result<(), StorageRequestError>;
     fn handle(&mut self, msg: InstallSnapshot, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor, _| {
             let log_store = actor.params.log_store.clone();
@@ -424,7 +420,7 @@ impl Handler<InstallSnapshot> for StorageActor {
                 actor.drop_machine();
                 actor.open_machine();
                 actor.announce_started();
-                return Err(error.to_string());
+                return Err(error.into());
             }
             let machine = actor.machine.as_ref().expect("opened in started()");
             actor.params.registry.replace_all(machine);
@@ -440,7 +436,7 @@ impl Handler<InstallSnapshot> for StorageActor {
                 "applied_index" => applied_index, "volumes" => volumes);
             Ok(())
         })
-        .unwrap_or_else(|| Err("the storage actor crashed installing a snapshot".to_string()))
+        .unwrap_or(Err(StorageRequestError::Crashed("installing a snapshot")))
     }
 }
 
@@ -448,7 +444,7 @@ impl Handler<InstallSnapshot> for StorageActor {
 /// applied index, to compare replicas. Reads the whole volume (holes cost nothing), blocking
 /// applies meanwhile: a diagnostic, not a data path.
 #[derive(Message)]
-#[rtype(result = "Result<VolumeDigest, String>")]
+#[rtype(result = "Result<VolumeDigest, StorageRequestError>")]
 pub struct ComputeVolumeDigest {
     pub name: String,
 }
@@ -462,7 +458,7 @@ pub struct VolumeDigest {
     pub allocated_bytes: u64,
 }
 
-fn volume_digest(reader: &VolumeReader, applied_index: u64) -> Result<VolumeDigest, String> {
+fn volume_digest(reader: &VolumeReader, applied_index: u64) -> Result<VolumeDigest, StorageError> {
     const WINDOW_BYTES: u64 = 1 << 20;
     let size_bytes = reader.info().size_bytes;
     let zeroes = vec![0u8; WINDOW_BYTES as usize];
@@ -472,17 +468,13 @@ fn volume_digest(reader: &VolumeReader, applied_index: u64) -> Result<VolumeDige
     let mut offset = 0u64;
     while offset < size_bytes {
         let length = WINDOW_BYTES.min(size_bytes - offset);
-        let extents = reader
-            .block_status(offset, length)
-            .map_err(|error| error.to_string())?;
+        let extents = reader.block_status(offset, length)?;
         let all_hole = extents.len() == 1 && extents[0].hole && extents[0].length_bytes >= length;
         if all_hole {
             crc = crc32c::crc32c_append(crc, &zeroes[..length as usize]);
         } else {
             allocated_bytes += length;
-            reader
-                .read(offset, &mut buffer[..length as usize])
-                .map_err(|error| error.to_string())?;
+            reader.read(offset, &mut buffer[..length as usize])?;
             crc = crc32c::crc32c_append(crc, &buffer[..length as usize]);
         }
         offset += length;
@@ -496,20 +488,18 @@ fn volume_digest(reader: &VolumeReader, applied_index: u64) -> Result<VolumeDige
 }
 
 impl Handler<ComputeVolumeDigest> for StorageActor {
-    type Result = Result<VolumeDigest, String>;
+    type Result = Result<VolumeDigest, StorageRequestError>;
     fn handle(&mut self, msg: ComputeVolumeDigest, ctx: &mut Context<Self>) -> Self::Result {
         self.guarded(ctx, |actor, _| {
             let machine = actor.machine();
             let applied_index = machine.applied_index();
-            let info = machine
-                .volume_by_name(&msg.name)
-                .ok_or_else(|| format!("no volume named {}", msg.name))?;
             let reader = machine
-                .reader(info.id)
-                .ok_or_else(|| format!("no volume named {}", msg.name))?;
-            volume_digest(&reader, applied_index)
+                .volume_by_name(&msg.name)
+                .and_then(|info| machine.reader(info.id))
+                .ok_or_else(|| StorageRequestError::NoSuchVolume(msg.name.clone()))?;
+            Ok(volume_digest(&reader, applied_index)?)
         })
-        .unwrap_or_else(|| Err("the storage actor crashed computing a digest".to_string()))
+        .unwrap_or(Err(StorageRequestError::Crashed("computing a digest")))
     }
 }
 
@@ -524,7 +514,7 @@ struct CheckpointTick;
 struct CheckpointSynced {
     checkpoint_id: u64,
     ticket: CheckpointTicket,
-    result: Result<(), String>,
+    result: Result<(), StorageError>,
 }
 
 impl Handler<CheckpointTick> for StorageActor {

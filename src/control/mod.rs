@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actors::messages::{GetRaftStatus, RaftStatus};
 use crate::actors::raft::{propose_until, RaftActor};
+use crate::actors::messages::StorageRequestError;
 use crate::actors::storage::{ComputeVolumeDigest, StorageActor, VolumeDigest, VolumeRegistry};
 use crate::actors::supervisor::{RestartCounters, RestartCounts};
 use crate::config::{validate_volume_geometry, MemberConfig};
@@ -419,7 +420,16 @@ async fn volume_digest(state: web::Data<ControlState>, name: web::Path<String>) 
         .await
     {
         Ok(Ok(digest)) => HttpResponse::Ok().json(digest),
-        Ok(Err(error)) => error_response(StatusCode::NOT_FOUND, error),
+        Ok(Err(error @ StorageRequestError::NoSuchVolume(_))) => {
+            error_response(StatusCode::NOT_FOUND, error.to_string())
+        }
+        Ok(Err(error @ StorageRequestError::Crashed(_))) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        }
+        // A corrupt replica (checksum mismatch) or a failing disk on this node.
+        Ok(Err(error @ StorageRequestError::Storage(_))) => {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+        }
         Err(error) => error_response(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
     }
 }
