@@ -32,9 +32,9 @@ use actix_web::{web, HttpResponse};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::actors::messages::StorageRequestError;
 use crate::actors::messages::{GetRaftStatus, RaftStatus};
 use crate::actors::raft::{propose_until, RaftActor};
-use crate::actors::messages::StorageRequestError;
 use crate::actors::storage::{ComputeVolumeDigest, StorageActor, VolumeDigest, VolumeRegistry};
 use crate::actors::supervisor::{RestartCounters, RestartCounts};
 use crate::config::{validate_volume_geometry, MemberConfig};
