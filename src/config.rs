@@ -32,6 +32,40 @@ pub struct Config {
     pub default_volume: DefaultVolumeConfig,
     pub log: LogConfig,
     pub proxy: ProxyConfig,
+    pub tls: TlsConfig,
+}
+
+/// How the NBD listener offers TLS (`NBD_OPT_STARTTLS`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is answered `NBD_REP_ERR_UNSUP`.
+    Off,
+    /// TLS offered; a client may stay in plaintext.
+    On,
+    /// TLS required: every option but STARTTLS and ABORT is refused until the client upgrades.
+    Require,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    /// The certificate directory (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`); empty:
+    /// `<node.data_dir>/tls`.
+    pub dir: PathBuf,
+    /// Ask NBD clients for a certificate signed by `ca-cert.pem`; refuse those without one.
+    pub verify_clients: bool,
+}
+
+impl TlsConfig {
+    /// The certificate directory, `data_dir`/tls when none is configured.
+    pub fn directory(&self, data_dir: &std::path::Path) -> PathBuf {
+        if self.dir.as_os_str().is_empty() {
+            data_dir.join("tls")
+        } else {
+            self.dir.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

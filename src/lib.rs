@@ -11,6 +11,7 @@
 //! - [`dev`]: `raftblk dev`, a whole cluster and proxy on loopback as child processes.
 //! - [`proxy`]: the client-side proxy (`raftblk proxy`): leader following, reissue, cache.
 //! - [`server`]: wires a server process together; [`config`] and [`logging`] set it up.
+//! - [`tls`]: rustls configurations and certificates in the layout qemu and libnbd use.
 //!
 //! See ARCHITECTURE.md for the write path fsync by fsync and the invariants.
 
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod raft;
 pub mod server;
 pub mod storage;
+pub mod tls;
 
 /// The Raft group every volume belongs to today. Keys, messages and metrics carry a group id
 /// already so that volumes can later be sharded across many groups per node.

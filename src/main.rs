@@ -145,6 +145,45 @@ enum CtlCommand {
         #[command(subcommand)]
         command: Option<MembersCommand>,
     },
+    /// Certificates for TLS, in the directory layout qemu and libnbd read (ca-cert.pem,
+    /// server-cert.pem, server-key.pem, client-cert.pem, client-key.pem).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a certificate authority in DIR: ca-cert.pem (hand it out) and ca-key.pem (keep it
+    /// there, mode 0600).
+    Init {
+        dir: std::path::PathBuf,
+        /// The authority's name (its certificate's common name).
+        #[arg(long, default_value = "raftblk cluster CA")]
+        name: String,
+    },
+    /// Issue a certificate signed by the authority in --ca into --out (with a copy of
+    /// ca-cert.pem): server-cert.pem and server-key.pem for a storage server (--node), or
+    /// client-cert.pem and client-key.pem for a client (--client). Never overwrites a key.
+    Issue {
+        /// The authority's directory (ca-cert.pem, ca-key.pem).
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// Where to write the certificate, key and ca-cert.pem.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// A storage server's Raft node id: the certificate names it node-ID.
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        node: Option<u64>,
+        /// A client's name (a proxy, an operator, an NBD client).
+        #[arg(long)]
+        client: Option<String>,
+        /// A DNS name or IP address clients reach the server by (repeat for several); the
+        /// certificate is valid for each. With --node only.
+        #[arg(long = "host", requires = "node")]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -672,6 +711,37 @@ fn run_ctl_command(command: CtlCommand) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Volumes { command } => run_volume_command(command)?,
+        CtlCommand::Certs { command } => run_certs_command(command)?,
+    }
+    Ok(())
+}
+
+fn run_certs_command(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { dir, name } => {
+            raftblk::tls::init_authority(&dir, &name)?;
+            println!(
+                "certificate authority in {}: {} (give it out), {} (keep it here)",
+                dir.display(),
+                raftblk::tls::CA_CERT,
+                raftblk::tls::CA_KEY
+            );
+        }
+        CertsCommand::Issue {
+            ca,
+            out,
+            node,
+            client,
+            hosts,
+        } => {
+            let subject = match (node, client) {
+                (Some(id), None) => raftblk::tls::Subject::Node { id, hosts },
+                (None, Some(name)) => raftblk::tls::Subject::Client { name },
+                _ => anyhow::bail!("give exactly one of --node and --client"),
+            };
+            raftblk::tls::issue(&ca, &out, &subject)?;
+            println!("issued {subject:?} into {}", out.display());
+        }
     }
     Ok(())
 }

@@ -19,14 +19,15 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use raft::prelude::ConfState;
 
-use crate::actors::listener::{NbdListenerActor, StopAccepting};
+use crate::actors::listener::{ListenerTls, NbdListenerActor, StopAccepting};
 use crate::actors::messages::{Checkpoint, GetRaftStatus};
 use crate::actors::peer::{start_peer_transport, PeerContext, PeerNetwork, SnapshotInbox};
 use crate::actors::raft::{propose_until, RaftActor, RaftActorParams, ReadGate};
 use crate::actors::storage::{ConnectRaft, StorageActor, StorageActorParams, VolumeRegistry};
 use crate::actors::supervisor::{ActorKind, RestartCounters, SupervisedActor, Supervision};
-use crate::config::Config;
+use crate::config::{Config, TlsMode};
 use crate::control::{self, ControlState};
+use crate::nbd::handshake::TlsOffer;
 use crate::storage::command::{encode_command, Command};
 use crate::storage::raft_log::RaftLogStore;
 use crate::storage::{open_db, StorageOptions};
@@ -292,6 +293,7 @@ pub async fn run_server(
         read_gate.clone(),
         listener_supervision,
     )?
+    .with_tls(nbd_tls(&config)?)
     .start_supervised();
 
     let control_state = actix_web::web::Data::new(ControlState {
@@ -376,4 +378,26 @@ pub async fn run_server(
         Some(reason) => Err(anyhow::anyhow!("supervision escalated: {reason}")),
         None => Ok(()),
     }
+}
+
+/// TLS on the NBD listener as `[tls]` configures it; the certificates are read now, so a
+/// missing or unreadable one stops the start with its path.
+fn nbd_tls(config: &Config) -> anyhow::Result<Option<ListenerTls>> {
+    let offer = match config.tls.mode {
+        TlsMode::Off => return Ok(None),
+        TlsMode::On => TlsOffer::Optional,
+        TlsMode::Require => TlsOffer::Required,
+    };
+    let directory = config.tls.directory(&config.node.data_dir);
+    let server =
+        crate::tls::server_config(&directory, config.tls.verify_clients).with_context(|| {
+            format!(
+                "loading the NBD TLS certificates from {}",
+                directory.display()
+            )
+        })?;
+    Ok(Some(ListenerTls {
+        offer,
+        acceptor: tokio_rustls::TlsAcceptor::from(server),
+    }))
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::raft::{RaftActor, ReadGate};
@@ -24,7 +24,7 @@ use super::storage::VolumeRegistry;
 use super::supervisor::{ActorKind, SupervisedActor, Supervision};
 use crate::config::NbdConfig;
 use crate::nbd::handshake::{
-    ExportCatalog, ExportDescription, Handshake, HandshakeLimits, HandshakeStep,
+    ExportCatalog, ExportDescription, Handshake, HandshakeLimits, HandshakeStep, TlsOffer,
 };
 use crate::nbd::{proto, Negotiated};
 
@@ -252,6 +252,92 @@ pub struct NbdListenerActor<S: NbdService = VolumeService> {
     supervision: Supervision,
     /// The running accept loop.
     accepting: Option<SpawnHandle>,
+    tls: Option<ListenerTls>,
+}
+
+/// TLS on a listener: how it is offered, and the server side of the handshake.
+#[derive(Clone)]
+pub struct ListenerTls {
+    pub offer: TlsOffer,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// An NBD client's connection: plain TCP, or TLS after `NBD_OPT_STARTTLS`.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    /// The two directions, for the session's reader and writer. A plain socket splits without
+    /// a lock; a TLS stream shares its state between the halves.
+    fn into_halves(
+        self,
+    ) -> (
+        Box<dyn AsyncRead + Unpin + Send>,
+        Box<dyn AsyncWrite + Unpin + Send>,
+    ) {
+        match self {
+            ClientStream::Plain(stream) => {
+                let (read_half, write_half) = stream.into_split();
+                (Box::new(read_half), Box::new(write_half))
+            }
+            ClientStream::Tls(stream) => {
+                let (read_half, write_half) = tokio::io::split(*stream);
+                (Box::new(read_half), Box::new(write_half))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(context, buffer),
+            ClientStream::Tls(stream) => {
+                std::pin::Pin::new(stream.as_mut()).poll_read(context, buffer)
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(context, buffer),
+            ClientStream::Tls(stream) => {
+                std::pin::Pin::new(stream.as_mut()).poll_write(context, buffer)
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(context),
+            ClientStream::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_flush(context),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(context),
+            ClientStream::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_shutdown(context),
+        }
+    }
 }
 
 impl NbdListenerActor<VolumeService> {
@@ -308,7 +394,14 @@ impl<S: NbdService> NbdListenerActor<S> {
             },
             supervision,
             accepting: None,
+            tls: None,
         })
+    }
+
+    /// Offers TLS on this listener's connections.
+    pub fn with_tls(mut self, tls: Option<ListenerTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Starts the listener under its supervisor on the current arbiter.
@@ -414,17 +507,26 @@ impl<S: NbdService> Handler<Accepted> for NbdListenerActor<S> {
         let connections = self.connections.clone();
         let server_bytes_permits = self.server_bytes_permits.clone();
         let supervision = self.session_supervision.clone();
+        let tls = self.tls.clone();
         actix_rt::spawn(async move {
             let timeout = Duration::from_millis(config.handshake_timeout_ms);
             let limits = HandshakeLimits {
                 option_length_max_bytes: config.option_length_max_bytes,
                 options_max_count: 64,
             };
-            let mut stream = stream;
-            let outcome =
-                tokio::time::timeout(timeout, negotiate(&mut stream, &service, &catalog, limits))
-                    .await;
-            let (negotiated, leftover) = match outcome {
+            // A client that stalls anywhere in the handshake, TLS included, is cut off here.
+            let outcome = tokio::time::timeout(
+                timeout,
+                negotiate(
+                    ClientStream::Plain(stream),
+                    &service,
+                    &catalog,
+                    limits,
+                    tls.as_ref(),
+                ),
+            )
+            .await;
+            let (stream, negotiated, leftover) = match outcome {
                 Ok(Ok(Some(done))) => done,
                 Ok(Ok(None)) => {
                     connections.fetch_sub(1, Ordering::AcqRel);
@@ -446,7 +548,7 @@ impl<S: NbdService> Handler<Accepted> for NbdListenerActor<S> {
                 connections.fetch_sub(1, Ordering::AcqRel);
                 return;
             };
-            let (read_half, write_half) = stream.into_split();
+            let (read_half, write_half) = stream.into_halves();
             let limits = SessionLimits {
                 requests_in_flight_max: config.requests_in_flight_per_session_max,
                 bytes_in_flight_max: config.bytes_in_flight_per_session_max,
@@ -475,16 +577,23 @@ enum NegotiateError {
     Io(#[from] std::io::Error),
     #[error("protocol: {0}")]
     Protocol(#[from] crate::nbd::handshake::HandshakeError),
+    #[error("the client sent data after NBD_OPT_STARTTLS before its TLS handshake")]
+    DataBeforeTls,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
-/// Drives the sans-I/O handshake over the socket. `None`: the client left (ABORT or EOF).
+/// Drives the sans-I/O handshake over the connection, upgrading it to TLS when the client asks
+/// and `tls` offers it. `None`: the client left (ABORT or EOF).
 async fn negotiate<S: NbdService>(
-    stream: &mut TcpStream,
+    mut stream: ClientStream,
     service: &S,
     catalog: &S::Catalog,
     limits: HandshakeLimits,
-) -> Result<Option<(Negotiated, BytesMut)>, NegotiateError> {
-    let mut handshake = Handshake::new(limits);
+    tls: Option<&ListenerTls>,
+) -> Result<Option<(ClientStream, Negotiated, BytesMut)>, NegotiateError> {
+    let offer = tls.map_or(TlsOffer::None, |tls| tls.offer);
+    let mut handshake = Handshake::with_tls(limits, offer);
     let mut scanner = ExportOptionScanner::new(limits.option_length_max_bytes);
     let mut out = Vec::with_capacity(256);
     handshake.greeting(&mut out);
@@ -512,8 +621,25 @@ async fn negotiate<S: NbdService>(
                     return Ok(None);
                 }
             }
-            HandshakeStep::Done(negotiated) => return Ok(Some((negotiated, input))),
+            HandshakeStep::Done(negotiated) => return Ok(Some((stream, negotiated, input))),
             HandshakeStep::Close => return Ok(None),
+            HandshakeStep::StartTls => {
+                // The codec offers TLS only with `tls` set, and only once.
+                let (Some(tls), ClientStream::Plain(tcp)) = (tls, stream) else {
+                    return Err(NegotiateError::DataBeforeTls);
+                };
+                if !input.is_empty() {
+                    return Err(NegotiateError::DataBeforeTls);
+                }
+                let upgraded = tls
+                    .acceptor
+                    .accept(tcp)
+                    .await
+                    .map_err(NegotiateError::Tls)?;
+                stream = ClientStream::Tls(Box::new(upgraded));
+                handshake.tls_started();
+                scanner = ExportOptionScanner::after_tls(limits.option_length_max_bytes);
+            }
         }
     }
 }
@@ -556,6 +682,15 @@ impl ExportOptionScanner {
             option_length_max_bytes,
             scanned_bytes: 0,
             state: ScanState::ClientFlags,
+        }
+    }
+
+    /// A scanner for the options that follow a TLS upgrade (no client flags come first).
+    fn after_tls(option_length_max_bytes: u32) -> Self {
+        ExportOptionScanner {
+            option_length_max_bytes,
+            scanned_bytes: 0,
+            state: ScanState::OptionHeader,
         }
     }
 

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::frame_writer::{write_frames, Frame};
@@ -194,8 +193,8 @@ impl<B: SessionBackend> NbdSessionActor<B> {
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         peer: SocketAddr,
-        read_half: OwnedReadHalf,
-        write_half: OwnedWriteHalf,
+        read_half: Box<dyn AsyncRead + Unpin + Send>,
+        write_half: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
         leftover: BytesMut,
         negotiated: Negotiated,
         backend: B,
@@ -889,7 +888,7 @@ impl<B: SessionBackend> Handler<SendRaw> for NbdSessionActor<B> {
 
 /// Writes replies until every sender is gone, then shuts the socket down.
 async fn write_replies(
-    write_half: OwnedWriteHalf,
+    write_half: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
     replies: mpsc::UnboundedReceiver<OutgoingReply>,
     logger: slog::Logger,
 ) {

@@ -11,9 +11,16 @@
 //! as it arrives and then answered with `NBD_REP_ERR_TOO_BIG`. The number of options per
 //! connection is bounded by [`HandshakeLimits::options_max_count`].
 //!
-//! TLS is not offered yet: `NBD_OPT_STARTTLS` is answered with `NBD_REP_ERR_UNSUP` ("NOTLS
-//! mode"). When TLS arrives, the session will swap its transport after an `NBD_REP_ACK` and this
-//! machine will forget its negotiation state, as the spec requires.
+//! TLS ("TLS support"): with [`TlsOffer::None`] `NBD_OPT_STARTTLS` is answered with
+//! `NBD_REP_ERR_UNSUP` ("NOTLS mode"). With [`TlsOffer::Optional`] (SELECTIVETLS with no
+//! TLS-only export) and [`TlsOffer::Required`] (FORCEDTLS) it is acknowledged and `advance`
+//! returns [`HandshakeStep::StartTls`]: the caller runs the TLS handshake on its transport,
+//! calls [`Handshake::tls_started`] (which forgets what was negotiated before, so nothing
+//! said in plaintext survives the upgrade) and goes on feeding `advance` the decrypted bytes.
+//! In FORCEDTLS every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
+//! `NBD_REP_ERR_TLS_REQD` until then (`NBD_OPT_INFO` and `NBD_OPT_GO` too, so which exports
+//! exist is not revealed), and `NBD_OPT_EXPORT_NAME`, which cannot be refused, ends the
+//! session.
 //!
 //! Section names in comments refer to `doc/proto.md` of NetworkBlockDevice/nbd.
 
@@ -117,6 +124,17 @@ pub struct Negotiated {
     pub base_allocation_context_id: Option<u32>,
 }
 
+/// How the server offers TLS on a connection ("TLS support").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsOffer {
+    /// NOTLS: `NBD_OPT_STARTTLS` is not supported.
+    None,
+    /// TLS is available and no export requires it.
+    Optional,
+    /// FORCEDTLS: nothing but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` before TLS.
+    Required,
+}
+
 /// What the session should do after [`Handshake::advance`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandshakeStep {
@@ -126,6 +144,11 @@ pub enum HandshakeStep {
     Done(Negotiated),
     /// The client sent `NBD_OPT_ABORT` (the `NBD_REP_ACK` is in `out`): send `out`, then close.
     Close,
+    /// The client sent `NBD_OPT_STARTTLS` and `out` holds its `NBD_REP_ACK`: send `out`, run
+    /// the TLS handshake as the server, call [`Handshake::tls_started`], and go on with the
+    /// bytes read through TLS. A client may not send anything between the option and its TLS
+    /// handshake, so bytes still in `input` are a protocol error.
+    StartTls,
 }
 
 /// Fatal handshake errors: the session closes the connection without further replies.
@@ -168,6 +191,10 @@ pub enum HandshakeError {
     /// `advance` was called after it had returned `Done`, `Close` or an error.
     #[error("handshake already finished")]
     AlreadyFinished,
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires it ("FORCEDTLS mode": as this
+    /// request cannot error, the server MUST terminate the session).
+    #[error("NBD_OPT_EXPORT_NAME without TLS on a server that requires TLS")]
+    TlsRequired,
 }
 
 /// Where the state machine is in the byte stream.
@@ -212,6 +239,12 @@ pub struct Handshake {
     structured_replies: bool,
     meta_context_selection: Option<MetaContextSelection>,
     options_received_count: u32,
+    tls: TlsOffer,
+    /// The client set `NBD_FLAG_C_FIXED_NEWSTYLE`: without it the server "MUST operate in
+    /// NOTLS mode".
+    client_fixed_newstyle: bool,
+    /// `NBD_OPT_STARTTLS` was acknowledged and the caller upgraded the transport.
+    tls_active: bool,
 }
 
 /// A bounds-checked reader over an option payload; every method returns `None` instead of reading
@@ -349,8 +382,14 @@ fn parse_meta_context_request(payload: &[u8]) -> Option<MetaContextRequest<'_>> 
 }
 
 impl Handshake {
-    /// A handshake waiting for the client flags; send [`Handshake::greeting`] first.
+    /// A handshake waiting for the client flags, without TLS; send [`Handshake::greeting`]
+    /// first.
     pub fn new(limits: HandshakeLimits) -> Self {
+        Handshake::with_tls(limits, TlsOffer::None)
+    }
+
+    /// A handshake that offers TLS as `tls` says.
+    pub fn with_tls(limits: HandshakeLimits, tls: TlsOffer) -> Self {
         Handshake {
             limits,
             state: State::ClientFlags,
@@ -358,7 +397,24 @@ impl Handshake {
             structured_replies: false,
             meta_context_selection: None,
             options_received_count: 0,
+            tls,
+            client_fixed_newstyle: false,
+            tls_active: false,
         }
+    }
+
+    /// The caller completed the TLS handshake after [`HandshakeStep::StartTls`]. What was
+    /// negotiated in plaintext is forgotten (a man in the middle could have chosen it); the
+    /// option count goes on, so STARTTLS cannot reset the limit.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured_replies = false;
+        self.meta_context_selection = None;
+    }
+
+    /// Whether the transport is TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// Appends the server's opening bytes ("Newstyle negotiation"): `NBDMAGIC`, `IHAVEOPT` and
@@ -379,7 +435,10 @@ impl Handshake {
         out: &mut Vec<u8>,
     ) -> Result<HandshakeStep, HandshakeError> {
         let result = self.advance_inner(input, catalog, out);
-        if !matches!(result, Ok(HandshakeStep::NeedMore)) {
+        if !matches!(
+            result,
+            Ok(HandshakeStep::NeedMore | HandshakeStep::StartTls)
+        ) {
             self.state = State::Finished;
         }
         result
@@ -409,6 +468,8 @@ impl Handshake {
                         return Err(HandshakeError::ClientFlagsUnknown { client_flags });
                     }
                     self.no_zeroes = client_flags & proto::NBD_FLAG_C_NO_ZEROES != 0;
+                    self.client_fixed_newstyle =
+                        client_flags & proto::NBD_FLAG_C_FIXED_NEWSTYLE != 0;
                     self.state = State::OptionHeader;
                 }
                 State::OptionHeader => {
@@ -506,6 +567,23 @@ impl Handshake {
         catalog: &dyn ExportCatalog,
         out: &mut Vec<u8>,
     ) -> Result<OptionOutcome, HandshakeError> {
+        if self.tls == TlsOffer::Required && !self.tls_active {
+            match option {
+                proto::NBD_OPT_STARTTLS | proto::NBD_OPT_ABORT => {}
+                proto::NBD_OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+                _ => {
+                    // "FORCEDTLS mode": any other option, NBD_OPT_INFO and unsupported ones
+                    // included, gets NBD_REP_ERR_TLS_REQD while TLS has not been initiated.
+                    write_option_error(
+                        out,
+                        option,
+                        proto::NBD_REP_ERR_TLS_REQD,
+                        "this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    return Ok(OptionOutcome::Continue);
+                }
+            }
+        }
         match option {
             proto::NBD_OPT_EXPORT_NAME => self.handle_export_name(payload, catalog, out),
             proto::NBD_OPT_ABORT => {
@@ -518,9 +596,25 @@ impl Handshake {
                 Ok(OptionOutcome::Continue)
             }
             proto::NBD_OPT_STARTTLS => {
-                // "NOTLS mode": reply NBD_REP_ERR_POLICY or NBD_REP_ERR_UNSUP; there is no TLS
-                // implementation at all yet, so UNSUP. Data is invalid regardless ("for example,
-                // NBD_REP_ERR_INVALID if the client included data").
+                // Data is invalid in every mode ("for example, NBD_REP_ERR_INVALID if the
+                // client included data").
+                let offered = self.tls != TlsOffer::None && self.client_fixed_newstyle;
+                if offered && payload.is_empty() {
+                    if self.tls_active {
+                        // "If the server receives NBD_OPT_STARTTLS when TLS has already been
+                        // negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+                        write_option_error(
+                            out,
+                            option,
+                            proto::NBD_REP_ERR_INVALID,
+                            "TLS is already active",
+                        );
+                        return Ok(OptionOutcome::Continue);
+                    }
+                    write_option_reply(out, option, proto::NBD_REP_ACK, &[]);
+                    return Ok(OptionOutcome::Finish(HandshakeStep::StartTls));
+                }
+                // "NOTLS mode": reply NBD_REP_ERR_POLICY or NBD_REP_ERR_UNSUP.
                 if payload.is_empty() {
                     write_option_error(
                         out,
@@ -1337,6 +1431,111 @@ mod tests {
             reply_types(&replies(&out)),
             vec![proto::NBD_REP_ERR_UNSUP, proto::NBD_REP_ERR_INVALID]
         );
+    }
+
+    /// Reference: proto.md, "FORCEDTLS mode": before TLS every option but STARTTLS and ABORT
+    /// gets `NBD_REP_ERR_TLS_REQD` (INFO and GO too, so no export is revealed, and unknown
+    /// options); STARTTLS is acknowledged and hands the transport over; after the upgrade the
+    /// options work, structured replies negotiated in plaintext are forgotten, and a second
+    /// STARTTLS is `NBD_REP_ERR_INVALID`.
+    #[test]
+    fn forced_tls_refuses_everything_until_starttls_then_serves() {
+        let mut handshake = Handshake::with_tls(limits(), TlsOffer::Required);
+        let mut input = BytesMut::from(&client_flags(proto::NBD_FLAG_C_FIXED_NEWSTYLE)[..]);
+        for (code, payload) in [
+            (proto::NBD_OPT_LIST, Vec::new()),
+            (proto::NBD_OPT_INFO, info_payload("vol0", &[])),
+            (proto::NBD_OPT_GO, info_payload("no-such-export", &[])),
+            (proto::NBD_OPT_STRUCTURED_REPLY, Vec::new()),
+            (0x1234_5678, b"unknown".to_vec()),
+        ] {
+            input.extend_from_slice(&option(code, &payload));
+        }
+        input.extend_from_slice(&option(proto::NBD_OPT_STARTTLS, b""));
+        let mut out = Vec::new();
+        let step = handshake.advance(&mut input, &TestCatalog, &mut out);
+        assert_eq!(step, Ok(HandshakeStep::StartTls));
+        assert!(input.is_empty());
+        let before = replies(&out);
+        assert_eq!(
+            reply_types(&before),
+            [
+                vec![proto::NBD_REP_ERR_TLS_REQD; 5],
+                vec![proto::NBD_REP_ACK]
+            ]
+            .concat()
+        );
+        assert!(!handshake.tls_active());
+        handshake.tls_started();
+        assert!(handshake.tls_active());
+        let mut input = BytesMut::new();
+        input.extend_from_slice(&option(proto::NBD_OPT_STARTTLS, b""));
+        input.extend_from_slice(&option(proto::NBD_OPT_GO, &info_payload("vol0", &[])));
+        let mut out = Vec::new();
+        let negotiated = done(handshake.advance(&mut input, &TestCatalog, &mut out));
+        assert_eq!(negotiated.export.name, "vol0");
+        assert!(!negotiated.structured_replies);
+        let after = replies(&out);
+        assert_eq!(after[0].reply_type, proto::NBD_REP_ERR_INVALID);
+        assert_eq!(after.last().map(|r| r.reply_type), Some(proto::NBD_REP_ACK));
+    }
+
+    /// Reference: proto.md, "FORCEDTLS mode": `NBD_OPT_EXPORT_NAME` before TLS cannot be
+    /// refused, so the session ends; ABORT is still acknowledged.
+    #[test]
+    fn forced_tls_ends_an_export_name_before_tls_and_acknowledges_abort() {
+        let mut handshake = Handshake::with_tls(limits(), TlsOffer::Required);
+        let mut input = BytesMut::from(&client_flags(proto::NBD_FLAG_C_FIXED_NEWSTYLE)[..]);
+        input.extend_from_slice(&option(proto::NBD_OPT_EXPORT_NAME, b"vol0"));
+        let mut out = Vec::new();
+        assert_eq!(
+            handshake.advance(&mut input, &TestCatalog, &mut out),
+            Err(HandshakeError::TlsRequired)
+        );
+        assert!(out.is_empty());
+        let mut handshake = Handshake::with_tls(limits(), TlsOffer::Required);
+        let mut input = BytesMut::from(&client_flags(proto::NBD_FLAG_C_FIXED_NEWSTYLE)[..]);
+        input.extend_from_slice(&option(proto::NBD_OPT_ABORT, b""));
+        let mut out = Vec::new();
+        assert_eq!(
+            handshake.advance(&mut input, &TestCatalog, &mut out),
+            Ok(HandshakeStep::Close)
+        );
+        assert_eq!(reply_types(&replies(&out)), vec![proto::NBD_REP_ACK]);
+    }
+
+    /// Reference: proto.md, "SELECTIVETLS mode" with no TLS-only export: options work in
+    /// plaintext, STARTTLS is acknowledged at the client's choice; and "the server MUST operate
+    /// in NOTLS mode unless ... the client replied with NBD_FLAG_C_FIXED_NEWSTYLE".
+    #[test]
+    fn optional_tls_serves_plaintext_and_upgrades_on_request_for_fixed_newstyle_clients() {
+        let mut handshake = Handshake::with_tls(limits(), TlsOffer::Optional);
+        let mut input = BytesMut::from(&client_flags(proto::NBD_FLAG_C_FIXED_NEWSTYLE)[..]);
+        input.extend_from_slice(&option(proto::NBD_OPT_LIST, b""));
+        input.extend_from_slice(&option(proto::NBD_OPT_STARTTLS, b""));
+        let mut out = Vec::new();
+        assert_eq!(
+            handshake.advance(&mut input, &TestCatalog, &mut out),
+            Ok(HandshakeStep::StartTls)
+        );
+        assert_eq!(
+            reply_types(&replies(&out)),
+            vec![
+                proto::NBD_REP_SERVER,
+                proto::NBD_REP_SERVER,
+                proto::NBD_REP_ACK,
+                proto::NBD_REP_ACK
+            ]
+        );
+        let mut handshake = Handshake::with_tls(limits(), TlsOffer::Optional);
+        let mut input = BytesMut::from(&client_flags(0)[..]);
+        input.extend_from_slice(&option(proto::NBD_OPT_STARTTLS, b""));
+        let mut out = Vec::new();
+        assert_eq!(
+            handshake.advance(&mut input, &TestCatalog, &mut out),
+            Ok(HandshakeStep::NeedMore)
+        );
+        assert_eq!(reply_types(&replies(&out)), vec![proto::NBD_REP_ERR_UNSUP]);
     }
 
     /// Reference: proto.md, "Baseline": servers "MUST reply to them with NBD_REP_ERR_UNSUP, and

@@ -1,0 +1,427 @@
+//! TLS with X.509 certificates in the directory layout qemu's `tls-creds-x509` and libnbd's
+//! `tls-certificates=` read, so that a directory made here works unchanged with them:
+//!
+//! - `ca-cert.pem`: the certificate authority every party trusts;
+//! - `server-cert.pem`, `server-key.pem`: what a server presents;
+//! - `client-cert.pem`, `client-key.pem`: what a client presents (optional unless the server
+//!   verifies clients);
+//! - `ca-key.pem`: only in the directory of the authority itself (`raftblk ctl certs init`),
+//!   never handed out.
+//!
+//! [`server_config`] and [`client_config`] build rustls configurations (the `ring` provider,
+//! TLS 1.2 and 1.3) from such a directory; [`init_authority`] and [`issue`] write one with
+//! rcgen. Certificates carry the key usages gnutls (qemu, libnbd) checks: digital signature
+//! and key encipherment, server or client authentication.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const SERVER_CERT: &str = "server-cert.pem";
+pub const SERVER_KEY: &str = "server-key.pem";
+pub const CLIENT_CERT: &str = "client-cert.pem";
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+/// Certificates are valid for this long from their issue.
+const VALIDITY_DAYS: i64 = 3650;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a PEM file of the expected kind: {detail}")]
+    Pem { path: PathBuf, detail: String },
+    #[error("{path}: holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verification: {0}")]
+    Verifier(String),
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path} exists already: refusing to overwrite it")]
+    Exists { path: PathBuf },
+}
+
+/// rustls with *ring*: portable and quick to build (also for the Pi's aarch64), at the price of
+/// no post-quantum key exchange (that needs the aws-lc-rs provider and its C build); the
+/// clients we serve (gnutls in qemu and libnbd) negotiate X25519 or P-256 with it.
+#[allow(deprecated)]
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certificates = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| pem_error(path, error))?;
+    if certificates.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certificates)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|error| pem_error(path, error))
+}
+
+fn pem_error(path: &Path, error: rustls::pki_types::pem::Error) -> TlsError {
+    match error {
+        rustls::pki_types::pem::Error::Io(source) => TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => TlsError::Pem {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn roots(directory: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let path = directory.join(CA_CERT);
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in read_certificates(&path)? {
+        roots.add(certificate).map_err(|error| TlsError::Pem {
+            path: path.clone(),
+            detail: error.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The server side: `server-cert.pem` and `server-key.pem` presented; with `verify_clients`,
+/// only clients presenting a certificate signed by `ca-cert.pem` get through the handshake.
+pub fn server_config(
+    directory: &Path,
+    verify_clients: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certificates = read_certificates(&directory.join(SERVER_CERT))?;
+    let key = read_key(&directory.join(SERVER_KEY))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = if verify_clients {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(directory)?),
+            provider(),
+        )
+        .build()
+        .map_err(|error| TlsError::Verifier(error.to_string()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(Arc::new(builder.with_single_cert(certificates, key)?))
+}
+
+/// The client side: servers must present a certificate signed by `ca-cert.pem` for the name
+/// connected to; `client-cert.pem` and `client-key.pem` are presented when they exist.
+pub fn client_config(directory: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(directory)?);
+    let certificate_path = directory.join(CLIENT_CERT);
+    let config = if certificate_path.exists() {
+        builder.with_client_auth_cert(
+            read_certificates(&certificate_path)?,
+            read_key(&directory.join(CLIENT_KEY))?,
+        )?
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// The name a verified peer certificate gives: its first DNS subject alternative name, else
+/// its common name.
+pub fn certificate_identity(certificate: &CertificateDer<'_>) -> Option<String> {
+    let params = rcgen::CertificateParams::from_ca_cert_der(certificate).ok()?;
+    params
+        .subject_alt_names
+        .iter()
+        .find_map(|name| match name {
+            rcgen::SanType::DnsName(name) => Some(name.to_string()),
+            _ => None,
+        })
+        .or_else(|| {
+            params
+                .distinguished_name
+                .get(&rcgen::DnType::CommonName)
+                .map(|name| match name {
+                    rcgen::DnValue::PrintableString(text) => text.to_string(),
+                    rcgen::DnValue::Utf8String(text) => text.clone(),
+                    other => format!("{other:?}"),
+                })
+        })
+}
+
+/// Writes `contents` to a new file (never over an existing one); `private` files get mode 0600.
+fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 });
+    let mut file = options.open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            TlsError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            io(source)
+        }
+    })?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn validity(params: &mut rcgen::CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    // A day back, so that a clock slightly behind on another machine accepts it at once.
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+}
+
+/// Whom a certificate names.
+#[derive(Clone, Debug)]
+pub enum Subject {
+    /// A storage server: presented to NBD clients, the proxy, the control API's clients and
+    /// (as a client too) to the other servers. Named `node-ID`, with `hosts` (DNS names or IP
+    /// addresses the others connect to) as further subject alternative names.
+    Node { id: u64, hosts: Vec<String> },
+    /// A client (a proxy, an operator, an NBD client), named `name`.
+    Client { name: String },
+}
+
+/// The name a node's certificate carries (its first DNS subject alternative name).
+pub fn node_identity(id: u64) -> String {
+    format!("node-{id}")
+}
+
+/// Creates `directory` (if missing) with a new certificate authority: `ca-cert.pem` and
+/// `ca-key.pem` (mode 0600). Refuses to overwrite either.
+pub fn init_authority(directory: &Path, name: &str) -> Result<(), TlsError> {
+    std::fs::create_dir_all(directory).map_err(|source| TlsError::Io {
+        path: directory.to_path_buf(),
+        source,
+    })?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut params);
+    let certificate = params.self_signed(&key)?;
+    write_new(&directory.join(CA_KEY), &key.serialize_pem(), true)?;
+    write_new(&directory.join(CA_CERT), &certificate.pem(), false)
+}
+
+fn read_text(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Issues a certificate for `subject`, signed by the authority in `authority`, into `out`
+/// (created if missing): `server-cert.pem` / `server-key.pem` for a node, `client-cert.pem` /
+/// `client-key.pem` for a client, and a copy of `ca-cert.pem`, so that `out` is a complete
+/// directory for qemu, libnbd and raftblk. Refuses to overwrite a certificate or key.
+pub fn issue(authority: &Path, out: &Path, subject: &Subject) -> Result<(), TlsError> {
+    let ca_key = rcgen::KeyPair::from_pem(&read_text(&authority.join(CA_KEY))?)?;
+    let ca_pem = read_text(&authority.join(CA_CERT))?;
+    let ca = rcgen::CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+    let (names, common_name, certificate_file, key_file, purposes) = match subject {
+        Subject::Node { id, hosts } => {
+            let mut names = vec![node_identity(*id)];
+            names.extend(hosts.iter().cloned());
+            (
+                names,
+                node_identity(*id),
+                SERVER_CERT,
+                SERVER_KEY,
+                vec![
+                    rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                    rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+            )
+        }
+        Subject::Client { name } => (
+            vec![name.clone()],
+            name.clone(),
+            CLIENT_CERT,
+            CLIENT_KEY,
+            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+        ),
+    };
+    let mut params = rcgen::CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = purposes;
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params);
+    let key = rcgen::KeyPair::generate()?;
+    let certificate = params.signed_by(&key, &ca, &ca_key)?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_new(&out.join(key_file), &key.serialize_pem(), true)?;
+    write_new(&out.join(certificate_file), &certificate.pem(), false)?;
+    let ca_copy = out.join(CA_CERT);
+    match std::fs::read_to_string(&ca_copy) {
+        Ok(existing) if existing == ca_pem => Ok(()),
+        Ok(_) => Err(TlsError::Exists { path: ca_copy }),
+        Err(_) => write_new(&ca_copy, &ca_pem, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory made by `init_authority` and `issue` gives working rustls configurations:
+    /// a client trusting the authority completes a handshake with a node, presenting its
+    /// client certificate, whose identity the server reads back.
+    #[test]
+    fn issued_certificates_complete_a_mutual_handshake() {
+        let directory = tempfile::tempdir().expect("a directory");
+        let authority = directory.path().join("ca");
+        let node = directory.path().join("node");
+        let client = directory.path().join("client");
+        init_authority(&authority, "raftblk test CA").expect("a CA");
+        issue(
+            &authority,
+            &node,
+            &Subject::Node {
+                id: 3,
+                hosts: vec!["127.0.0.1".into(), "localhost".into()],
+            },
+        )
+        .expect("a node certificate");
+        issue(
+            &authority,
+            &client,
+            &Subject::Client {
+                name: "alice".into(),
+            },
+        )
+        .expect("a client certificate");
+        assert!(matches!(
+            issue(
+                &authority,
+                &client,
+                &Subject::Client {
+                    name: "alice".into()
+                }
+            ),
+            Err(TlsError::Exists { .. })
+        ));
+
+        let server = server_config(&node, true).expect("the server side");
+        let client = client_config(&client).expect("the client side");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name");
+        let mut client = rustls::ClientConnection::new(client, name).expect("a client");
+        let mut server = rustls::ServerConnection::new(server).expect("a server");
+        for _ in 0..10 {
+            let mut buffer = Vec::new();
+            client.write_tls(&mut buffer).expect("client bytes");
+            server.read_tls(&mut &buffer[..]).expect("to the server");
+            server.process_new_packets().expect("the server accepts");
+            let mut buffer = Vec::new();
+            server.write_tls(&mut buffer).expect("server bytes");
+            client.read_tls(&mut &buffer[..]).expect("to the client");
+            client.process_new_packets().expect("the client accepts");
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        let presented = server.peer_certificates().expect("a client certificate");
+        assert_eq!(
+            certificate_identity(&presented[0]).as_deref(),
+            Some("alice")
+        );
+    }
+
+    /// A server verifying clients refuses a certificate from another authority.
+    #[test]
+    fn a_client_of_another_authority_is_refused() {
+        let directory = tempfile::tempdir().expect("a directory");
+        let (ours, theirs) = (
+            directory.path().join("ours"),
+            directory.path().join("theirs"),
+        );
+        init_authority(&ours, "ours").expect("a CA");
+        init_authority(&theirs, "theirs").expect("another CA");
+        let node = directory.path().join("node");
+        issue(
+            &ours,
+            &node,
+            &Subject::Node {
+                id: 1,
+                hosts: vec!["127.0.0.1".into()],
+            },
+        )
+        .expect("a node certificate");
+        let stranger = directory.path().join("stranger");
+        issue(
+            &theirs,
+            &stranger,
+            &Subject::Client {
+                name: "mallory".into(),
+            },
+        )
+        .expect("a foreign client certificate");
+        // The stranger trusts our CA (to get as far as presenting its certificate).
+        std::fs::copy(ours.join(CA_CERT), stranger.join("ours.pem")).expect("copy");
+        std::fs::rename(stranger.join("ours.pem"), stranger.join(CA_CERT)).expect("swap");
+        let server = server_config(&node, true).expect("the server side");
+        let client = client_config(&stranger).expect("the client side");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name");
+        let mut client = rustls::ClientConnection::new(client, name).expect("a client");
+        let mut server = rustls::ServerConnection::new(server).expect("a server");
+        let mut refused = false;
+        for _ in 0..10 {
+            let mut buffer = Vec::new();
+            client.write_tls(&mut buffer).expect("client bytes");
+            server.read_tls(&mut &buffer[..]).expect("to the server");
+            if server.process_new_packets().is_err() {
+                refused = true;
+                break;
+            }
+            let mut buffer = Vec::new();
+            server.write_tls(&mut buffer).expect("server bytes");
+            client.read_tls(&mut &buffer[..]).expect("to the client");
+            let _ = client.process_new_packets();
+        }
+        assert!(
+            refused,
+            "the server accepted a certificate of another authority"
+        );
+    }
+}

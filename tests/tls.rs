@@ -1,0 +1,273 @@
+//! NBD over TLS against a real `raftblk server` with certificates made by `raftblk ctl certs`,
+//! and clients nobody here wrote: nbdinfo (libnbd, `nbds://`), qemu-img and qemu-io
+//! (`tls-creds-x509`). What a client that does not play along gets: a plaintext client on a
+//! server that requires TLS is told so (`NBD_REP_ERR_TLS_REQD`) before it learns anything, a
+//! certificate from another authority is refused, a client that stalls in its TLS handshake
+//! or sends garbage after STARTTLS is cut off, and other clients are served meanwhile
+//! (doc/proto.md, "TLS support").
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A certificate authority, a node certificate for 127.0.0.1, and client directories.
+struct Certificates {
+    root: tempfile::TempDir,
+}
+
+impl Certificates {
+    fn new() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("raftblk-tls-")
+            .tempdir()
+            .expect("a directory for certificates");
+        let certificates = Certificates { root };
+        certificates.certs(&["init", certificates.path("ca").to_str().unwrap()]);
+        certificates.issue("ca", "node", &["--node", "1", "--host", "127.0.0.1"]);
+        certificates.issue("ca", "alice", &["--client", "alice"]);
+        certificates
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn certs(&self, arguments: &[&str]) {
+        let mut command = Command::new(server_program());
+        command.args(["ctl", "certs"]).args(arguments);
+        run_command(&mut command, Duration::from_secs(30)).assert_success();
+    }
+
+    fn issue(&self, authority: &str, out: &str, subject: &[&str]) {
+        let (authority, out) = (self.path(authority), self.path(out));
+        let mut arguments = vec![
+            "issue",
+            "--ca",
+            authority.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        arguments.extend_from_slice(subject);
+        self.certs(&arguments);
+    }
+
+    /// A client directory of another authority that trusts ours: it gets as far as presenting
+    /// its certificate.
+    fn stranger(&self) -> PathBuf {
+        self.certs(&["init", self.path("other-ca").to_str().unwrap()]);
+        self.issue("other-ca", "mallory", &["--client", "mallory"]);
+        let mallory = self.path("mallory");
+        std::fs::remove_file(mallory.join("ca-cert.pem")).expect("drop the foreign CA");
+        std::fs::copy(
+            self.path("ca").join("ca-cert.pem"),
+            mallory.join("ca-cert.pem"),
+        )
+        .expect("trust ours");
+        mallory
+    }
+}
+
+fn tls_server(certificates: &Certificates, mode: &str, extra: &[(&str, &str)]) -> ServerProcess {
+    let node = certificates.path("node");
+    let mut environment = vec![
+        ("RAFTBLK__TLS__MODE", mode),
+        ("RAFTBLK__TLS__DIR", node.to_str().unwrap()),
+    ];
+    environment.extend_from_slice(extra);
+    ServerProcess::start_with_environment(&environment)
+}
+
+fn nbds_uri(server: &ServerProcess, client: &Path) -> String {
+    format!(
+        "nbds://{}/{DEFAULT_EXPORT_NAME}?tls-certificates={}",
+        server.nbd_address(),
+        client.display()
+    )
+}
+
+fn nbdinfo_size(uri: &str) -> CommandResult {
+    run_command(
+        Command::new("nbdinfo").args(["--size", uri]),
+        Duration::from_secs(30),
+    )
+}
+
+fn qemu_tls_arguments(server: &ServerProcess, client: &Path) -> Vec<String> {
+    let address = server.nbd_address();
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            client.display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,host={},port={},export={DEFAULT_EXPORT_NAME},tls-creds=tls0",
+            address.ip(),
+            address.port()
+        ),
+    ]
+}
+
+#[test]
+fn real_clients_use_a_volume_over_tls_and_a_plaintext_client_learns_only_that_tls_is_required() {
+    require_tools(&["nbdinfo", "qemu-img", "qemu-io"]);
+    let certificates = Certificates::new();
+    let mut server = tls_server(&certificates, "require", &[]);
+    let alice = certificates.path("alice");
+
+    let size = nbdinfo_size(&nbds_uri(&server, &alice)).assert_success();
+    assert_eq!(
+        size.stdout_text().trim(),
+        DEFAULT_EXPORT_SIZE_BYTES.to_string()
+    );
+
+    let mut info = Command::new("qemu-img");
+    info.arg("info").args(qemu_tls_arguments(&server, &alice));
+    let info = run_command(&mut info, Duration::from_secs(30)).assert_success();
+    assert!(info.stdout_text().contains("1 GiB"), "{}", info.describe());
+    let mut io = Command::new("qemu-io");
+    io.args(qemu_tls_arguments(&server, &alice)).args([
+        "-c",
+        "write -P 0x3c 1M 256k",
+        "-c",
+        "read -P 0x3c 1M 256k",
+    ]);
+    let io = run_command(&mut io, Duration::from_secs(60)).assert_success();
+    let output = io.stdout_text() + &io.stderr_text();
+    assert!(
+        output.contains("read 262144/262144") && !output.contains("Pattern verification failed"),
+        "{output}"
+    );
+
+    // A plaintext client: libnbd reports what the server said.
+    let plain = nbdinfo_size(&server.uri(DEFAULT_EXPORT_NAME));
+    assert!(!plain.status.success(), "{}", plain.describe());
+    assert!(
+        plain.stderr_text().contains("requires TLS"),
+        "{}",
+        plain.describe()
+    );
+    // Byte by byte: the list of exports and an existing export's details are refused alike.
+    let mut raw = RawConnection::connect(server.nbd_address());
+    raw.start_handshake();
+    for (option, payload) in [
+        (nbd::OPT_LIST, Vec::new()),
+        (nbd::OPT_INFO, info_request(DEFAULT_EXPORT_NAME)),
+        (nbd::OPT_GO, info_request("no-such-volume")),
+    ] {
+        raw.send_option(option, &payload).expect("send an option");
+        let reply = raw.read_option_reply().expect("a reply");
+        assert_eq!(reply.reply_type, nbd::REP_ERR_TLS_REQD, "{reply:?}");
+    }
+    server.assert_running("after the TLS clients");
+}
+
+/// `NBD_OPT_INFO` / `NBD_OPT_GO` data: the name, and no information requests.
+fn info_request(name: &str) -> Vec<u8> {
+    let mut payload = (name.len() as u32).to_be_bytes().to_vec();
+    payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(&0u16.to_be_bytes());
+    payload
+}
+
+#[test]
+fn with_verified_clients_a_certificate_of_another_authority_is_refused_and_ours_served() {
+    require_tools(&["nbdinfo"]);
+    let certificates = Certificates::new();
+    let mut server = tls_server(
+        &certificates,
+        "require",
+        &[("RAFTBLK__TLS__VERIFY_CLIENTS", "true")],
+    );
+    let stranger = certificates.stranger();
+    let refused = nbdinfo_size(&nbds_uri(&server, &stranger));
+    assert!(!refused.status.success(), "{}", refused.describe());
+
+    // No certificate at all: only the CA.
+    let anonymous = certificates.path("anonymous");
+    std::fs::create_dir_all(&anonymous).expect("a directory");
+    std::fs::copy(
+        certificates.path("ca").join("ca-cert.pem"),
+        anonymous.join("ca-cert.pem"),
+    )
+    .expect("the CA");
+    let refused = nbdinfo_size(&nbds_uri(&server, &anonymous));
+    assert!(!refused.status.success(), "{}", refused.describe());
+
+    let served = nbdinfo_size(&nbds_uri(&server, &certificates.path("alice"))).assert_success();
+    assert_eq!(
+        served.stdout_text().trim(),
+        DEFAULT_EXPORT_SIZE_BYTES.to_string()
+    );
+    // A client that trusts another authority refuses this server, too.
+    certificates.certs(&["init", certificates.path("elsewhere").to_str().unwrap()]);
+    let refused = nbdinfo_size(&nbds_uri(&server, &certificates.path("elsewhere")));
+    assert!(!refused.status.success(), "{}", refused.describe());
+
+    let log = server.log_text();
+    assert!(
+        log.contains("TLS handshake failed") && log.contains("127.0.0.1:"),
+        "the refusals are logged with the peer:\n{log}"
+    );
+    server.assert_running("after the refusals");
+}
+
+#[test]
+fn a_client_stalled_in_its_tls_handshake_or_sending_garbage_is_cut_off_while_others_are_served() {
+    require_tools(&["nbdinfo"]);
+    let certificates = Certificates::new();
+    let mut server = tls_server(
+        &certificates,
+        "on",
+        &[("RAFTBLK__NBD__HANDSHAKE_TIMEOUT_MS", "2000")],
+    );
+    let mut stalled = RawConnection::connect(server.nbd_address());
+    stalled.start_handshake();
+    stalled
+        .send_option(nbd::OPT_STARTTLS, &[])
+        .expect("send STARTTLS");
+    let reply = stalled.read_option_reply().expect("a reply");
+    assert_eq!(reply.reply_type, nbd::REP_ACK, "{reply:?}");
+    let started = Instant::now();
+
+    let mut garbage = RawConnection::connect(server.nbd_address());
+    garbage.start_handshake();
+    garbage
+        .send_option(nbd::OPT_STARTTLS, &[])
+        .expect("send STARTTLS");
+    assert_eq!(
+        garbage.read_option_reply().expect("a reply").reply_type,
+        nbd::REP_ACK
+    );
+    garbage
+        .send(&[0x5a; 512])
+        .expect("send garbage instead of a ClientHello");
+    garbage
+        .expect_closed(Duration::from_secs(10))
+        .expect("the server closes a connection that sends garbage for TLS");
+
+    // Meanwhile, both kinds of client are served.
+    nbdinfo_size(&nbds_uri(&server, &certificates.path("alice"))).assert_success();
+    nbdinfo_size(&server.uri(DEFAULT_EXPORT_NAME)).assert_success();
+
+    stalled
+        .expect_closed(Duration::from_secs(10))
+        .expect("the stalled client is cut off at the handshake timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "cut off after {:?}, before the timeout",
+        started.elapsed()
+    );
+    // The log line follows the close.
+    wait_until("the timeout is logged", Duration::from_secs(10), || {
+        server.log_text().contains("handshake timed out")
+    });
+    let log = server.log_text();
+    assert!(log.contains("TLS handshake failed"), "{log}");
+    server.assert_running("after the misbehaving clients");
+}
