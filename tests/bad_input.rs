@@ -763,3 +763,49 @@ fn an_over_long_volume_name_is_refused_and_touches_no_other_volume() {
     assert_eq!(volume["size_bytes"], 16 * MIB, "{volume}");
     assert!(volume["attachment"].is_null(), "{volume}");
 }
+
+/// A peer frame whose Raft message nests unknown protobuf groups two million deep is refused
+/// with one warning naming the sender, and the cluster keeps serving. RUSTSEC-2024-0437 (the
+/// parser recursing once per nested group until the stack overflows, which aborts the process
+/// where no supervisor can catch it) does not reach protobuf 2.28: it answers a group wire type
+/// with an error and bounds message nesting at 100 levels. The hello names a member, which
+/// nothing checks without TLS on the peer links.
+#[test]
+fn a_raft_message_of_deeply_nested_groups_cannot_crash_a_server() {
+    use bytes::BytesMut;
+    use raftblk::peer::{encode_frame, encode_hello, FrameKind, Hello, StreamKind};
+    let mut cluster = common::cluster::Cluster::start(common::cluster::ClusterOptions::default());
+    cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(30));
+    let target = cluster.node(1).peer_address;
+    let mut stream = TcpStream::connect(target).expect("connect to node 1's peer port");
+    let mut bytes = BytesMut::new();
+    encode_hello(
+        &Hello {
+            kind: StreamKind::Messages,
+            from: 2,
+            to: 1,
+        },
+        &mut bytes,
+    );
+    // Field 100, wire type 3 (start group), over and over.
+    let body: Vec<u8> = [0xa3u8, 0x06].repeat(2_000_000);
+    encode_frame(
+        FrameKind::RaftMessage,
+        raftblk::DEFAULT_GROUP_ID,
+        &body,
+        &mut bytes,
+    );
+    let _ = stream.write_all(&bytes);
+    // Whatever the server does with it, give it time to do it.
+    let mut buffer = [0u8; 64];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let _ = std::io::Read::read(&mut stream, &mut buffer);
+    common::wait_until("node 1 logs the refusal", Duration::from_secs(10), || {
+        let log = cluster.node(1).log_text();
+        log.contains("peer connection refused: invalid data") && log.contains("wire type")
+    });
+    cluster.assert_all_alive("after a Raft message of nested groups");
+    cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(30));
+}

@@ -596,9 +596,18 @@ async fn accept_loop(listener: Arc<TcpListener>, context: PeerContext) {
                 let _ = stream.set_nodelay(true);
                 let context = context.clone();
                 actix_rt::spawn(async move {
-                    if let Err(error) = serve_connection(stream, context.clone()).await {
-                        slog::debug!(context.supervision.logger, "peer connection closed";
-                            "remote" => %remote, "error" => %error);
+                    match serve_connection(stream, context.clone()).await {
+                        Ok(()) => {}
+                        // Bytes that are not the peer protocol: worth an operator's look.
+                        Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                            slog::warn!(context.supervision.logger,
+                                "peer connection refused: invalid data";
+                                "remote" => %remote, "error" => %error);
+                        }
+                        Err(error) => {
+                            slog::debug!(context.supervision.logger, "peer connection closed";
+                                "remote" => %remote, "error" => %error);
+                        }
                     }
                 });
             }
