@@ -14,6 +14,8 @@
 //! Every process it starts is owned by a guard that kills it on drop, so an error anywhere
 //! still stops the servers.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod support;

@@ -13,6 +13,8 @@
 //! (loop devices, mounts, dropping the page cache). This program prints numbers; it asserts
 //! nothing about them. Its exit status is 1 if any step failed.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod support;

@@ -6,6 +6,8 @@
 //! `/v1/status` and the log line), and that the process still serves new connections. A panic
 //! storm must instead end the process with a non-zero exit after a clean shutdown.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -5,6 +5,8 @@
 //!
 //! Each test has its own server, so the cases run in parallel and a failure names one case.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 
 use std::io::{ErrorKind, Write};

@@ -6,6 +6,8 @@
 //! Runs the same code as `cargo bench --bench report -- --smoke` (`benches/support/report.rs`)
 //! in this process. Needs root, like the interop test's ext4 mount.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 #[path = "../benches/support/mod.rs"]
 mod support;

@@ -6,6 +6,8 @@
 //! The tests run one at a time (a file-wide lock): three servers each are all two cores can
 //! carry, and timing-sensitive failovers must not starve each other.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

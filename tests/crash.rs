@@ -10,6 +10,8 @@
 //! - rounds continue on the same data directory, so later rounds check data that survived
 //!   earlier crashes, and the last check follows a clean SIGTERM restart.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -5,6 +5,8 @@
 //! Each test starts its own server on `127.0.0.1:0` with a private data directory, so the
 //! tests run in parallel. Every external command has a timeout.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 
 use std::fs;

@@ -5,6 +5,8 @@
 //! cluster and exits non-zero without a quorum; a volume digest tells a missing volume from a
 //! corrupt replica.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -90,6 +90,8 @@
 //! seed (with `RAFTBLK_SIM_TRACE=1` and `-- --nocapture` it prints the last events),
 //! `RAFTBLK_SIM_SEEDS=<count>` runs more seeds, `RAFTBLK_SIM_STEPS=<n>` makes each run longer.
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::unix::fs::MetadataExt;

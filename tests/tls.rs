@@ -6,6 +6,8 @@
 //! or sends garbage after STARTTLS is cut off, and other clients are served meanwhile
 //! (doc/proto.md, "TLS support").
 
+#![allow(clippy::unwrap_used)] // a test may stop at the first surprise
+
 mod common;
 
 use std::path::{Path, PathBuf};
