@@ -55,6 +55,9 @@ pub struct TlsConfig {
     pub dir: PathBuf,
     /// Ask NBD clients for a certificate signed by `ca-cert.pem`; refuse those without one.
     pub verify_clients: bool,
+    /// Mutual TLS on the links between servers: each presents its node certificate, and the
+    /// node a peer claims to be must be the one its certificate names.
+    pub peers: bool,
 }
 
 impl TlsConfig {

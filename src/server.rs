@@ -238,6 +238,17 @@ pub async fn run_server(
             .with_context(|| format!("binding the peer transport to {}", config.peer.listen))?;
         peer_listener.set_nonblocking(true)?;
         peer_address = Some(peer_listener.local_addr()?);
+        let peer_tls = if config.tls.peers {
+            let directory = config.tls.directory(&config.node.data_dir);
+            Some(crate::tls::PeerTls::load(&directory).with_context(|| {
+                format!(
+                    "loading the peer TLS certificates from {}",
+                    directory.display()
+                )
+            })?)
+        } else {
+            None
+        };
         let context = PeerContext {
             node_id: config.node.id,
             group_id: DEFAULT_GROUP_ID,
@@ -248,6 +259,7 @@ pub async fn run_server(
             storage: StorageActor::link(&storage),
             snapshots,
             supervision: peer_supervision,
+            tls: peer_tls,
         };
         // On the Raft actor's thread: a message read from a peer is stepped, and a message
         // Raft sends is written, without waking another thread.

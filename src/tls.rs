@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_KEY: &str = "ca-key.pem";
@@ -140,6 +142,164 @@ pub fn client_config(directory: &Path) -> Result<Arc<rustls::ClientConfig>, TlsE
         builder.with_no_client_auth()
     };
     Ok(Arc::new(config))
+}
+
+/// A node's client side towards the other nodes: trusts `ca-cert.pem` and presents the node's
+/// own `server-cert.pem` (issued for both server and client authentication).
+pub fn node_client_config(directory: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(directory)?)
+        .with_client_auth_cert(
+            read_certificates(&directory.join(SERVER_CERT))?,
+            read_key(&directory.join(SERVER_KEY))?,
+        )?;
+    Ok(Arc::new(config))
+}
+
+/// Every name a certificate gives its holder: its DNS subject alternative names and its common
+/// name.
+pub fn certificate_names(certificate: &CertificateDer<'_>) -> Vec<String> {
+    let Ok(params) = rcgen::CertificateParams::from_ca_cert_der(certificate) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = params
+        .subject_alt_names
+        .iter()
+        .filter_map(|name| match name {
+            rcgen::SanType::DnsName(name) => Some(name.to_string()),
+            _ => None,
+        })
+        .collect();
+    if let Some(common_name) = params.distinguished_name.get(&rcgen::DnType::CommonName) {
+        names.push(match common_name {
+            rcgen::DnValue::PrintableString(text) => text.to_string(),
+            rcgen::DnValue::Utf8String(text) => text.clone(),
+            other => format!("{other:?}"),
+        });
+    }
+    names
+}
+
+/// A TCP connection, plain or TLS (either side).
+pub enum MaybeTls {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl MaybeTls {
+    /// The certificates the other side presented (TLS only; verified by the handshake).
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        match self {
+            MaybeTls::Plain(_) => None,
+            MaybeTls::Tls(stream) => stream.get_ref().1.peer_certificates(),
+        }
+    }
+
+    /// The two directions, for a reader task and a writer task. A plain socket splits without
+    /// a lock; a TLS stream shares its state between the halves.
+    pub fn into_boxed_halves(
+        self,
+    ) -> (
+        Box<dyn AsyncRead + Unpin + Send>,
+        Box<dyn AsyncWrite + Unpin + Send>,
+    ) {
+        match self {
+            MaybeTls::Plain(stream) => {
+                let (read_half, write_half) = stream.into_split();
+                (Box::new(read_half), Box::new(write_half))
+            }
+            MaybeTls::Tls(stream) => {
+                let (read_half, write_half) = tokio::io::split(*stream);
+                (Box::new(read_half), Box::new(write_half))
+            }
+        }
+    }
+}
+
+impl AsyncRead for MaybeTls {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(stream) => std::pin::Pin::new(stream).poll_read(context, buffer),
+            MaybeTls::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_read(context, buffer),
+        }
+    }
+}
+
+impl AsyncWrite for MaybeTls {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(stream) => std::pin::Pin::new(stream).poll_write(context, buffer),
+            MaybeTls::Tls(stream) => {
+                std::pin::Pin::new(stream.as_mut()).poll_write(context, buffer)
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(stream) => std::pin::Pin::new(stream).poll_flush(context),
+            MaybeTls::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_flush(context),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(context),
+            MaybeTls::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_shutdown(context),
+        }
+    }
+}
+
+/// Mutual TLS between the servers of a cluster: every link is TLS, each side presents its
+/// node certificate, and each side checks that the other's names the node it claims to be.
+#[derive(Clone)]
+pub struct PeerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl PeerTls {
+    /// From a node's certificate directory (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`).
+    pub fn load(directory: &Path) -> Result<Self, TlsError> {
+        Ok(PeerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(server_config(directory, true)?),
+            connector: tokio_rustls::TlsConnector::from(node_client_config(directory)?),
+        })
+    }
+
+    /// The accepting side's handshake: the peer must present a certificate of the cluster's
+    /// authority (whose names the caller checks against the node the peer claims to be).
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<MaybeTls> {
+        let stream = self.acceptor.accept(stream).await?;
+        Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Server(
+            stream,
+        ))))
+    }
+
+    /// The connecting side's handshake with node `to`, whose certificate must name it.
+    pub async fn connect(&self, to: u64, stream: TcpStream) -> std::io::Result<MaybeTls> {
+        let name = ServerName::try_from(node_identity(to))
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+        let stream = self.connector.connect(name, stream).await?;
+        Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(
+            stream,
+        ))))
+    }
 }
 
 /// The name a verified peer certificate gives: its first DNS subject alternative name, else

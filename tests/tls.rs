@@ -273,3 +273,142 @@ fn a_client_stalled_in_its_tls_handshake_or_sending_garbage_is_cut_off_while_oth
     assert!(log.contains("TLS handshake failed"), "{log}");
     server.assert_running("after the misbehaving clients");
 }
+
+/// Sends a peer hello from node `from` to node 1 and a heartbeat-shaped frame over TLS with
+/// the node certificate in `directory` (which trusts the cluster's authority); what happens
+/// next is the server's business.
+fn claim_to_be_a_member(target: std::net::SocketAddr, directory: &Path, from: u64) {
+    use bytes::BytesMut;
+    use raftblk::peer::{encode_hello, encode_raft_message, Hello, StreamKind};
+    use std::io::Write;
+    let config = raftblk::tls::node_client_config(directory).expect("a client configuration");
+    let name = rustls::pki_types::ServerName::try_from("node-1").expect("a name");
+    let connection = rustls::ClientConnection::new(config, name).expect("a TLS client");
+    let socket = std::net::TcpStream::connect(target).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a timeout");
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    let mut bytes = BytesMut::new();
+    encode_hello(
+        &Hello {
+            kind: StreamKind::Messages,
+            from,
+            to: 1,
+        },
+        &mut bytes,
+    );
+    let mut message = raft::prelude::Message::default();
+    message.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+    message.from = from;
+    message.to = 1;
+    message.term = 1_000_000;
+    encode_raft_message(raftblk::DEFAULT_GROUP_ID, &message, &mut bytes);
+    let _ = stream.write_all(&bytes).and_then(|()| stream.flush());
+    let mut buffer = [0u8; 16];
+    let _ = std::io::Read::read(&mut stream, &mut buffer);
+}
+
+#[test]
+fn servers_with_mutual_tls_replicate_and_refuse_peers_that_cannot_prove_who_they_are() {
+    use common::cluster::{run_certs, Cluster, ClusterOptions};
+    require_tools(&["qemu-io"]);
+    let mut cluster = Cluster::start(ClusterOptions {
+        peer_tls: true,
+        ..ClusterOptions::default()
+    });
+    let all = cluster.node_ids();
+    let write = |cluster: &mut Cluster, pattern: &str| {
+        let leader = cluster.leader();
+        let uri = cluster.node(leader).uri(DEFAULT_EXPORT_NAME);
+        let command = format!("write -P {pattern} 0 1M");
+        run_ok(
+            "qemu-io",
+            &["-f", "raw", "-c", command.as_str(), uri.as_str()],
+            Duration::from_secs(60),
+        );
+    };
+    write(&mut cluster, "0x11");
+    cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, Duration::from_secs(60));
+    let target = cluster.node(1).peer_address;
+    let workspace = cluster.workspace().to_path_buf();
+
+    // Plaintext, as before TLS: the TLS handshake fails.
+    {
+        use bytes::BytesMut;
+        use raftblk::peer::{encode_hello, Hello, StreamKind};
+        use std::io::Write;
+        let mut bytes = BytesMut::new();
+        encode_hello(
+            &Hello {
+                kind: StreamKind::Messages,
+                from: 2,
+                to: 1,
+            },
+            &mut bytes,
+        );
+        let mut plain = std::net::TcpStream::connect(target).expect("connect");
+        let _ = plain.write_all(&bytes);
+        plain
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a timeout");
+        let _ = std::io::Read::read(&mut plain, &mut [0u8; 16]);
+    }
+    // A node certificate of another authority, for node 2.
+    let foreign_ca = workspace.join("foreign-ca");
+    let impostor = workspace.join("impostor");
+    run_certs(&["init", foreign_ca.to_str().unwrap()]);
+    run_certs(&[
+        "issue",
+        "--ca",
+        foreign_ca.to_str().unwrap(),
+        "--out",
+        impostor.to_str().unwrap(),
+        "--node",
+        "2",
+    ]);
+    std::fs::copy(
+        workspace.join("ca").join("ca-cert.pem"),
+        impostor.join("ca-cert.pem"),
+    )
+    .expect("trust the cluster's authority");
+    claim_to_be_a_member(target, &impostor, 2);
+    // A certificate of the cluster's authority for node 4, claiming to be node 2.
+    let node4 = workspace.join("node4-certificate");
+    run_certs(&[
+        "issue",
+        "--ca",
+        workspace.join("ca").to_str().unwrap(),
+        "--out",
+        node4.to_str().unwrap(),
+        "--node",
+        "4",
+    ]);
+    claim_to_be_a_member(target, &node4, 2);
+
+    common::wait_until(
+        "node 1 logs three refusals",
+        Duration::from_secs(20),
+        || {
+            let log = cluster.node(1).log_text();
+            log.matches("peer connection refused").count() >= 3
+        },
+    );
+    let log = cluster.node(1).log_text();
+    assert!(
+        log.contains("TLS handshake failed") && log.contains("certificate naming"),
+        "{log}"
+    );
+    // None of them stepped a message: no term was raised to theirs, and the group serves on.
+    for id in &all {
+        let status = cluster.status(*id).expect("a status");
+        assert!(
+            status.term < 1_000_000,
+            "node {id} is at term {}",
+            status.term
+        );
+    }
+    write(&mut cluster, "0x22");
+    cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, Duration::from_secs(60));
+    cluster.assert_all_alive("after the impostors");
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::raft::{RaftActor, ReadGate};
@@ -27,6 +27,7 @@ use crate::nbd::handshake::{
     ExportCatalog, ExportDescription, Handshake, HandshakeLimits, HandshakeStep, TlsOffer,
 };
 use crate::nbd::{proto, Negotiated};
+use crate::tls::MaybeTls;
 
 /// Limits of a listener and of the sessions it starts: `[nbd]` on a server, `[proxy]` on a
 /// proxy.
@@ -262,84 +263,6 @@ pub struct ListenerTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
 }
 
-/// An NBD client's connection: plain TCP, or TLS after `NBD_OPT_STARTTLS`.
-enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl ClientStream {
-    /// The two directions, for the session's reader and writer. A plain socket splits without
-    /// a lock; a TLS stream shares its state between the halves.
-    fn into_halves(
-        self,
-    ) -> (
-        Box<dyn AsyncRead + Unpin + Send>,
-        Box<dyn AsyncWrite + Unpin + Send>,
-    ) {
-        match self {
-            ClientStream::Plain(stream) => {
-                let (read_half, write_half) = stream.into_split();
-                (Box::new(read_half), Box::new(write_half))
-            }
-            ClientStream::Tls(stream) => {
-                let (read_half, write_half) = tokio::io::split(*stream);
-                (Box::new(read_half), Box::new(write_half))
-            }
-        }
-    }
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-        buffer: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_read(context, buffer),
-            ClientStream::Tls(stream) => {
-                std::pin::Pin::new(stream.as_mut()).poll_read(context, buffer)
-            }
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-        buffer: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_write(context, buffer),
-            ClientStream::Tls(stream) => {
-                std::pin::Pin::new(stream.as_mut()).poll_write(context, buffer)
-            }
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_flush(context),
-            ClientStream::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_flush(context),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(stream) => std::pin::Pin::new(stream).poll_shutdown(context),
-            ClientStream::Tls(stream) => std::pin::Pin::new(stream.as_mut()).poll_shutdown(context),
-        }
-    }
-}
-
 impl NbdListenerActor<VolumeService> {
     /// The listener of a server.
     pub fn new(
@@ -518,7 +441,7 @@ impl<S: NbdService> Handler<Accepted> for NbdListenerActor<S> {
             let outcome = tokio::time::timeout(
                 timeout,
                 negotiate(
-                    ClientStream::Plain(stream),
+                    MaybeTls::Plain(stream),
                     &service,
                     &catalog,
                     limits,
@@ -548,7 +471,7 @@ impl<S: NbdService> Handler<Accepted> for NbdListenerActor<S> {
                 connections.fetch_sub(1, Ordering::AcqRel);
                 return;
             };
-            let (read_half, write_half) = stream.into_halves();
+            let (read_half, write_half) = stream.into_boxed_halves();
             let limits = SessionLimits {
                 requests_in_flight_max: config.requests_in_flight_per_session_max,
                 bytes_in_flight_max: config.bytes_in_flight_per_session_max,
@@ -586,12 +509,12 @@ enum NegotiateError {
 /// Drives the sans-I/O handshake over the connection, upgrading it to TLS when the client asks
 /// and `tls` offers it. `None`: the client left (ABORT or EOF).
 async fn negotiate<S: NbdService>(
-    mut stream: ClientStream,
+    mut stream: MaybeTls,
     service: &S,
     catalog: &S::Catalog,
     limits: HandshakeLimits,
     tls: Option<&ListenerTls>,
-) -> Result<Option<(ClientStream, Negotiated, BytesMut)>, NegotiateError> {
+) -> Result<Option<(MaybeTls, Negotiated, BytesMut)>, NegotiateError> {
     let offer = tls.map_or(TlsOffer::None, |tls| tls.offer);
     let mut handshake = Handshake::with_tls(limits, offer);
     let mut scanner = ExportOptionScanner::new(limits.option_length_max_bytes);
@@ -625,7 +548,7 @@ async fn negotiate<S: NbdService>(
             HandshakeStep::Close => return Ok(None),
             HandshakeStep::StartTls => {
                 // The codec offers TLS only with `tls` set, and only once.
-                let (Some(tls), ClientStream::Plain(tcp)) = (tls, stream) else {
+                let (Some(tls), MaybeTls::Plain(tcp)) = (tls, stream) else {
                     return Err(NegotiateError::DataBeforeTls);
                 };
                 if !input.is_empty() {
@@ -636,7 +559,7 @@ async fn negotiate<S: NbdService>(
                     .accept(tcp)
                     .await
                     .map_err(NegotiateError::Tls)?;
-                stream = ClientStream::Tls(Box::new(upgraded));
+                stream = MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Server(upgraded)));
                 handshake.tls_started();
                 scanner = ExportOptionScanner::after_tls(limits.option_length_max_bytes);
             }

@@ -31,6 +31,8 @@ use futures::FutureExt as _;
 use raft::prelude::{Message as RaftMessage, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::tls::{MaybeTls, PeerTls};
 use tokio::sync::mpsc;
 
 use super::messages::{
@@ -262,6 +264,8 @@ pub struct PeerContext {
     pub storage: StorageLink,
     pub snapshots: SnapshotInbox,
     pub supervision: Supervision,
+    /// Mutual TLS on every link (`[tls] peers`); `None`: plain TCP.
+    pub tls: Option<PeerTls>,
 }
 
 /// Starts the accept loop, and the link manager that starts one link task per peer, on the
@@ -321,12 +325,20 @@ where
     }
 }
 
-async fn connect(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+/// Connects to node `to` at `address`, with TLS when the links use it (the handshake within
+/// the same timeout, and the other side's certificate must name node `to`).
+async fn connect(to: u64, address: &str, context: &PeerContext) -> std::io::Result<MaybeTls> {
+    let timeout = Duration::from_millis(context.config.connect_timeout_ms);
+    tokio::time::timeout(timeout, async {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        match &context.tls {
+            Some(tls) => tls.connect(to, stream).await,
+            None => Ok(MaybeTls::Plain(stream)),
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 async fn run_link(
@@ -348,12 +360,7 @@ async fn run_link(
             return;
         };
         queued_bytes.fetch_sub(message_bytes(&first), Ordering::Relaxed);
-        let stream = match connect(
-            &address,
-            Duration::from_millis(context.config.connect_timeout_ms),
-        )
-        .await
-        {
+        let stream = match connect(to, &address, &context).await {
             Ok(stream) => stream,
             Err(error) => {
                 if connected_before {
@@ -523,11 +530,7 @@ async fn send_snapshot(
         .open_snapshot
         .send(OpenSnapshotSource)
         .await??;
-    let mut stream = connect(
-        address,
-        Duration::from_millis(context.config.connect_timeout_ms),
-    )
-    .await?;
+    let mut stream = connect(to, address, context).await?;
     let mut buffer = BytesMut::new();
     encode_hello(
         &Hello {
@@ -649,7 +652,14 @@ fn invalid(message: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, message.into())
 }
 
-async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::io::Result<()> {
+async fn serve_connection(stream: TcpStream, context: PeerContext) -> std::io::Result<()> {
+    let mut stream = match &context.tls {
+        Some(tls) => tokio::time::timeout(Duration::from_secs(10), tls.accept(stream))
+            .await
+            .map_err(|_| invalid("no TLS handshake within 10 s"))?
+            .map_err(|error| invalid(format!("TLS handshake failed: {error}")))?,
+        None => MaybeTls::Plain(stream),
+    };
     let mut input = BytesMut::with_capacity(256 * 1024);
     let hello = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -671,6 +681,21 @@ async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::i
             "hello from {} to {} does not address this node ({}) from a member",
             hello.from, hello.to, context.node_id
         )));
+    }
+    // With TLS, the node the hello names must be the one the certificate names.
+    if let Some(certificates) = stream.peer_certificates() {
+        let names = certificates
+            .first()
+            .map(crate::tls::certificate_names)
+            .unwrap_or_default();
+        if !names.contains(&crate::tls::node_identity(hello.from)) {
+            return Err(invalid(format!(
+                "hello from node {} with a certificate naming {names:?}",
+                hello.from
+            )));
+        }
+    } else if context.tls.is_some() {
+        return Err(invalid("no client certificate on a TLS peer link"));
     }
     let frame_bytes_max = context.config.frame_bytes_max;
     match hello.kind {
@@ -704,7 +729,7 @@ async fn serve_connection(mut stream: TcpStream, context: PeerContext) -> std::i
 }
 
 async fn receive_snapshot(
-    mut stream: TcpStream,
+    mut stream: MaybeTls,
     mut input: BytesMut,
     from: u64,
     context: PeerContext,

@@ -198,6 +198,9 @@ pub struct ClusterOptions {
     /// benchmarks, which measure the embedded defaults.
     pub harness_settings: bool,
     pub settings: Vec<(String, String, String)>,
+    /// Mutual TLS between the servers: a certificate authority in the workspace (`ca/`) and a
+    /// node certificate in each node's `data/tls`, made with `raftblk ctl certs`.
+    pub peer_tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -208,6 +211,7 @@ impl Default for ClusterOptions {
             relays: false,
             harness_settings: true,
             settings: Vec::new(),
+            peer_tls: false,
         }
     }
 }
@@ -507,6 +511,27 @@ impl Cluster {
             relays,
             options,
         };
+        if cluster.options.peer_tls {
+            let authority = cluster.workspace.path().join("ca");
+            run_certs(&["init", &authority.display().to_string()]);
+            for node in &cluster.nodes {
+                run_certs(&[
+                    "issue",
+                    "--ca",
+                    &authority.display().to_string(),
+                    "--out",
+                    &node.data_directory.join("tls").display().to_string(),
+                    "--node",
+                    &node.id.to_string(),
+                    "--host",
+                    "127.0.0.1",
+                ]);
+            }
+            cluster
+                .options
+                .settings
+                .push(("tls".into(), "peers".into(), "true".into()));
+        }
         for node in &cluster.nodes {
             let text = cluster.config_text(node.id);
             fs::write(&node.config_path, text).expect("write the node config");
@@ -1187,4 +1212,11 @@ impl Drop for ProxyProcess {
             );
         }
     }
+}
+
+/// `raftblk ctl certs ARGUMENTS`, which must succeed.
+pub fn run_certs(arguments: &[&str]) {
+    let mut command = std::process::Command::new(server_program());
+    command.args(["ctl", "certs"]).args(arguments);
+    super::run_command(&mut command, Duration::from_secs(30)).assert_success();
 }
