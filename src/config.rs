@@ -540,6 +540,11 @@ pub struct ProxyConfig {
     /// Where the proxy serves `GET /metrics` (Prometheus text); empty: no metrics listener.
     #[serde(default)]
     pub metrics_listen: String,
+    /// NBD over TLS to the servers, with the certificates in this directory (`ca-cert.pem`,
+    /// and `client-cert.pem` / `client-key.pem` for servers that verify clients); empty:
+    /// plaintext.
+    #[serde(default)]
+    pub upstream_tls_dir: PathBuf,
 }
 
 impl ProxyConfig {

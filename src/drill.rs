@@ -294,6 +294,8 @@ async fn connect(address: &str, export_name: &str) -> anyhow::Result<TcpStream> 
         }
         match step {
             ClientHandshakeStep::Done(_) => return Ok(stream),
+            // This client never asks for TLS.
+            ClientHandshakeStep::StartTls => anyhow::bail!("the server started TLS unasked"),
             ClientHandshakeStep::NeedMore => {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let read = tokio::time::timeout(remaining, stream.read_buf(&mut input))

@@ -412,3 +412,75 @@ fn servers_with_mutual_tls_replicate_and_refuse_peers_that_cannot_prove_who_they
     cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, Duration::from_secs(60));
     cluster.assert_all_alive("after the impostors");
 }
+
+/// The whole chain under TLS: servers that require NBD over TLS and talk to each other over
+/// mutual TLS, and a proxy that reaches them through `NBD_OPT_STARTTLS` with a client
+/// certificate (the servers verify clients). qemu-io writes and reads through the proxy's
+/// local plaintext listener; the replicas agree; a leader kill is hidden from the client.
+#[test]
+fn a_proxy_serves_a_cluster_that_requires_tls_and_survives_a_leader_kill() {
+    use common::cluster::{run_certs, Cluster, ClusterOptions, ProxyProcess};
+    require_tools(&["qemu-io"]);
+    let mut cluster = Cluster::start(ClusterOptions {
+        peer_tls: true,
+        settings: vec![
+            ("tls".into(), "mode".into(), "\"require\"".into()),
+            ("tls".into(), "verify_clients".into(), "true".into()),
+        ],
+        ..ClusterOptions::default()
+    });
+    let all = cluster.node_ids();
+    let workspace = cluster.workspace().to_path_buf();
+    let client_directory = workspace.join("proxy-tls");
+    run_certs(&[
+        "issue",
+        "--ca",
+        workspace.join("ca").to_str().unwrap(),
+        "--out",
+        client_directory.to_str().unwrap(),
+        "--client",
+        "tls-proxy",
+    ]);
+    let config = workspace.join("proxy-tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nupstream_tls_dir = {:?}\n",
+            client_directory.display().to_string()
+        ),
+    )
+    .expect("write the proxy config");
+    let proxy = ProxyProcess::start(
+        &cluster,
+        "tls-proxy",
+        &["--config", config.to_str().unwrap()],
+    );
+    let uri = proxy.uri(DEFAULT_EXPORT_NAME);
+    let qemu_io = |commands: &[&str]| {
+        let mut arguments = vec!["-f", "raw"];
+        for command in commands {
+            arguments.extend_from_slice(&["-c", command]);
+        }
+        arguments.push(uri.as_str());
+        let result = run_ok("qemu-io", &arguments, Duration::from_secs(120));
+        let output = result.stdout_text() + &result.stderr_text();
+        assert!(
+            !output.contains("failed") && !output.contains("error"),
+            "{output}"
+        );
+    };
+    qemu_io(&["write -P 0x61 0 2M", "read -P 0x61 0 2M"]);
+    let leader = cluster.leader();
+    cluster.kill_9(leader);
+    qemu_io(&[
+        "write -P 0x62 2M 2M",
+        "read -P 0x61 0 2M",
+        "read -P 0x62 2M 2M",
+    ]);
+    cluster.restart(leader);
+    cluster.assert_replicas_identical(&all, DEFAULT_EXPORT_NAME, Duration::from_secs(60));
+    assert!(
+        !cluster.node(1).log_text().contains("TLS handshake failed"),
+        "the proxy's own connections all completed their TLS handshakes"
+    );
+}

@@ -53,6 +53,10 @@ pub enum ClientHandshakeStep {
     NeedMore,
     /// Send `out`; the transmission phase has begun. Bytes left in `input` belong to it.
     Done(ExportInfo),
+    /// The server acknowledged `NBD_OPT_STARTTLS`: run the TLS handshake as the client, call
+    /// [`ClientHandshake::tls_started`], and go on with the bytes read through TLS (`input`
+    /// is empty: the server sends nothing else in plaintext).
+    StartTls,
 }
 
 /// Why a client handshake failed; the connection is unusable afterwards.
@@ -85,6 +89,10 @@ pub enum ClientHandshakeError {
     ExportNameTooLong { length_bytes: usize },
     #[error("handshake already finished")]
     AlreadyFinished,
+    /// TLS was required and the server answered `NBD_OPT_STARTTLS` with an error: never go on
+    /// in plaintext (a man in the middle could have sent that error).
+    #[error("the server refused NBD_OPT_STARTTLS (reply type {reply_type:#010x}): {message}")]
+    TlsRefused { reply_type: u32, message: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +112,7 @@ enum ClientState {
 pub struct ClientHandshake {
     export_name: String,
     asks_structured_replies: bool,
+    requires_tls: bool,
     state: ClientState,
     size_and_flags: Option<(u64, u16)>,
     block_sizes_bytes: Option<(u32, u32, u32)>,
@@ -121,6 +130,7 @@ impl ClientHandshake {
         Ok(ClientHandshake {
             export_name: export_name.to_owned(),
             asks_structured_replies: false,
+            requires_tls: false,
             state: ClientState::Greeting,
             size_and_flags: None,
             block_sizes_bytes: None,
@@ -135,6 +145,30 @@ impl ClientHandshake {
         self
     }
 
+    /// Sends `NBD_OPT_STARTTLS` as the first option and refuses to go on without TLS ("a
+    /// client which only wishes to use TLS SHOULD terminate the session if the
+    /// NBD_OPT_STARTTLS replies with an error").
+    pub fn requiring_tls(mut self) -> Self {
+        self.requires_tls = true;
+        self
+    }
+
+    /// The caller completed the TLS handshake after [`ClientHandshakeStep::StartTls`]: the
+    /// options go on, through TLS.
+    pub fn tls_started(&mut self, out: &mut Vec<u8>) {
+        self.send_first_options(out);
+    }
+
+    fn send_first_options(&mut self, out: &mut Vec<u8>) {
+        if self.asks_structured_replies {
+            // NBD_OPT_STRUCTURED_REPLY has no data ("Option types").
+            write_option(out, proto::NBD_OPT_STRUCTURED_REPLY, &[]);
+            self.state = ClientState::OptionReply(proto::NBD_OPT_STRUCTURED_REPLY);
+        } else {
+            self.send_go(out);
+        }
+    }
+
     /// Consumes what it can of `input`, appends bytes to send to `out`. Any `Err` is fatal.
     pub fn advance(
         &mut self,
@@ -142,7 +176,10 @@ impl ClientHandshake {
         out: &mut Vec<u8>,
     ) -> Result<ClientHandshakeStep, ClientHandshakeError> {
         let result = self.advance_inner(input, out);
-        if !matches!(result, Ok(ClientHandshakeStep::NeedMore)) {
+        if !matches!(
+            result,
+            Ok(ClientHandshakeStep::NeedMore | ClientHandshakeStep::StartTls)
+        ) {
             self.state = ClientState::Finished;
         }
         result
@@ -178,12 +215,11 @@ impl ClientHandshake {
                         client_flags |= proto::NBD_FLAG_C_NO_ZEROES;
                     }
                     out.put_u32(client_flags);
-                    if self.asks_structured_replies {
-                        // NBD_OPT_STRUCTURED_REPLY has no data ("Option types").
-                        write_option(out, proto::NBD_OPT_STRUCTURED_REPLY, &[]);
-                        self.state = ClientState::OptionReply(proto::NBD_OPT_STRUCTURED_REPLY);
+                    if self.requires_tls {
+                        write_option(out, proto::NBD_OPT_STARTTLS, &[]);
+                        self.state = ClientState::OptionReply(proto::NBD_OPT_STARTTLS);
                     } else {
-                        self.send_go(out);
+                        self.send_first_options(out);
                     }
                 }
                 ClientState::OptionReply(option) => {
@@ -214,6 +250,15 @@ impl ClientHandshake {
                     input.advance(OPTION_REPLY_HEADER_BYTES);
                     let payload = input.split_to(length_bytes as usize);
                     let step = match option {
+                        proto::NBD_OPT_STARTTLS => {
+                            if reply_type != proto::NBD_REP_ACK {
+                                return Err(ClientHandshakeError::TlsRefused {
+                                    reply_type,
+                                    message: String::from_utf8_lossy(&payload).into_owned(),
+                                });
+                            }
+                            return Ok(ClientHandshakeStep::StartTls);
+                        }
                         proto::NBD_OPT_STRUCTURED_REPLY => {
                             self.handle_structured_reply_reply(reply_type, out)
                         }

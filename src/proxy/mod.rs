@@ -95,6 +95,17 @@ pub async fn run_proxy(
         anyhow::bail!("proxy.servers is empty: give the servers' control addresses (--servers)");
     }
     let client_id = proxy.effective_client_id();
+    let upstream_tls = if proxy.upstream_tls_dir.as_os_str().is_empty() {
+        None
+    } else {
+        let config = crate::tls::client_config(&proxy.upstream_tls_dir).with_context(|| {
+            format!(
+                "loading the upstream TLS certificates from {}",
+                proxy.upstream_tls_dir.display()
+            )
+        })?;
+        Some(tokio_rustls::TlsConnector::from(config))
+    };
     let view = ClusterView::new(
         endpoints,
         Duration::from_millis(proxy.control_timeout_ms),
@@ -148,6 +159,7 @@ pub async fn run_proxy(
         attach_lock: tokio::sync::Mutex::new(()),
         next_cache_key: AtomicU64::new(1),
         logger: logger.new(slog::o!("component" => "proxy")),
+        upstream_tls,
     });
     let limits = ListenerLimits {
         connections_max: proxy.connections_max,

@@ -55,6 +55,8 @@ pub struct ProxyShared {
     pub attach_lock: tokio::sync::Mutex<()>,
     pub next_cache_key: AtomicU64,
     pub logger: slog::Logger,
+    /// NBD over TLS to the servers; `None`: plaintext.
+    pub upstream_tls: Option<tokio_rustls::TlsConnector>,
 }
 
 #[derive(Clone)]
@@ -214,6 +216,7 @@ async fn prepare(shared: &Arc<ProxyShared>, name: &str) -> Result<(), String> {
         reply_timeout: shared.reply_timeout,
         queue_max: shared.upstream_queue_max,
         logger: shared.logger.clone(),
+        tls: shared.upstream_tls.clone(),
     });
     let cache_key = shared.next_cache_key.fetch_add(1, Ordering::Relaxed);
     shared.volumes.lock().insert(

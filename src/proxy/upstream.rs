@@ -28,10 +28,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tls::MaybeTls;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -216,6 +216,8 @@ pub struct UpstreamParams {
     pub reply_timeout: Duration,
     pub queue_max: usize,
     pub logger: slog::Logger,
+    /// NBD over TLS to the servers (`[proxy] upstream_tls_dir`); `None`: plaintext.
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Starts the task on the current arbiter.
@@ -273,7 +275,7 @@ impl Drop for Connection {
 }
 
 struct Established {
-    stream: TcpStream,
+    stream: MaybeTls,
     leftover: BytesMut,
     address: SocketAddr,
     epoch: u64,
@@ -327,6 +329,7 @@ async fn run_upstream(params: UpstreamParams, mut requests: mpsc::Receiver<Upstr
                 epoch,
                 reattach,
                 params.reply_timeout,
+                params.tls.clone(),
             )));
         }
         tokio::select! {
@@ -544,8 +547,7 @@ fn start_connection(
         info,
         ..
     } = established;
-    let _ = stream.set_nodelay(true);
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = stream.into_boxed_halves();
     let (frames, frame_receiver) = mpsc::unbounded_channel();
     let expected = Arc::new(Mutex::new(HashMap::new()));
     // A write error shows up on the read side too (EOF or reset), which reconnects.
@@ -584,7 +586,7 @@ const REPLIES_IN_PROGRESS_MAX: usize = 1 << 16;
 
 async fn read_replies(
     connection: u64,
-    read_half: OwnedReadHalf,
+    read_half: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
     leftover: BytesMut,
     expected: Arc<Mutex<HashMap<u64, Expected>>>,
     base_allocation_context_id: Option<u32>,
@@ -712,6 +714,7 @@ async fn establish(
     epoch: u64,
     reattach: bool,
     reply_timeout: Duration,
+    tls: Option<tokio_rustls::TlsConnector>,
 ) -> Result<Established, EstablishError> {
     let control_timeout = view.control_timeout();
     let (mut snapshot, _) = view.snapshot();
@@ -740,9 +743,8 @@ async fn establish(
     };
     let mut last_error = "no server address known yet".to_string();
     for address in snapshot.nbd_candidates {
-        match tokio::time::timeout(reply_timeout, connect_and_handshake(address, &export_name))
-            .await
-        {
+        let attempt = connect_and_handshake(address, &export_name, tls.as_ref());
+        match tokio::time::timeout(reply_timeout, attempt).await {
             Ok(Ok((stream, leftover, info))) => {
                 return Ok(Established {
                     stream,
@@ -759,16 +761,24 @@ async fn establish(
     Err(EstablishError::Transient(last_error))
 }
 
+/// Connects to `address` and runs the client handshake; with `tls`, `NBD_OPT_STARTTLS` first
+/// and the rest through TLS, the server's certificate checked against the address dialled.
 async fn connect_and_handshake(
     address: SocketAddr,
     export_name: &str,
-) -> Result<(TcpStream, BytesMut, ExportInfo), String> {
-    let mut stream = TcpStream::connect(address)
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<(MaybeTls, BytesMut, ExportInfo), String> {
+    let tcp = TcpStream::connect(address)
         .await
         .map_err(|error| error.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = MaybeTls::Plain(tcp);
     let mut handshake = ClientHandshake::new(export_name)
         .map_err(|error| error.to_string())?
         .asking_structured_replies();
+    if tls.is_some() {
+        handshake = handshake.requiring_tls();
+    }
     let mut input = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(256);
     loop {
@@ -794,6 +804,26 @@ async fn connect_and_handshake(
                 }
             }
             ClientHandshakeStep::Done(info) => return Ok((stream, input, info)),
+            ClientHandshakeStep::StartTls => {
+                let (Some(tls), MaybeTls::Plain(tcp)) = (tls, stream) else {
+                    return Err("STARTTLS acknowledged on a connection already TLS".to_string());
+                };
+                if !input.is_empty() {
+                    return Err("the server sent data after acknowledging STARTTLS".to_string());
+                }
+                let name = rustls::pki_types::ServerName::from(address.ip());
+                let upgraded = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|error| format!("TLS handshake with {address} failed: {error}"))?;
+                stream = MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(upgraded)));
+                handshake.tls_started(&mut out);
+                stream
+                    .write_all(&out)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                out.clear();
+            }
         }
     }
 }
