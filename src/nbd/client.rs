@@ -1153,6 +1153,59 @@ mod tests {
 
     /// "Newstyle negotiation": a server without NBD_FLAG_FIXED_NEWSTYLE cannot do NBD_OPT_GO,
     /// and a wrong magic is not NBD at all.
+    /// The shipping server codec against the client codec, both with TLS: the client's first
+    /// option is STARTTLS; after the (here notional) upgrade both go on to GO. Against a
+    /// server without TLS the client stops instead of going on in plaintext.
+    #[test]
+    fn a_client_requiring_tls_upgrades_first_and_never_falls_back() {
+        use crate::nbd::handshake::TlsOffer;
+        let mut client = ClientHandshake::new("disk0")
+            .expect("short name")
+            .asking_structured_replies()
+            .requiring_tls();
+        let mut server = Handshake::with_tls(HandshakeLimits::default(), TlsOffer::Required);
+        let (mut to_client, mut to_server, mut out) =
+            (BytesMut::new(), BytesMut::new(), Vec::new());
+        server.greeting(&mut out);
+        to_client.extend_from_slice(&out);
+        let mut upgrades = 0;
+        let info = 'talk: {
+            for _ in 0..16 {
+                out.clear();
+                match client
+                    .advance(&mut to_client, &mut out)
+                    .expect("the client goes on")
+                {
+                    ClientHandshakeStep::Done(info) => break 'talk info,
+                    ClientHandshakeStep::StartTls => {
+                        upgrades += 1;
+                        client.tls_started(&mut out);
+                    }
+                    ClientHandshakeStep::NeedMore => {}
+                }
+                to_server.extend_from_slice(&out);
+                out.clear();
+                match server.advance(&mut to_server, &OneExport, &mut out) {
+                    Ok(HandshakeStep::StartTls) => server.tls_started(),
+                    Ok(_) => {}
+                    Err(error) => panic!("the server refused: {error}"),
+                }
+                to_client.extend_from_slice(&out);
+            }
+            panic!("handshake did not finish");
+        };
+        assert_eq!(upgrades, 1);
+        assert!(info.structured_replies);
+
+        let refusing = ClientHandshake::new("disk0")
+            .expect("short name")
+            .requiring_tls();
+        assert!(matches!(
+            converse_with(refusing),
+            Err(ClientHandshakeError::TlsRefused { .. })
+        ));
+    }
+
     #[test]
     fn greeting_checks() {
         let mut client = ClientHandshake::new("disk0").expect("short name");
