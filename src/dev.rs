@@ -8,7 +8,10 @@
 //! with, `server.log`), `proxy/` (`proxy.toml`, `proxy.log`), and `control.token`: the control
 //! API token, generated on the first run (random, mode 0600) and written into every server's
 //! and the proxy's configuration. `raftblk ctl`/`raftblk volume` take it with
-//! `--token "$(cat <data_dir>/control.token)"` or `RAFTBLK_TOKEN`.
+//! `--token "$(cat <data_dir>/control.token)"` or `RAFTBLK_TOKEN`. `tls/`: certificates made on
+//! the first run (`ca/`, `nodeN/`, `client/`): the servers require NBD over TLS with client
+//! certificates and run mutual TLS between them; the proxy reaches them with `client/`, and
+//! its own listener on 127.0.0.1 stays plaintext for the local clients.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,17 +91,54 @@ fn dev_token(data_dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The dev cluster's certificates under `<data_dir>/tls`, made once and kept: an authority
+/// (`ca/`), one node directory per server (`nodeN/`, for 127.0.0.1 and localhost) and a client
+/// directory (`client/`, the proxy's, also usable as `tls-certificates=` by any NBD client).
+fn dev_certificates(data_dir: &Path, members: &[MemberConfig]) -> anyhow::Result<PathBuf> {
+    let root = data_dir.join("tls");
+    let authority = root.join("ca");
+    if !authority.join(crate::tls::CA_KEY).exists() {
+        crate::tls::init_authority(&authority, "raftblk dev CA")?;
+    }
+    for member in members {
+        let directory = root.join(format!("node{}", member.id));
+        if !directory.join(crate::tls::SERVER_CERT).exists() {
+            crate::tls::issue(
+                &authority,
+                &directory,
+                &crate::tls::Subject::Node {
+                    id: member.id,
+                    hosts: vec!["127.0.0.1".into(), "localhost".into()],
+                },
+            )?;
+        }
+    }
+    let client = root.join("client");
+    if !client.join(crate::tls::CLIENT_CERT).exists() {
+        crate::tls::issue(
+            &authority,
+            &client,
+            &crate::tls::Subject::Client {
+                name: "raftblk-dev".into(),
+            },
+        )?;
+    }
+    Ok(root)
+}
+
 fn server_config(
     options: &DevOptions,
     member: &MemberConfig,
     members: &[MemberConfig],
     token: &str,
+    tls_root: &Path,
 ) -> String {
     let data_dir = options.data_dir.join(format!("node{}", member.id));
     let mut text = format!(
         "[node]\nid = {}\ndata_dir = {:?}\n\n[nbd]\nlisten = {:?}\n\n[control]\nlisten = {:?}\n\
          token = {:?}\n\n[peer]\nlisten = {:?}\n\n[default_volume]\ncreate = true\nname = \"disk0\"\n\
-         size_bytes = {}\n\n[log]\nlevel = {:?}\n\n[cluster]\nmembers = [\n",
+         size_bytes = {}\n\n[log]\nlevel = {:?}\n\n[tls]\nmode = \"require\"\ndir = {:?}\n\
+         verify_clients = true\npeers = true\n\n[cluster]\nmembers = [\n",
         member.id,
         data_dir.join("data").display().to_string(),
         member.nbd,
@@ -107,6 +147,10 @@ fn server_config(
         member.peer,
         options.volume_size_bytes,
         options.log_level,
+        tls_root
+            .join(format!("node{}", member.id))
+            .display()
+            .to_string(),
     );
     for other in members {
         text.push_str(&format!(
@@ -242,6 +286,7 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating {}", options.data_dir.display()))?;
     let token = dev_token(&options.data_dir)?;
+    let tls_root = dev_certificates(&options.data_dir, &members)?;
     let mut children = Vec::new();
     for member in &members {
         let node_dir = options.data_dir.join(format!("node{}", member.id));
@@ -250,7 +295,7 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
         let config_path = node_dir.join("server.toml");
         std::fs::write(
             &config_path,
-            server_config(&options, member, &members, &token),
+            server_config(&options, member, &members, &token, &tls_root),
         )
         .with_context(|| format!("writing {}", config_path.display()))?;
         children.push(ChildProcess {
@@ -272,8 +317,9 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     std::fs::write(
         &proxy_config_path,
         format!(
-            "[control]\ntoken = {token:?}\n\n[log]\nlevel = {:?}\n",
-            options.log_level
+            "[control]\ntoken = {token:?}\n\n[log]\nlevel = {:?}\n\n[proxy]\nupstream_tls_dir = {:?}\n",
+            options.log_level,
+            tls_root.join("client").display().to_string()
         ),
     )
     .with_context(|| format!("writing {}", proxy_config_path.display()))?;
@@ -323,6 +369,12 @@ pub async fn run_dev(options: DevOptions) -> anyhow::Result<()> {
     children[proxy_index].spawn(&executable)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     print_cluster(&children, &members, &options.listen).await;
+    println!(
+        "TLS: the servers require it (NBD, and mutual between them); certificates in {}, a \
+         client directory for nbds:// in {}",
+        tls_root.display(),
+        tls_root.join("client").display()
+    );
     println!(
         "control token: {} (export RAFTBLK_TOKEN=$(cat {}))",
         options.data_dir.join("control.token").display(),
