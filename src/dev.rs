@@ -442,7 +442,7 @@ mod tests {
     use crate::config::Config;
 
     #[test]
-    fn generated_server_configs_load_and_agree_on_the_members() {
+    fn generated_server_configs_load_agree_on_the_members_and_name_working_certificates() {
         let directory = tempfile::tempdir().unwrap();
         let options = DevOptions {
             data_dir: directory.path().to_path_buf(),
@@ -456,10 +456,23 @@ mod tests {
             token,
             "reused on the next run"
         );
+        let tls_root = dev_certificates(directory.path(), &members).unwrap();
+        assert_eq!(
+            dev_certificates(directory.path(), &members).unwrap(),
+            tls_root,
+            "certificates are reused on the next run"
+        );
+        crate::tls::client_config(&tls_root.join("client")).expect("the proxy's directory");
         for member in &members {
             let path = directory.path().join(format!("{}.toml", member.id));
-            std::fs::write(&path, server_config(&options, member, &members, &token)).unwrap();
+            let text = server_config(&options, member, &members, &token, &tls_root);
+            std::fs::write(&path, text).unwrap();
             let config = Config::load(Some(&path), &[]).expect("generated config is valid");
+            assert_eq!(config.tls.mode, crate::config::TlsMode::Require);
+            assert!(config.tls.peers && config.tls.verify_clients);
+            let node_directory = config.tls.directory(&config.node.data_dir);
+            crate::tls::server_config(&node_directory, true).expect("the node's certificates");
+            crate::tls::PeerTls::load(&node_directory).expect("the node's peer certificates");
             assert_eq!(config.node.id, member.id);
             assert_eq!(config.cluster.members, members);
             assert_eq!(config.peer.listen.to_string(), member.peer);
