@@ -83,6 +83,7 @@ fn write_inventory(
          \x20   raftblk_default_volume_size_bytes: {VOLUME_SIZE_BYTES}\n\
          \x20   raftblk_health_delay_seconds: 1\n\
          \x20   raftblk_read_lease_ms: 500\n\
+         \x20   raftblk_tls_ca_dir: {ca}\n\
          \x20 children:\n\
          \x20   raftblk_servers:\n\
          \x20     hosts:\n\
@@ -100,6 +101,7 @@ fn write_inventory(
         group = id_output("-gn"),
         binary = server_program().display(),
         proxy_root = proxy_root.display(),
+        ca = root.join("ca").display(),
     );
     let path = root.join("inventory.yml");
     fs::write(&path, text).expect("write the inventory");
@@ -184,6 +186,17 @@ fn the_rendered_cluster_serves_a_client_through_the_proxy() {
     let proxy_listen = SocketAddr::from(([127, 0, 0, 1], pick_free_port()));
     let proxy_metrics = SocketAddr::from(([127, 0, 0, 1], pick_free_port()));
     let inventory = write_inventory(root, &nodes, proxy_listen, proxy_metrics);
+    // The authority the operator keeps on the controller; the playbook issues the rest.
+    run_ok(
+        &server_program().display().to_string(),
+        &[
+            "ctl",
+            "certs",
+            "init",
+            &root.join("ca").display().to_string(),
+        ],
+        Duration::from_secs(30),
+    );
 
     ansible_playbook(root, &inventory, "site.yml").assert_success();
     let mut servers = Vec::new();
@@ -197,6 +210,15 @@ fn the_rendered_cluster_serves_a_client_through_the_proxy() {
             config.contains("read_lease_ms = 500"),
             "the lease setting is in the server config: {config}"
         );
+        assert!(
+            config.contains("mode = \"require\"") && config.contains("peers = true"),
+            "TLS is on in the server config: {config}"
+        );
+        let key = node.root.join("etc/tls/server-key.pem");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(&key).expect("the installed key").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o640, "{}", key.display());
         servers.push(start_unit(&unit, &node.root.join("server.log")));
     }
     for (node, server) in nodes.iter().zip(servers.iter_mut()) {
