@@ -3,7 +3,8 @@
 //! (`tls-creds-x509`). What a client that does not play along gets: a plaintext client on a
 //! server that requires TLS is told so (`NBD_REP_ERR_TLS_REQD`) before it learns anything, a
 //! certificate from another authority is refused, a client that stalls in its TLS handshake
-//! or sends garbage after STARTTLS is cut off, and other clients are served meanwhile
+//! or sends garbage after STARTTLS is cut off, an expired certificate is refused, a TLS client
+//! on a plaintext server gets NBD_REP_ERR_UNSUP, and other clients are served meanwhile
 //! (doc/proto.md, "TLS support").
 
 #![allow(clippy::unwrap_used)] // a test may stop at the first surprise
@@ -483,4 +484,72 @@ fn a_proxy_serves_a_cluster_that_requires_tls_and_survives_a_leader_kill() {
         !cluster.node(1).log_text().contains("TLS handshake failed"),
         "the proxy's own connections all completed their TLS handshakes"
     );
+}
+
+/// Writes into `out` a client certificate of the authority in `authority` that expired
+/// yesterday, with our `ca-cert.pem` beside it.
+fn expired_client(authority: &Path, out: &Path) {
+    let read = |name: &str| std::fs::read_to_string(authority.join(name)).expect("read the CA");
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).expect("the CA key");
+    let ca = rcgen::CertificateParams::from_ca_cert_pem(&read("ca-cert.pem"))
+        .expect("the CA certificate")
+        .self_signed(&ca_key)
+        .expect("the CA");
+    let mut params = rcgen::CertificateParams::new(vec!["late".to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "late");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let certificate = params.signed_by(&key, &ca, &ca_key).expect("signed");
+    std::fs::create_dir_all(out).expect("a directory");
+    std::fs::write(out.join("client-cert.pem"), certificate.pem()).expect("write");
+    std::fs::write(out.join("client-key.pem"), key.serialize_pem()).expect("write");
+    std::fs::copy(authority.join("ca-cert.pem"), out.join("ca-cert.pem")).expect("copy");
+}
+
+/// An expired client certificate is refused by a server that verifies clients; a TLS client
+/// on a server without TLS is told STARTTLS is not supported (and nbdinfo, asked for TLS,
+/// stops rather than going on in plaintext); both servers serve the next good client.
+#[test]
+fn an_expired_client_certificate_and_a_tls_client_on_a_plaintext_server_are_refused() {
+    require_tools(&["nbdinfo"]);
+    let certificates = Certificates::new();
+    let mut verifying = tls_server(
+        &certificates,
+        "require",
+        &[("RAFTBLK__TLS__VERIFY_CLIENTS", "true")],
+    );
+    let late = certificates.path("late");
+    expired_client(&certificates.path("ca"), &late);
+    let refused = nbdinfo_size(&nbds_uri(&verifying, &late));
+    assert!(!refused.status.success(), "{}", refused.describe());
+    wait_until("the refusal is logged", Duration::from_secs(10), || {
+        let log = verifying.log_text();
+        log.contains("TLS handshake failed") && log.contains("certificate expired")
+    });
+    nbdinfo_size(&nbds_uri(&verifying, &certificates.path("alice"))).assert_success();
+    verifying.assert_running("after the expired certificate");
+
+    let mut plain = ServerProcess::start();
+    let uri = format!(
+        "nbds://{}/{DEFAULT_EXPORT_NAME}?tls-certificates={}",
+        plain.nbd_address(),
+        certificates.path("alice").display()
+    );
+    let refused = nbdinfo_size(&uri);
+    assert!(!refused.status.success(), "{}", refused.describe());
+    let mut raw = RawConnection::connect(plain.nbd_address());
+    raw.start_handshake();
+    raw.send_option(nbd::OPT_STARTTLS, &[])
+        .expect("send STARTTLS");
+    assert_eq!(
+        raw.read_option_reply().expect("a reply").reply_type,
+        nbd::REP_ERR_UNSUP
+    );
+    nbdinfo_size(&plain.uri(DEFAULT_EXPORT_NAME)).assert_success();
+    plain.assert_running("after the TLS client");
 }
