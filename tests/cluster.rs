@@ -275,14 +275,26 @@ fn follower_killed_under_load_catches_up_and_replicas_are_identical() {
 /// (Raft §7: the leader sends InstallSnapshot to a follower whose next entry was discarded.)
 #[test]
 fn node_down_past_log_compaction_rejoins_by_snapshot() {
+    rejoin_by_snapshot(false);
+}
+
+/// The same over mutual TLS between the servers: the snapshot stream's last frame and its
+/// acknowledgement must leave the TLS buffers without waiting for more data.
+#[test]
+fn node_down_past_log_compaction_rejoins_by_snapshot_over_mutual_tls() {
+    rejoin_by_snapshot(true);
+}
+
+fn rejoin_by_snapshot(peer_tls: bool) {
     let _turn = one_cluster_at_a_time();
     let mut random = SplitMix64::from_environment_or_clock("rejoin_by_snapshot");
-    let options = ClusterOptions::default()
+    let mut options = ClusterOptions::default()
         .set("raft", "log_keep_entries", "8")
         .set("raft", "log_lag_entries_max", "64")
         .set("raft", "log_lag_bytes_max", "1048576")
         // Small chunks, so the snapshot of even a small volume takes several messages.
         .set("peer", "snapshot_chunk_bytes", "1048576");
+    options.peer_tls = peer_tls;
     let mut cluster = Cluster::start(options);
     let leader = cluster.leader();
     let follower = cluster.others(leader)[0];

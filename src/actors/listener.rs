@@ -521,6 +521,7 @@ async fn negotiate<S: NbdService>(
     let mut out = Vec::with_capacity(256);
     handshake.greeting(&mut out);
     stream.write_all(&out).await?;
+    stream.flush().await?;
     out.clear();
     let mut input = BytesMut::with_capacity(16 * 1024);
     loop {
@@ -533,6 +534,8 @@ async fn negotiate<S: NbdService>(
         scanner.consumed(consumed_before - input.len());
         if !out.is_empty() {
             stream.write_all(&out).await?;
+            // Through TLS, a reply may otherwise wait in the session's buffer.
+            stream.flush().await?;
             out.clear();
         }
         match step {

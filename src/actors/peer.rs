@@ -466,6 +466,9 @@ async fn write_messages<S: AsyncWrite + Unpin>(
             // A batch lost here is resent by Raft; the supervisor restarts the link task.
             fail::fail_point!("peer_link_send", |_| panic!("failpoint peer_link_send"));
             stream.write_all(&buffer).await?;
+            // Through TLS a write may leave its last records in the session's buffer until
+            // the next write; the batch must leave now, as nothing may follow for a while.
+            stream.flush().await?;
             buffer.clear();
         }
         match receiver.recv().await {
@@ -571,6 +574,8 @@ async fn send_snapshot(
     buffer.clear();
     encode_frame(FrameKind::SnapshotEnd, context.group_id, &[], &mut buffer);
     stream.write_all(&buffer).await?;
+    // Everything must be out (TLS buffers included) before waiting for the acknowledgement.
+    stream.flush().await?;
     // The receiver answers once the data is staged and fsync'd.
     let mut input = BytesMut::with_capacity(64);
     loop {
@@ -791,11 +796,13 @@ async fn receive_snapshot(
             encode_frame(FrameKind::SnapshotAck, context.group_id, &[1], &mut reply);
             slog::info!(logger, "snapshot staged"; "index" => metadata.index);
             stream.write_all(&reply).await?;
+            stream.flush().await?;
             Ok(())
         }
         Err(error) => {
             encode_frame(FrameKind::SnapshotAck, context.group_id, &[0], &mut reply);
             let _ = stream.write_all(&reply).await;
+            let _ = stream.flush().await;
             Err(error)
         }
     }

@@ -790,6 +790,8 @@ async fn connect_and_handshake(
                 .write_all(&out)
                 .await
                 .map_err(|error| error.to_string())?;
+            // Through TLS, the options may otherwise wait in the session's buffer.
+            stream.flush().await.map_err(|error| error.to_string())?;
             out.clear();
         }
         match step {
@@ -822,6 +824,7 @@ async fn connect_and_handshake(
                     .write_all(&out)
                     .await
                     .map_err(|error| error.to_string())?;
+                stream.flush().await.map_err(|error| error.to_string())?;
                 out.clear();
             }
         }
