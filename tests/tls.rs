@@ -386,15 +386,22 @@ fn servers_with_mutual_tls_replicate_and_refuse_peers_that_cannot_prove_who_they
         "4",
     ]);
     claim_to_be_a_member(target, &node4, 2);
-
-    common::wait_until(
-        "node 1 logs three refusals",
-        Duration::from_secs(20),
-        || {
-            let log = cluster.node(1).log_text();
-            log.matches("peer connection refused").count() >= 3
-        },
+    // A client certificate of the cluster's authority that names itself node-2 (an operator's,
+    // a proxy's): not a node certificate, so not node 2.
+    let client_named_node2 = workspace.join("client-named-node-2");
+    rcgen_client(
+        &workspace.join("ca"),
+        &client_named_node2,
+        "node-2",
+        time::OffsetDateTime::now_utc() + time::Duration::days(1),
+        ("server-cert.pem", "server-key.pem"),
     );
+    claim_to_be_a_member(target, &client_named_node2, 2);
+
+    common::wait_until("node 1 logs four refusals", Duration::from_secs(20), || {
+        let log = cluster.node(1).log_text();
+        log.matches("peer connection refused").count() >= 4
+    });
     let log = cluster.node(1).log_text();
     assert!(
         log.contains("TLS handshake failed") && log.contains("certificate naming"),
@@ -489,25 +496,44 @@ fn a_proxy_serves_a_cluster_that_requires_tls_and_survives_a_leader_kill() {
 /// Writes into `out` a client certificate of the authority in `authority` that expired
 /// yesterday, with our `ca-cert.pem` beside it.
 fn expired_client(authority: &Path, out: &Path) {
+    let now = time::OffsetDateTime::now_utc();
+    rcgen_client(
+        authority,
+        out,
+        "late",
+        now - time::Duration::days(1),
+        ("client-cert.pem", "client-key.pem"),
+    );
+}
+
+/// A client certificate (client authentication only) named `name`, valid until `not_after`,
+/// signed by the authority in `authority` without `raftblk ctl certs`' rules, written into
+/// `out` under `files` with the authority's `ca-cert.pem`.
+fn rcgen_client(
+    authority: &Path,
+    out: &Path,
+    name: &str,
+    not_after: time::OffsetDateTime,
+    files: (&str, &str),
+) {
     let read = |name: &str| std::fs::read_to_string(authority.join(name)).expect("read the CA");
     let ca_key = rcgen::KeyPair::from_pem(&read("ca-key.pem")).expect("the CA key");
     let ca = rcgen::CertificateParams::from_ca_cert_pem(&read("ca-cert.pem"))
         .expect("the CA certificate")
         .self_signed(&ca_key)
         .expect("the CA");
-    let mut params = rcgen::CertificateParams::new(vec!["late".to_string()]).expect("params");
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "late");
+        .push(rcgen::DnType::CommonName, name);
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(30);
-    params.not_after = now - time::Duration::days(1);
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
+    params.not_after = not_after;
     let key = rcgen::KeyPair::generate().expect("a key");
     let certificate = params.signed_by(&key, &ca, &ca_key).expect("signed");
     std::fs::create_dir_all(out).expect("a directory");
-    std::fs::write(out.join("client-cert.pem"), certificate.pem()).expect("write");
-    std::fs::write(out.join("client-key.pem"), key.serialize_pem()).expect("write");
+    std::fs::write(out.join(files.0), certificate.pem()).expect("write");
+    std::fs::write(out.join(files.1), key.serialize_pem()).expect("write");
     std::fs::copy(authority.join("ca-cert.pem"), out.join("ca-cert.pem")).expect("copy");
 }
 
