@@ -51,6 +51,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("{path} exists already: refusing to overwrite it")]
     Exists { path: PathBuf },
+    #[error("{name:?} is a node's name (node-ID): only `--node ID` certificates carry one")]
+    ReservedName { name: String },
 }
 
 /// rustls with *ring*: portable and quick to build (also for the Pi's aarch64), at the price of
@@ -179,6 +181,35 @@ pub fn certificate_names(certificate: &CertificateDer<'_>) -> Vec<String> {
         });
     }
     names
+}
+
+/// The node a verified peer certificate is for: `Some(id)` only for a node certificate, one
+/// issued for server authentication (client certificates are not) whose first DNS name is
+/// `node-ID`. Other names on it (its hosts) prove nothing.
+pub fn certified_node(certificate: &CertificateDer<'_>) -> Option<u64> {
+    let params = rcgen::CertificateParams::from_ca_cert_der(certificate).ok()?;
+    if !params
+        .extended_key_usages
+        .contains(&rcgen::ExtendedKeyUsagePurpose::ServerAuth)
+    {
+        return None;
+    }
+    let first = params
+        .subject_alt_names
+        .iter()
+        .find_map(|name| match name {
+            rcgen::SanType::DnsName(name) => Some(name.to_string()),
+            _ => None,
+        })?;
+    parse_node_identity(&first)
+}
+
+/// `node-ID` → ID.
+fn parse_node_identity(name: &str) -> Option<u64> {
+    name.strip_prefix("node-")?
+        .parse()
+        .ok()
+        .filter(|id| *id > 0)
 }
 
 /// A TCP connection, plain or TLS (either side).
@@ -410,6 +441,17 @@ fn read_text(path: &Path) -> Result<String, TlsError> {
 /// `client-key.pem` for a client, and a copy of `ca-cert.pem`, so that `out` is a complete
 /// directory for qemu, libnbd and raftblk. Refuses to overwrite a certificate or key.
 pub fn issue(authority: &Path, out: &Path, subject: &Subject) -> Result<(), TlsError> {
+    // Node names are for node certificates only: a client or a host named like a node would
+    // read as one to a human, if not to the peer links.
+    let claimed = match subject {
+        Subject::Node { hosts, .. } => hosts
+            .iter()
+            .find(|host| parse_node_identity(host).is_some()),
+        Subject::Client { name } => Some(name).filter(|name| parse_node_identity(name).is_some()),
+    };
+    if let Some(name) = claimed {
+        return Err(TlsError::ReservedName { name: name.clone() });
+    }
     let ca_key = rcgen::KeyPair::from_pem(&read_text(&authority.join(CA_KEY))?)?;
     let ca_pem = read_text(&authority.join(CA_CERT))?;
     let ca = rcgen::CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
@@ -526,6 +568,46 @@ mod tests {
             certificate_identity(&presented[0]).as_deref(),
             Some("alice")
         );
+    }
+
+    /// Only a node certificate names a node: a client certificate or a host named `node-N`
+    /// is refused at issue, and `certified_node` reads the node from the certificate's first
+    /// name only when it is for server authentication.
+    #[test]
+    fn only_node_certificates_name_a_node() {
+        let directory = tempfile::tempdir().expect("a directory");
+        let authority = directory.path().join("ca");
+        init_authority(&authority, "test CA").expect("a CA");
+        for subject in [
+            Subject::Client {
+                name: "node-2".into(),
+            },
+            Subject::Node {
+                id: 1,
+                hosts: vec!["node-2".into()],
+            },
+        ] {
+            assert!(matches!(
+                issue(&authority, &directory.path().join("x"), &subject),
+                Err(TlsError::ReservedName { .. })
+            ));
+        }
+        let node = directory.path().join("node");
+        issue(
+            &authority,
+            &node,
+            &Subject::Node {
+                id: 7,
+                hosts: vec!["10.0.0.7".into()],
+            },
+        )
+        .expect("a node certificate");
+        let client = directory.path().join("client");
+        issue(&authority, &client, &Subject::Client { name: "ops".into() })
+            .expect("a client certificate");
+        let first = |path: PathBuf| read_certificates(&path).expect("a certificate").remove(0);
+        assert_eq!(certified_node(&first(node.join(SERVER_CERT))), Some(7));
+        assert_eq!(certified_node(&first(client.join(CLIENT_CERT))), None);
     }
 
     /// A server verifying clients refuses a certificate from another authority.

@@ -687,15 +687,16 @@ async fn serve_connection(stream: TcpStream, context: PeerContext) -> std::io::R
             hello.from, hello.to, context.node_id
         )));
     }
-    // With TLS, the node the hello names must be the one the certificate names.
+    // With TLS, the node the hello names must be the node the certificate is for.
     if let Some(certificates) = stream.peer_certificates() {
-        let names = certificates
-            .first()
-            .map(crate::tls::certificate_names)
-            .unwrap_or_default();
-        if !names.contains(&crate::tls::node_identity(hello.from)) {
+        let certified = certificates.first().and_then(crate::tls::certified_node);
+        if certified != Some(hello.from) {
+            let names = certificates
+                .first()
+                .map(crate::tls::certificate_names)
+                .unwrap_or_default();
             return Err(invalid(format!(
-                "hello from node {} with a certificate naming {names:?}",
+                "hello from node {} with a certificate naming {names:?} (node {certified:?})",
                 hello.from
             )));
         }
