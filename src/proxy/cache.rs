@@ -965,6 +965,48 @@ mod tests {
         );
     }
 
+    /// The servers applied B, then A (both to block 0); A is answered first and a read then
+    /// fills block 0 with A's data, the servers' current content; B's answer must not replace
+    /// it, whether A was pushed out of the record of writes in flight or the cache restarted
+    /// between the two starts.
+    fn b_must_not_replace_a(cache: &mut BlockCache, a: u64, b: u64) {
+        cache.write_finished(a, 1, 0, 4096, Some(&block(0xaa)));
+        let Lookup::Miss { ticket, .. } = cache.lookup(1, 0, 4096, VOLUME) else {
+            panic!("A's block was dropped");
+        };
+        assert!(cache.fill(ticket, &block(0xaa)));
+        cache.write_finished(b, 1, 0, 4096, Some(&block(0xbb)));
+        assert_ne!(
+            cache.lookup(1, 0, 4096, VOLUME),
+            Lookup::Hit(block(0xbb)),
+            "the cache holds B's data while the servers hold A's"
+        );
+    }
+
+    #[test]
+    fn a_write_overlapping_one_pushed_out_of_the_record_does_not_replace_newer_data() {
+        let mut cache = BlockCache::new(8 << 20, 4096, false);
+        let a = next_write_id();
+        cache.write_started(a, 1, 0, 4096);
+        for index in 0..WRITES_IN_FLIGHT_MAX as u64 {
+            cache.write_started(next_write_id(), 1, (index + 1) * 4096, 4096);
+        }
+        let b = next_write_id();
+        cache.write_started(b, 1, 0, 4096);
+        b_must_not_replace_a(&mut cache, a, b);
+    }
+
+    #[test]
+    fn a_write_started_after_a_restart_does_not_replace_newer_data() {
+        let mut cache = BlockCache::new(8 << 20, 4096, false);
+        let a = next_write_id();
+        cache.write_started(a, 1, 0, 4096);
+        cache.clear();
+        let b = next_write_id();
+        cache.write_started(b, 1, 0, 4096);
+        b_must_not_replace_a(&mut cache, a, b);
+    }
+
     #[test]
     fn a_write_the_cache_never_saw_start_drops_its_blocks() {
         let mut cache = BlockCache::new(8 << 20, 4096, false);
