@@ -22,7 +22,9 @@
 //! many small sequential reads. A random read is never widened.
 //!
 //! A crash of the actor (a panic in a handler) restarts it cold: all blocks and tickets are
-//! forgotten, so fills from before the crash find no ticket and insert nothing. While the actor
+//! forgotten, so fills from before the crash find no ticket and insert nothing. The record of
+//! writes in flight is kept, every one marked overlapped: those writes are still on their way,
+//! and a write started after the restart that overlaps one must not replace a block either. While the actor
 //! is down, sessions bypass it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -71,8 +73,9 @@ struct InFlightWrite {
     overlapped: bool,
 }
 
-/// Writes followed at once; past it the oldest is forgotten (its data is then dropped from
-/// the cache instead of replacing it, as for an overlapped write).
+/// Writes followed at once. Past it a new write is not recorded (its data is dropped from the
+/// cache when it is answered, as for an overlapped write), but still marks the recorded writes
+/// it overlaps: no record is ever forgotten while its write is in flight.
 const WRITES_IN_FLIGHT_MAX: usize = 4096;
 
 static NEXT_WRITE_ID: AtomicU64 = AtomicU64::new(1);
@@ -338,17 +341,16 @@ impl BlockCache {
                 overlapped = true;
             }
         }
-        self.writes.insert(
-            write,
-            InFlightWrite {
-                volume,
-                first_block: first,
-                end_block: end,
-                overlapped,
-            },
-        );
-        while self.writes.len() > WRITES_IN_FLIGHT_MAX {
-            self.writes.pop_first();
+        if self.writes.len() < WRITES_IN_FLIGHT_MAX {
+            self.writes.insert(
+                write,
+                InFlightWrite {
+                    volume,
+                    first_block: first,
+                    end_block: end,
+                    overlapped,
+                },
+            );
         }
     }
 
@@ -452,13 +454,20 @@ impl BlockCache {
         }
     }
 
-    /// Forgets everything (a restart).
+    /// Forgets every block and ticket (a restart). The writes in flight are still in flight:
+    /// their records are kept, marked overlapped, so that neither they nor a write started
+    /// after the restart that overlaps one of them replace a block.
     pub fn clear(&mut self) {
+        let mut writes = std::mem::take(&mut self.writes);
+        for write in writes.values_mut() {
+            write.overlapped = true;
+        }
         *self = BlockCache::new(
             self.capacity_bytes,
             self.block_size_bytes as u32,
             self.readahead_blocks_max > 0,
         );
+        self.writes = writes;
     }
 }
 
