@@ -287,6 +287,13 @@ impl Config {
                 "must be non-zero (0 means 'none' in Raft)",
             ));
         }
+        if self.tls.verify_clients && self.tls.mode != TlsMode::Require {
+            return Err(invalid(
+                "tls.verify_clients",
+                "needs tls.mode = \"require\": otherwise a client stays in plaintext and \
+                 presents no certificate at all",
+            ));
+        }
         if self.nbd.connections_max == 0 {
             return Err(invalid("nbd.connections_max", "must be at least 1"));
         }

@@ -442,7 +442,7 @@ mod tests {
     use crate::config::Config;
 
     #[test]
-    fn generated_server_configs_load_agree_on_the_members_and_name_working_certificates() {
+    fn generated_server_configs_load_agree_on_the_members_and_name_certificates_that_load() {
         let directory = tempfile::tempdir().unwrap();
         let options = DevOptions {
             data_dir: directory.path().to_path_buf(),

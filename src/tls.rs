@@ -392,8 +392,8 @@ fn validity(params: &mut rcgen::CertificateParams) {
 /// Whom a certificate names.
 #[derive(Clone, Debug)]
 pub enum Subject {
-    /// A storage server: presented to NBD clients, the proxy, the control API's clients and
-    /// (as a client too) to the other servers. Named `node-ID`, with `hosts` (DNS names or IP
+    /// A storage server: presented to NBD clients, the proxy and (as a client too) to the
+    /// other servers. Named `node-ID`, with `hosts` (DNS names or IP
     /// addresses the others connect to) as further subject alternative names.
     Node { id: u64, hosts: Vec<String> },
     /// A client (a proxy, an operator, an NBD client), named `name`.

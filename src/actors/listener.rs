@@ -525,13 +525,20 @@ async fn negotiate<S: NbdService>(
     out.clear();
     let mut input = BytesMut::with_capacity(16 * 1024);
     loop {
-        // Let the service prepare every export a complete option in `input` is about to name.
-        for export_name in scanner.scan(&input) {
-            service.prepare_export(catalog, &export_name).await;
+        // Let the service prepare every export a complete option in `input` is about to name
+        // (not before TLS where it is required: those options are refused unanswered, and a
+        // client without credentials must not make the servers work).
+        let refused_before_tls = offer == TlsOffer::Required && !handshake.tls_active();
+        if !refused_before_tls {
+            for export_name in scanner.scan(&input) {
+                service.prepare_export(catalog, &export_name).await;
+            }
         }
         let consumed_before = input.len();
         let step = handshake.advance(&mut input, catalog, &mut out)?;
-        scanner.consumed(consumed_before - input.len());
+        if !refused_before_tls {
+            scanner.consumed(consumed_before - input.len());
+        }
         if !out.is_empty() {
             stream.write_all(&out).await?;
             // Through TLS, a reply may otherwise wait in the session's buffer.

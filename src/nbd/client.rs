@@ -1151,8 +1151,6 @@ mod tests {
         }
     }
 
-    /// "Newstyle negotiation": a server without NBD_FLAG_FIXED_NEWSTYLE cannot do NBD_OPT_GO,
-    /// and a wrong magic is not NBD at all.
     /// The shipping server codec against the client codec, both with TLS: the client's first
     /// option is STARTTLS; after the (here notional) upgrade both go on to GO. Against a
     /// server without TLS the client stops instead of going on in plaintext.
@@ -1206,6 +1204,8 @@ mod tests {
         ));
     }
 
+    /// "Newstyle negotiation": a server without NBD_FLAG_FIXED_NEWSTYLE cannot do NBD_OPT_GO,
+    /// and a wrong magic is not NBD at all.
     #[test]
     fn greeting_checks() {
         let mut client = ClientHandshake::new("disk0").expect("short name");

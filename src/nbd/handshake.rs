@@ -1435,9 +1435,8 @@ mod tests {
 
     /// Reference: proto.md, "FORCEDTLS mode": before TLS every option but STARTTLS and ABORT
     /// gets `NBD_REP_ERR_TLS_REQD` (INFO and GO too, so no export is revealed, and unknown
-    /// options); STARTTLS is acknowledged and hands the transport over; after the upgrade the
-    /// options work, structured replies negotiated in plaintext are forgotten, and a second
-    /// STARTTLS is `NBD_REP_ERR_INVALID`.
+    /// options, STRUCTURED_REPLY among them); STARTTLS is acknowledged and hands the transport
+    /// over; after the upgrade the options work and a second STARTTLS is `NBD_REP_ERR_INVALID`.
     #[test]
     fn forced_tls_refuses_everything_until_starttls_then_serves() {
         let mut handshake = Handshake::with_tls(limits(), TlsOffer::Required);
@@ -1478,6 +1477,40 @@ mod tests {
         let after = replies(&out);
         assert_eq!(after[0].reply_type, proto::NBD_REP_ERR_INVALID);
         assert_eq!(after.last().map(|r| r.reply_type), Some(proto::NBD_REP_ACK));
+    }
+
+    /// Reference: proto.md, "TLS support" (nothing negotiated before the upgrade outlives it,
+    /// since a man in the middle could have chosen it): structured replies and a meta context
+    /// acknowledged in plaintext are forgotten by `tls_started`.
+    #[test]
+    fn what_was_negotiated_in_plaintext_is_forgotten_after_starttls() {
+        let mut handshake = Handshake::with_tls(limits(), TlsOffer::Optional);
+        let mut input = BytesMut::from(&client_flags(proto::NBD_FLAG_C_FIXED_NEWSTYLE)[..]);
+        input.extend_from_slice(&option(proto::NBD_OPT_STRUCTURED_REPLY, b""));
+        input.extend_from_slice(&option(
+            proto::NBD_OPT_SET_META_CONTEXT,
+            &meta_payload("vol0", &["base:allocation"]),
+        ));
+        input.extend_from_slice(&option(proto::NBD_OPT_STARTTLS, b""));
+        let mut out = Vec::new();
+        assert_eq!(
+            handshake.advance(&mut input, &TestCatalog, &mut out),
+            Ok(HandshakeStep::StartTls)
+        );
+        let before = reply_types(&replies(&out));
+        assert_eq!(
+            before[0],
+            proto::NBD_REP_ACK,
+            "structured replies acknowledged"
+        );
+        assert!(before.contains(&proto::NBD_REP_META_CONTEXT), "{before:?}");
+        handshake.tls_started();
+        let mut input = BytesMut::new();
+        input.extend_from_slice(&option(proto::NBD_OPT_GO, &info_payload("vol0", &[])));
+        let mut out = Vec::new();
+        let negotiated = done(handshake.advance(&mut input, &TestCatalog, &mut out));
+        assert!(!negotiated.structured_replies);
+        assert_eq!(negotiated.base_allocation_context_id, None);
     }
 
     /// Reference: proto.md, "FORCEDTLS mode": `NBD_OPT_EXPORT_NAME` before TLS cannot be
