@@ -131,31 +131,35 @@ pub fn server_config(
 /// The client side: servers must present a certificate signed by `ca-cert.pem` for the name
 /// connected to; `client-cert.pem` and `client-key.pem` are presented when they exist.
 pub fn client_config(directory: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(directory)?);
-    let certificate_path = directory.join(CLIENT_CERT);
-    let config = if certificate_path.exists() {
-        builder.with_client_auth_cert(
-            read_certificates(&certificate_path)?,
-            read_key(&directory.join(CLIENT_KEY))?,
-        )?
-    } else {
-        builder.with_no_client_auth()
-    };
-    Ok(Arc::new(config))
+    let presented = directory
+        .join(CLIENT_CERT)
+        .exists()
+        .then_some((CLIENT_CERT, CLIENT_KEY));
+    client_config_presenting(directory, presented)
 }
 
 /// A node's client side towards the other nodes: trusts `ca-cert.pem` and presents the node's
 /// own `server-cert.pem` (issued for both server and client authentication).
 pub fn node_client_config(directory: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    client_config_presenting(directory, Some((SERVER_CERT, SERVER_KEY)))
+}
+
+/// Trusts `ca-cert.pem` of `directory`, and presents the certificate and key of `presented`
+/// (file names in `directory`), if any.
+fn client_config_presenting(
+    directory: &Path,
+    presented: Option<(&str, &str)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(directory)?)
-        .with_client_auth_cert(
-            read_certificates(&directory.join(SERVER_CERT))?,
-            read_key(&directory.join(SERVER_KEY))?,
-        )?;
+        .with_root_certificates(roots(directory)?);
+    let config = match presented {
+        Some((certificate, key)) => builder.with_client_auth_cert(
+            read_certificates(&directory.join(certificate))?,
+            read_key(&directory.join(key))?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
 }
 
@@ -225,6 +229,17 @@ impl MaybeTls {
             MaybeTls::Plain(_) => None,
             MaybeTls::Tls(stream) => stream.get_ref().1.peer_certificates(),
         }
+    }
+
+    /// Writes `bytes` (then empties it) and flushes: through TLS a write may leave its last
+    /// records in the session's buffer until the next one, and a handshake reply must leave
+    /// before its sender waits for the answer.
+    pub async fn send(&mut self, bytes: &mut Vec<u8>) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        self.write_all(bytes).await?;
+        self.flush().await?;
+        bytes.clear();
+        Ok(())
     }
 
     /// The two directions, for a reader task and a writer task. A plain socket splits without
@@ -331,29 +346,6 @@ impl PeerTls {
             stream,
         ))))
     }
-}
-
-/// The name a verified peer certificate gives: its first DNS subject alternative name, else
-/// its common name.
-pub fn certificate_identity(certificate: &CertificateDer<'_>) -> Option<String> {
-    let params = rcgen::CertificateParams::from_ca_cert_der(certificate).ok()?;
-    params
-        .subject_alt_names
-        .iter()
-        .find_map(|name| match name {
-            rcgen::SanType::DnsName(name) => Some(name.to_string()),
-            _ => None,
-        })
-        .or_else(|| {
-            params
-                .distinguished_name
-                .get(&rcgen::DnType::CommonName)
-                .map(|name| match name {
-                    rcgen::DnValue::PrintableString(text) => text.to_string(),
-                    rcgen::DnValue::Utf8String(text) => text.clone(),
-                    other => format!("{other:?}"),
-                })
-        })
 }
 
 /// Writes `contents` to a new file (never over an existing one); `private` files get mode 0600.
@@ -565,7 +557,7 @@ mod tests {
         assert!(!client.is_handshaking() && !server.is_handshaking());
         let presented = server.peer_certificates().expect("a client certificate");
         assert_eq!(
-            certificate_identity(&presented[0]).as_deref(),
+            certificate_names(&presented[0]).first().map(String::as_str),
             Some("alice")
         );
     }

@@ -774,21 +774,12 @@ fn an_over_long_volume_name_is_refused_and_touches_no_other_volume() {
 /// nothing checks without TLS on the peer links.
 #[test]
 fn a_raft_message_of_deeply_nested_groups_cannot_crash_a_server() {
-    use bytes::BytesMut;
-    use raftblk::peer::{encode_frame, encode_hello, FrameKind, Hello, StreamKind};
+    use raftblk::peer::{encode_frame, FrameKind};
     let mut cluster = common::cluster::Cluster::start(common::cluster::ClusterOptions::default());
     cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(30));
     let target = cluster.node(1).peer_address;
     let mut stream = TcpStream::connect(target).expect("connect to node 1's peer port");
-    let mut bytes = BytesMut::new();
-    encode_hello(
-        &Hello {
-            kind: StreamKind::Messages,
-            from: 2,
-            to: 1,
-        },
-        &mut bytes,
-    );
+    let mut bytes = common::peer_hello(2, 1);
     // Field 100, wire type 3 (start group), over and over.
     let body: Vec<u8> = [0xa3u8, 0x06].repeat(2_000_000);
     encode_frame(

@@ -3584,13 +3584,19 @@ fn reads_that_skip_the_barrier_are_caught_as_stale() {
 /// that a committed index lies beyond the log).
 #[test]
 fn appends_lost_in_a_crash_are_detected() {
+    lost_appends_are_detected(Fault::AppendsNotDurable, "losing acknowledged appends");
+}
+
+/// Runs a few crash-heavy seeds with `fault` until one fails, and checks that the first
+/// failure is one lost appends lead to ([`is_lost_appends_failure`]).
+fn lost_appends_are_detected(fault: Fault, what: &str) {
     let mut outcomes = Vec::new();
     for seed in 1..=12 {
         let mut options = SimulationOptions::new(seed);
         options.node_count = 3;
         options.steps = 1_500;
         options.crash_heavy = true;
-        options.fault = Some(Fault::AppendsNotDurable);
+        options.fault = Some(fault);
         let outcome = run_simulation(options);
         let detected = outcome.is_err();
         outcomes.push((seed, outcome));
@@ -3602,13 +3608,13 @@ fn appends_lost_in_a_crash_are_detected() {
         .iter()
         .find_map(|(seed, outcome)| outcome.as_ref().err().map(|failure| (seed, failure)));
     let Some((seed, failure)) = detection else {
-        panic!("losing acknowledged appends went unnoticed: {outcomes:?}");
+        panic!("{what} went unnoticed: {outcomes:?}");
     };
     assert!(
         is_lost_appends_failure(*seed, failure),
         "seed {seed} failed, but not as lost appends: {failure}"
     );
-    eprintln!("lost appends detected with seed {seed}: {failure}");
+    eprintln!("{what} detected with seed {seed}: {failure}");
 }
 
 /// A power cut takes back what was not synced, and only that: the log entries written after
@@ -3697,28 +3703,5 @@ fn sectors_lost_in(image: &[u8]) -> u64 {
 /// Some seed among a few must end in a safety failure.
 #[test]
 fn wal_syncs_that_sync_nothing_are_caught_by_power_cuts() {
-    let mut outcomes = Vec::new();
-    for seed in 1..=12 {
-        let mut options = SimulationOptions::new(seed);
-        options.node_count = 3;
-        options.crash_heavy = true;
-        options.fault = Some(Fault::WalSyncSkipped);
-        let outcome = run_simulation(options);
-        let detected = outcome.is_err();
-        outcomes.push((seed, outcome));
-        if detected {
-            break;
-        }
-    }
-    let detection = outcomes
-        .iter()
-        .find_map(|(seed, outcome)| outcome.as_ref().err().map(|failure| (seed, failure)));
-    let Some((seed, failure)) = detection else {
-        panic!("WAL syncs that sync nothing went unnoticed: {outcomes:?}");
-    };
-    assert!(
-        is_lost_appends_failure(*seed, failure),
-        "seed {seed} failed, but not as lost appends: {failure}"
-    );
-    eprintln!("WAL syncs that sync nothing caught with seed {seed}: {failure}");
+    lost_appends_are_detected(Fault::WalSyncSkipped, "WAL syncs that sync nothing");
 }

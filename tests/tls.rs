@@ -281,8 +281,7 @@ fn a_client_stalled_in_its_tls_handshake_or_sending_garbage_is_cut_off_while_oth
 /// the node certificate in `directory` (which trusts the cluster's authority); what happens
 /// next is the server's business.
 fn claim_to_be_a_member(target: std::net::SocketAddr, directory: &Path, from: u64) {
-    use bytes::BytesMut;
-    use raftblk::peer::{encode_hello, encode_raft_message, Hello, StreamKind};
+    use raftblk::peer::encode_raft_message;
     use std::io::Write;
     let config = raftblk::tls::node_client_config(directory).expect("a client configuration");
     let name = rustls::pki_types::ServerName::try_from("node-1").expect("a name");
@@ -292,15 +291,7 @@ fn claim_to_be_a_member(target: std::net::SocketAddr, directory: &Path, from: u6
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("a timeout");
     let mut stream = rustls::StreamOwned::new(connection, socket);
-    let mut bytes = BytesMut::new();
-    encode_hello(
-        &Hello {
-            kind: StreamKind::Messages,
-            from,
-            to: 1,
-        },
-        &mut bytes,
-    );
+    let mut bytes = peer_hello(from, 1);
     let mut message = raft::prelude::Message::default();
     message.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
     message.from = from;
@@ -338,18 +329,8 @@ fn servers_with_mutual_tls_replicate_and_refuse_peers_that_cannot_prove_who_they
 
     // Plaintext, as before TLS: the TLS handshake fails.
     {
-        use bytes::BytesMut;
-        use raftblk::peer::{encode_hello, Hello, StreamKind};
         use std::io::Write;
-        let mut bytes = BytesMut::new();
-        encode_hello(
-            &Hello {
-                kind: StreamKind::Messages,
-                from: 2,
-                to: 1,
-            },
-            &mut bytes,
-        );
+        let bytes = peer_hello(2, 1);
         let mut plain = std::net::TcpStream::connect(target).expect("connect");
         let _ = plain.write_all(&bytes);
         plain

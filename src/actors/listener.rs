@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::raft::{RaftActor, ReadGate};
@@ -520,9 +520,7 @@ async fn negotiate<S: NbdService>(
     let mut scanner = ExportOptionScanner::new(limits.option_length_max_bytes);
     let mut out = Vec::with_capacity(256);
     handshake.greeting(&mut out);
-    stream.write_all(&out).await?;
-    stream.flush().await?;
-    out.clear();
+    stream.send(&mut out).await?;
     let mut input = BytesMut::with_capacity(16 * 1024);
     loop {
         // Let the service prepare every export a complete option in `input` is about to name
@@ -540,10 +538,7 @@ async fn negotiate<S: NbdService>(
             scanner.consumed(consumed_before - input.len());
         }
         if !out.is_empty() {
-            stream.write_all(&out).await?;
-            // Through TLS, a reply may otherwise wait in the session's buffer.
-            stream.flush().await?;
-            out.clear();
+            stream.send(&mut out).await?;
         }
         match step {
             HandshakeStep::NeedMore => {

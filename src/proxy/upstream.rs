@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::tls::MaybeTls;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -787,12 +787,9 @@ async fn connect_and_handshake(
             .map_err(|error| error.to_string())?;
         if !out.is_empty() {
             stream
-                .write_all(&out)
+                .send(&mut out)
                 .await
                 .map_err(|error| error.to_string())?;
-            // Through TLS, the options may otherwise wait in the session's buffer.
-            stream.flush().await.map_err(|error| error.to_string())?;
-            out.clear();
         }
         match step {
             ClientHandshakeStep::NeedMore => {
@@ -821,11 +818,9 @@ async fn connect_and_handshake(
                 stream = MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(upgraded)));
                 handshake.tls_started(&mut out);
                 stream
-                    .write_all(&out)
+                    .send(&mut out)
                     .await
                     .map_err(|error| error.to_string())?;
-                stream.flush().await.map_err(|error| error.to_string())?;
-                out.clear();
             }
         }
     }

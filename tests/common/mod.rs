@@ -1700,3 +1700,18 @@ pub fn append_to_file(path: &Path, text: &str) {
         let _ = log.write_all(text.as_bytes());
     }
 }
+
+/// The opening of a peer message stream from node `from` to node `to`, as a member sends it;
+/// the caller appends frames.
+pub fn peer_hello(from: u64, to: u64) -> bytes::BytesMut {
+    let mut bytes = bytes::BytesMut::new();
+    raftblk::peer::encode_hello(
+        &raftblk::peer::Hello {
+            kind: raftblk::peer::StreamKind::Messages,
+            from,
+            to,
+        },
+        &mut bytes,
+    );
+    bytes
+}
